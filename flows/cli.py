@@ -1,0 +1,122 @@
+"""`ragbatch` command line: the flows as plain commands, flags generated from the same parameter models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import BaseModel, ValidationError
+
+import flows  # noqa: F401  (environment defaults before Prefect loads)
+from tasks.errors import RagbatchError
+from tasks.settings import IngestParams
+
+
+def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
+    """One option per model field (`chunk_tokens` -> `--chunk-tokens`), help text from its description."""
+    for name, field in model.model_fields.items():
+        help_text = field.description or ""
+        if name in positional:
+            parser.add_argument(name, help=help_text)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = None
+        enum_type = next((t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, Enum)), None)
+        if enum_type is not None:
+            choices = [member.value for member in enum_type]
+        default = field.get_default(call_default_factory=False)
+        shown = f" (default: {default.value if isinstance(default, Enum) else default})" if default not in (None, "") else ""
+        parser.add_argument(flag, dest=name, default=None, choices=choices, metavar=None if choices else name.upper(),
+                            help=help_text + shown)
+
+
+def params_from_args(model: type[BaseModel], args: argparse.Namespace) -> Any:
+    """Build the parameter model from the flags that were given; the rest come from env or defaults."""
+    given = {name: value for name, value in vars(args).items() if name in model.model_fields and value is not None}
+    return model(**given)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "parameters"
+    return f"invalid --{where.replace('_', '-')}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
+
+
+class _NoTracebackForKnownErrors(logging.Filter):
+    """Prefect logs a failing flow's traceback; for errors we explain ourselves, keep only the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RagbatchError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_known_errors() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTracebackForKnownErrors())
+
+
+def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    params = params_from_args(IngestParams, args)
+    if args.show_progress is None:
+        params.show_progress = sys.stderr.isatty()
+    from flows.ingest import ingest
+
+    _quiet_known_errors()
+    report = ingest(params)
+    return report.model_dump()
+
+
+def _print_ingest(result: dict[str, Any]) -> None:
+    print(
+        f"{result['collection']}: {result['loaded']} rows loaded, {result['valid']} valid, "
+        f"{result['quarantined']} quarantined; {result['unchanged']} documents unchanged; "
+        f"{result['embedded']} chunks embedded, {result['upserted']} points written, {result['deleted']} deleted; "
+        f"{result['points']} points in {result['physical_collection']} ({result['seconds']:.1f} s)"
+    )
+    if result["quarantined"]:
+        print(f"quarantined rows: {result['quarantine_path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragbatch", description="Batch RAG: index documents into Qdrant and run question sets.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
+    add_model_options(ingest, IngestParams, positional=("source",))
+    ingest.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
+    ingest.set_defaults(run=_run_ingest, show=_print_ingest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+    except RagbatchError as exc:
+        print(f"ragbatch: error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"ragbatch: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ragbatch: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        args.show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The steps of the ragbatch pipelines: plain typed functions and classes, usable without Prefect."""

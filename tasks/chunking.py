@@ -1,0 +1,68 @@
+"""Token-aware chunking with the embedding model's own tokenizer, at paragraph and sentence boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.sources import SourceRow
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document; `start`/`end` are character offsets into the document's text."""
+
+    doc_id: str
+    chunk_index: int
+    text: str
+    start: int
+    end: int
+    title: str | None
+    source: str
+    metadata: dict[str, Any]
+    doc_hash: str
+
+    @property
+    def embedding_text(self) -> str:
+        """What the model embeds: the title (document context for every chunk) and the chunk."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+
+def load_tokenizer(model_path: str):
+    """The `tokenizers.Tokenizer` of a model directory or hub id, without truncation or padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path).backend_tokenizer
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+class TokenChunker:
+    """Splits text into chunks of at most `chunk_tokens` tokens that share up to `overlap_tokens`.
+
+    semantic-text-splitter picks the largest semantic unit that fits (paragraph, sentence, word), and
+    Markdown documents are split at headings first.
+    """
+
+    def __init__(self, *, tokenizer, chunk_tokens: int, overlap_tokens: int) -> None:
+        from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
+        self.chunk_tokens = chunk_tokens
+        self.overlap_tokens = overlap_tokens
+        self._text = TextSplitter.from_huggingface_tokenizer(tokenizer, chunk_tokens, overlap=overlap_tokens)
+        self._markdown = MarkdownSplitter.from_huggingface_tokenizer(tokenizer, chunk_tokens, overlap=overlap_tokens)
+
+    def split(self, text: str, *, markdown: bool = False) -> list[tuple[int, int, str]]:
+        """(start, end, chunk) triples with character offsets into `text`."""
+        splitter = self._markdown if markdown else self._text
+        return [(start, start + len(chunk), chunk) for start, chunk in splitter.chunk_indices(text)]
+
+    def chunk(self, row: SourceRow, doc_hash: str) -> list[Chunk]:
+        """All chunks of one validated document."""
+        assert row.doc_id is not None and row.text is not None
+        pieces = self.split(row.text, markdown=row.kind == "markdown")
+        return [
+            Chunk(row.doc_id, index, text, start, end, row.title, row.source, row.metadata, doc_hash)
+            for index, (start, end, text) in enumerate(pieces)
+        ]

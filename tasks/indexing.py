@@ -1,0 +1,149 @@
+"""Incremental indexing rules: deterministic point ids, document hashes, and a safe write order.
+
+Each document's chunk 0 is its marker: its payload holds the document hash and chunk count. A
+document is unchanged when its marker carries the same hash. A changed document's chunks are
+written first, then its leftover chunks are deleted, and its marker is written last, so a crash at
+any point leaves the old marker and the next run redoes that document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.chunking import Chunk
+from tasks.sources import SourceRow
+from tasks.store import QdrantStore
+
+POINT_NAMESPACE = uuid.UUID("6f1c1d1e-5b7a-4c61-9a55-2f0e8f1f3a10")
+UPSERT_BATCH = 256
+
+
+def point_id(doc_id: str, chunk_index: int) -> str:
+    """The point id of a chunk: a UUID derived from (doc_id, chunk_index) alone."""
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{doc_id}\x1f{chunk_index}"))
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def document_hash(row: SourceRow, fingerprint: str) -> str:
+    """Changes whenever the document or the way it is chunked and embedded changes."""
+    parts = [fingerprint, row.title or "", row.source, json.dumps(row.metadata, sort_keys=True, default=str), row.text or ""]
+    return content_hash("\x1e".join(parts))
+
+
+def index_fingerprint(*, embedding_model: str, chunk_tokens: int, chunk_overlap: int) -> str:
+    """Settings that change the points produced from the same document."""
+    return f"{embedding_model}|{chunk_tokens}|{chunk_overlap}"
+
+
+@dataclass(frozen=True)
+class Marker:
+    doc_hash: str
+    n_chunks: int
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which documents of a batch need (re)indexing, with their hashes and previous chunk counts."""
+
+    changed: list[tuple[SourceRow, str]]
+    previous_chunks: dict[str, int]
+    unchanged: int
+
+
+def read_markers(store: QdrantStore, collection: str, doc_ids: Sequence[str]) -> dict[str, Marker]:
+    """The markers of those documents that are in the collection."""
+    ids = {point_id(doc_id, 0): doc_id for doc_id in doc_ids}
+    payloads = store.retrieve_payloads(collection, list(ids), ["doc_hash", "n_chunks"])
+    return {ids[pid]: Marker(p["doc_hash"], int(p["n_chunks"])) for pid, p in payloads.items() if "doc_hash" in p}
+
+
+def plan_batch(rows: Sequence[SourceRow], markers: dict[str, Marker], fingerprint: str) -> BatchPlan:
+    """Compare each valid row's hash with its marker; unchanged documents are skipped entirely."""
+    changed, previous = [], {}
+    for row in rows:
+        digest = document_hash(row, fingerprint)
+        marker = markers.get(row.doc_id)
+        if marker is not None and marker.doc_hash == digest:
+            continue
+        changed.append((row, digest))
+        if marker is not None:
+            previous[row.doc_id] = marker.n_chunks
+    return BatchPlan(changed, previous, len(rows) - len(changed))
+
+
+def build_points(chunks: Sequence[Chunk], vectors: np.ndarray, *, embedding_model: str) -> list:
+    """Qdrant points for chunks; every payload names its document, position and model."""
+    from qdrant_client import models
+
+    n_chunks: dict[str, int] = {}
+    for chunk in chunks:
+        n_chunks[chunk.doc_id] = max(n_chunks.get(chunk.doc_id, 0), chunk.chunk_index + 1)
+    return [
+        models.PointStruct(
+            id=point_id(chunk.doc_id, chunk.chunk_index),
+            vector=vector.tolist(),
+            payload={
+                "doc_id": chunk.doc_id,
+                "chunk_index": chunk.chunk_index,
+                "text": chunk.text,
+                "title": chunk.title,
+                "source": chunk.source,
+                "start": chunk.start,
+                "end": chunk.end,
+                "metadata": chunk.metadata,
+                "content_hash": content_hash(chunk.text),
+                "doc_hash": chunk.doc_hash,
+                "n_chunks": n_chunks[chunk.doc_id],
+                "embedding_model": embedding_model,
+            },
+        )
+        for chunk, vector in zip(chunks, vectors, strict=True)
+    ]
+
+
+def _in_batches(items: Sequence, size: int = UPSERT_BATCH) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def write_documents(store: QdrantStore, collection: str, points: Sequence, previous_chunks: dict[str, int]) -> int:
+    """Write new chunks, delete leftovers of shorter new versions, then write markers; returns points deleted."""
+    body = [p for p in points if p.payload["chunk_index"] != 0]
+    markers = [p for p in points if p.payload["chunk_index"] == 0]
+    for part in _in_batches(body):
+        store.upsert(collection, part)
+    leftovers = [
+        point_id(marker.payload["doc_id"], index)
+        for marker in markers
+        for index in range(marker.payload["n_chunks"], previous_chunks.get(marker.payload["doc_id"], 0))
+    ]
+    for part in _in_batches(leftovers):
+        store.delete(collection, part)
+    for part in _in_batches(markers):
+        store.upsert(collection, part)
+    return len(leftovers)
+
+
+def delete_missing_documents(store: QdrantStore, collection: str, keep_doc_ids: set[str]) -> int:
+    """Delete every point whose document was not seen in this run; markers go last. Returns points deleted."""
+    stale: list[tuple[str, str]] = [
+        (pid, doc_id) for pid, doc_id in store.iter_payload_field(collection, "doc_id") if doc_id not in keep_doc_ids
+    ]
+    stale_markers = {point_id(doc_id, 0) for _, doc_id in stale}
+    ordered = [pid for pid, _ in stale if pid not in stale_markers] + [pid for pid, _ in stale if pid in stale_markers]
+    for part in _in_batches(ordered, 1000):
+        store.delete(collection, part)
+    return len(ordered)
+
+
+def unique_doc_ids(rows: Iterable[SourceRow]) -> list[str]:
+    return [row.doc_id for row in rows if row.doc_id is not None]

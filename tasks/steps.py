@@ -1,0 +1,68 @@
+"""Prefect task wrappers around the pipeline steps: names for the UI, retries, logging. No logic here.
+
+Inputs are live objects (store, models) and large batches, so input hashing and result caching are
+off; the incremental index itself is what makes re-runs cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import indexing
+from tasks.chunking import Chunk, TokenChunker
+from tasks.embedding import Embedder
+from tasks.errors import StoreUnavailable
+from tasks.sources import SourceRow
+from tasks.store import QdrantStore
+from tasks.validation import DocumentValidator, QuarantinedRow
+
+
+def _store_unavailable(task, task_run, state) -> bool:
+    """Retry only when the store could not be reached; other failures are final."""
+    return isinstance(state.result(raise_on_failure=False), StoreUnavailable)
+
+
+STORE_RETRIES = dict(retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=_store_unavailable)
+STEP = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="validate", **STEP)
+def validate(validator: DocumentValidator, rows: list[SourceRow]) -> tuple[list[SourceRow], list[QuarantinedRow]]:
+    valid, quarantined = validator.validate(rows)
+    if quarantined:
+        logger = get_run_logger()
+        for row in quarantined[:20]:
+            logger.warning("quarantined %s: %s", row.locator, row.reason)
+    return valid, quarantined
+
+
+@task(name="find-changed", **STEP, **STORE_RETRIES)
+def find_changed(store: QdrantStore, collection: str, rows: list[SourceRow], fingerprint: str) -> indexing.BatchPlan:
+    markers = indexing.read_markers(store, collection, [row.doc_id for row in rows])
+    return indexing.plan_batch(rows, markers, fingerprint)
+
+
+@task(name="chunk", **STEP)
+def chunk(chunker: TokenChunker, plan: indexing.BatchPlan) -> list[Chunk]:
+    return [piece for row, digest in plan.changed for piece in chunker.chunk(row, digest)]
+
+
+@task(name="embed", **STEP)
+def embed(embedder: Embedder, chunks: Sequence[Chunk]) -> np.ndarray:
+    return embedder.embed([c.embedding_text for c in chunks])
+
+
+@task(name="upsert", **STEP, **STORE_RETRIES)
+def upsert(store: QdrantStore, collection: str, points: list, previous_chunks: dict[str, int]) -> int:
+    return indexing.write_documents(store, collection, points, previous_chunks)
+
+
+@task(name="delete-missing", **STEP, **STORE_RETRIES)
+def delete_missing(store: QdrantStore, collection: str, present_doc_ids: set[str]) -> int:
+    deleted = indexing.delete_missing_documents(store, collection, present_doc_ids)
+    get_run_logger().info("deleted %d points of documents no longer in the source", deleted)
+    return deleted

@@ -1,0 +1,187 @@
+"""The vector store: Qdrant through qdrant-client (server, embedded local mode or in-memory).
+
+All client calls go through `QdrantStore`, which turns transport failures into `StoreUnavailable`
+(retryable) and other failures into one-line `StoreError`s.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks.errors import StoreError, StoreUnavailable
+
+API_KEY_ENV = ("RAGBATCH_QDRANT_API_KEY", "QDRANT_API_KEY")
+SCROLL_PAGE = 1000
+PHYSICAL_SEPARATOR = "--"
+
+
+def qdrant_api_key() -> str | None:
+    """The Qdrant API key from the environment (never a parameter, so it never reaches a log or form)."""
+    for name in API_KEY_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def new_physical_name(alias: str) -> str:
+    """A fresh physical collection name for an alias: `<alias>--<UTC timestamp>`."""
+    return f"{alias}{PHYSICAL_SEPARATOR}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+
+
+@contextmanager
+def _translate_errors(location: str, action: str) -> Iterator[None]:
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    try:
+        yield
+    except (ResponseHandlingException, httpx.TransportError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        reason = str(getattr(exc, "source", None) or cause) or type(cause).__name__
+        raise StoreUnavailable(f"cannot reach Qdrant at {location} ({action}): {reason}") from None
+    except UnexpectedResponse as exc:
+        message = f"Qdrant at {location} refused {action}: HTTP {exc.status_code} {exc.reason_phrase}"
+        if exc.status_code in (408, 429, 502, 503, 504):
+            raise StoreUnavailable(message) from None
+        raise StoreError(message) from None
+    except (ValueError, KeyError) as exc:  # local mode reports missing collections this way
+        raise StoreError(f"Qdrant at {location}: {action} failed: {exc}") from None
+
+
+class QdrantStore:
+    """A Qdrant connection with the few operations the pipelines need."""
+
+    def __init__(self, client, *, location: str) -> None:
+        self.client = client
+        self.location = location
+        self.is_local = not location.startswith(("http://", "https://"))
+
+    @classmethod
+    def connect(cls, spec: str, *, timeout: int = 60) -> "QdrantStore":
+        """Open `http(s)://host:port`, `local:PATH` or `:memory:`."""
+        from qdrant_client import QdrantClient
+
+        if spec.startswith(("http://", "https://")):
+            client = QdrantClient(url=spec, api_key=qdrant_api_key(), timeout=timeout, check_compatibility=False)
+            return cls(client, location=spec)
+        if spec == ":memory:":
+            return cls(QdrantClient(location=":memory:"), location=spec)
+        if spec.startswith("local:"):
+            path = spec.removeprefix("local:")
+            if not path:
+                raise StoreError("--store local: needs a path, e.g. local:.ragbatch/qdrant")
+            os.makedirs(path, exist_ok=True)
+            try:
+                client = QdrantClient(path=path)
+            except RuntimeError as exc:
+                if "already accessed" in str(exc):
+                    raise StoreError(
+                        f"the embedded store {path} is in use by another process; it allows one process at a time "
+                        "(wait for the other run, or use a Qdrant server)"
+                    ) from None
+                raise
+            return cls(client, location=spec)
+        raise StoreError(f"unknown store {spec!r}: use http(s)://host:port, local:PATH or :memory:")
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- collections and aliases --------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str | None:
+        """The physical collection behind alias `name`, `name` itself if it is a plain collection, or None."""
+        with _translate_errors(self.location, "listing aliases"):
+            for alias in self.client.get_aliases().aliases:
+                if alias.alias_name == name:
+                    return alias.collection_name
+            return name if self.client.collection_exists(name) else None
+
+    def physical_collections(self, alias: str) -> list[str]:
+        """Physical collections ragbatch created for `alias` (current, previous or abandoned)."""
+        with _translate_errors(self.location, "listing collections"):
+            names = [c.name for c in self.client.get_collections().collections]
+        return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
+
+    def create_collection(self, name: str, *, dimension: int, metadata: dict[str, Any]) -> None:
+        """A cosine collection of `dimension` with payload indexes on doc_id and source."""
+        from qdrant_client import models
+
+        with _translate_errors(self.location, f"creating collection {name}"):
+            self.client.create_collection(
+                name,
+                vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
+                metadata=metadata,
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+                for field in ("doc_id", "source"):
+                    self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
+
+    def collection_metadata(self, name: str) -> dict[str, Any]:
+        with _translate_errors(self.location, f"reading collection {name}"):
+            return dict(self.client.get_collection(name).config.metadata or {})
+
+    def count(self, name: str) -> int:
+        with _translate_errors(self.location, f"counting {name}"):
+            return self.client.count(name, exact=True).count
+
+    def move_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection` in one atomic aliases update."""
+        from qdrant_client import models
+
+        operations: list[Any] = []
+        with _translate_errors(self.location, f"moving alias {alias}"):
+            if any(a.alias_name == alias for a in self.client.get_aliases().aliases):
+                operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+            elif self.client.collection_exists(alias):
+                raise StoreError(f"{alias!r} is a collection, not an alias; ragbatch cannot swap it atomically")
+            operations.append(
+                models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
+            )
+            self.client.update_collection_aliases(change_aliases_operations=operations)
+
+    def drop_collection(self, name: str) -> None:
+        with _translate_errors(self.location, f"dropping collection {name}"):
+            self.client.delete_collection(name)
+
+    # -- points -------------------------------------------------------------------------------------
+
+    def retrieve_payloads(self, collection: str, ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
+        """Payload fields of the points that exist among `ids`, by point id."""
+        if not ids:
+            return {}
+        with _translate_errors(self.location, f"reading points of {collection}"):
+            records = self.client.retrieve(collection, list(ids), with_payload=fields, with_vectors=False)
+        return {str(record.id): record.payload or {} for record in records}
+
+    def upsert(self, collection: str, points: Sequence[Any]) -> None:
+        if not points:
+            return
+        with _translate_errors(self.location, f"writing points to {collection}"):
+            self.client.upsert(collection, points=list(points), wait=True)
+
+    def delete(self, collection: str, ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        if not ids:
+            return
+        with _translate_errors(self.location, f"deleting points from {collection}"):
+            self.client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+
+    def iter_payload_field(self, collection: str, field: str) -> Iterator[tuple[str, Any]]:
+        """(point id, payload[field]) for every point, paging through the collection."""
+        offset = None
+        while True:
+            with _translate_errors(self.location, f"scrolling {collection}"):
+                records, offset = self.client.scroll(
+                    collection, limit=SCROLL_PAGE, offset=offset, with_payload=[field], with_vectors=False
+                )
+            for record in records:
+                yield str(record.id), (record.payload or {}).get(field)
+            if offset is None:
+                return

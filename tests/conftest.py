@@ -1,0 +1,65 @@
+"""Shared fixtures: one embedding model, one tokenizer and one Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import flows  # noqa: F401  (offline and telemetry defaults before Prefect is imported)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_CORPUS = ROOT / "data" / "corpus"
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from tasks.embedding import SentenceTransformerEmbedder
+
+    model = SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2", batch_size=32)
+    _ = model.model
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tasks.chunking import load_tokenizer
+    from tasks.models import resolve_embedding_model
+
+    return load_tokenizer(resolve_embedding_model("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """A real Prefect server (SQLite in a temp dir) for every flow run of the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A private copy of the sample corpus that a test may change."""
+    target = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, target)
+    return target
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def subprocess_env(prefect_api_url: str, data_dir: Path) -> dict[str, str]:
+    """Environment for running the `ragbatch` command against the session's Prefect server."""
+    env = dict(os.environ)
+    env.update(PREFECT_API_URL=prefect_api_url, RAGBATCH_DATA_DIR=str(data_dir))
+    return env

@@ -1,0 +1,42 @@
+from tasks.chunking import TokenChunker
+from tasks.sources import SourceRow
+
+PARAGRAPHS = (
+    "The WS-200 station hibernates when the battery drops below 11.2 volts. It wakes at 12.4 volts.\n\n"
+    "Calibration of the soil probe takes ten minutes. Use the SM40-CAL-9 kit and distilled water. "
+    "Record the offset in the field portal before leaving the site.\n\n"
+    + " ".join(f"Sentence number {i} describes another maintenance step in some detail." for i in range(40))
+)
+
+
+def test_chunks_fit_the_budget_and_offsets_point_into_the_text(tokenizer):
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
+    pieces = chunker.split(PARAGRAPHS)
+    assert len(pieces) > 5
+    for start, end, text in pieces:
+        assert PARAGRAPHS[start:end] == text
+        assert len(tokenizer.encode(text, add_special_tokens=False).ids) <= 48
+    assert pieces == chunker.split(PARAGRAPHS)  # deterministic
+
+
+def test_splits_prefer_paragraph_and_sentence_boundaries(tokenizer):
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=0)
+    pieces = [text for _, _, text in chunker.split(PARAGRAPHS)]
+    assert pieces[0] == "The WS-200 station hibernates when the battery drops below 11.2 volts. It wakes at 12.4 volts."
+    assert all(text.endswith(".") for text in pieces)
+
+
+def test_overlap_repeats_text_between_neighbours(tokenizer):
+    text = " ".join(f"word{i}" for i in range(400))  # no sentence boundaries at all
+    pieces = TokenChunker(tokenizer=tokenizer, chunk_tokens=40, overlap_tokens=10).split(text)
+    assert all(b_start < a_end for (_, a_end, _), (b_start, _, _) in zip(pieces, pieces[1:]))
+
+
+def test_chunk_keeps_document_fields(tokenizer):
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
+    doc = SourceRow("a.md", "a.md", "# Title\n\n" + PARAGRAPHS, title="Title", source="a.md", kind="markdown", metadata={"k": 1})
+    chunks = chunker.chunk(doc, "hash")
+    assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    assert {(c.doc_id, c.title, c.source, c.doc_hash) for c in chunks} == {("a.md", "Title", "a.md", "hash")}
+    assert chunks[0].metadata == {"k": 1}
+    assert chunks[1].embedding_text.startswith("Title\n")

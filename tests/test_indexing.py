@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from tasks.chunking import Chunk
+from tasks.indexing import (
+    Marker, build_points, delete_missing_documents, document_hash, plan_batch, point_id, read_markers, write_documents,
+)
+from tasks.sources import SourceRow
+from tasks.store import QdrantStore
+
+
+def test_point_ids_are_a_pure_function_of_doc_and_chunk():
+    assert point_id("a.txt", 0) == point_id("a.txt", 0)
+    ids = {point_id(doc, i) for doc in ("a.txt", "b.txt", "a.txt0") for i in range(50)}
+    assert len(ids) == 150
+    assert point_id("a", 10) != point_id("a1", 0)
+
+
+def test_document_hash_follows_text_metadata_and_settings():
+    row = SourceRow("x", "x", "text", title="T", source="x", metadata={"k": 1})
+    base = document_hash(row, "m|200|32")
+    assert base == document_hash(SourceRow("x", "x", "text", title="T", source="x", metadata={"k": 1}), "m|200|32")
+    assert base != document_hash(SourceRow("x", "x", "text!", title="T", source="x", metadata={"k": 1}), "m|200|32")
+    assert base != document_hash(SourceRow("x", "x", "text", title="T", source="x", metadata={"k": 2}), "m|200|32")
+    assert base != document_hash(row, "m|100|32")
+
+
+def test_plan_skips_documents_whose_marker_matches():
+    rows = [SourceRow(d, d, d * 3, source=d) for d in ("same", "changed", "new")]
+    markers = {"same": Marker(document_hash(rows[0], "f"), 2), "changed": Marker("old", 5)}
+    plan = plan_batch(rows, markers, "f")
+    assert [r.doc_id for r, _ in plan.changed] == ["changed", "new"]
+    assert plan.previous_chunks == {"changed": 5}
+    assert plan.unchanged == 1
+
+
+def chunks_for(doc_id, n, doc_hash):
+    return [Chunk(doc_id, i, f"{doc_id} part {i}", i * 10, i * 10 + 5, None, doc_id, {}, doc_hash) for i in range(n)]
+
+
+@pytest.fixture
+def store():
+    store = QdrantStore.connect(":memory:")
+    store.create_collection("c", dimension=4, metadata={})
+    yield store
+    store.close()
+
+
+def write(store, chunks, previous=None):
+    vectors = np.random.default_rng(0).random((len(chunks), 4), dtype=np.float32)
+    return write_documents(store, "c", build_points(chunks, vectors, embedding_model="m"), previous or {})
+
+
+def test_shorter_new_version_deletes_its_leftover_chunks(store):
+    write(store, chunks_for("doc", 5, "v1") + chunks_for("other", 2, "o"))
+    deleted = write(store, chunks_for("doc", 2, "v2"), previous={"doc": 5})
+    assert deleted == 3
+    assert store.count("c") == 4
+    assert read_markers(store, "c", ["doc", "other", "absent"]) == {"doc": Marker("v2", 2), "other": Marker("o", 2)}
+
+
+def test_payload_carries_what_readers_need(store):
+    write(store, chunks_for("doc", 2, "v1"))
+    payload = store.retrieve_payloads("c", [point_id("doc", 1)], ["doc_id", "chunk_index", "text", "content_hash", "embedding_model", "source"])
+    assert payload[point_id("doc", 1)] == {
+        "doc_id": "doc", "chunk_index": 1, "text": "doc part 1", "source": "doc", "embedding_model": "m",
+        "content_hash": payload[point_id("doc", 1)]["content_hash"],
+    }
+    assert len(payload[point_id("doc", 1)]["content_hash"]) == 64
+
+
+def test_delete_missing_removes_only_documents_not_in_source(store):
+    write(store, chunks_for("keep", 3, "k") + chunks_for("gone", 4, "g"))
+    assert delete_missing_documents(store, "c", {"keep"}) == 4
+    assert store.count("c") == 3
+    assert set(read_markers(store, "c", ["keep", "gone"])) == {"keep"}

@@ -1,0 +1,49 @@
+import socket
+
+import pytest
+
+from tasks.errors import StoreError, StoreUnavailable
+from tasks.store import QdrantStore
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_is_a_retryable_one_line_error():
+    store = QdrantStore.connect(f"http://127.0.0.1:{closed_port()}", timeout=2)
+    with pytest.raises(StoreUnavailable) as error:
+        store.resolve("docs")
+    message = str(error.value)
+    assert message.startswith("cannot reach Qdrant at http://127.0.0.1:") and "\n" not in message
+
+
+def test_unknown_store_spec():
+    with pytest.raises(StoreError, match="unknown store 'qdrant.example'"):
+        QdrantStore.connect("qdrant.example")
+
+
+def test_embedded_store_allows_one_client_at_a_time(tmp_path):
+    first = QdrantStore.connect(f"local:{tmp_path}")
+    try:
+        with pytest.raises(StoreError, match="in use by another process"):
+            QdrantStore.connect(f"local:{tmp_path}")
+    finally:
+        first.close()
+
+
+def test_alias_moves_atomically_between_physical_collections():
+    store = QdrantStore.connect(":memory:")
+    for name in ("docs--1", "docs--2"):
+        store.create_collection(name, dimension=4, metadata={"name": name})
+    store.move_alias("docs", "docs--1")
+    assert store.resolve("docs") == "docs--1"
+    store.move_alias("docs", "docs--2")
+    assert store.resolve("docs") == "docs--2"
+    assert store.collection_metadata("docs") == {"name": "docs--2"}
+    assert store.physical_collections("docs") == ["docs--1", "docs--2"]
+    store.create_collection("plain", dimension=4, metadata={})
+    with pytest.raises(StoreError, match="is a collection, not an alias"):
+        store.move_alias("plain", "docs--1")
