@@ -50,19 +50,23 @@ def _one_line(error: ValidationError) -> str:
     return f"invalid --{where.replace('_', '-')}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
 
 
-class _NoTracebackForKnownErrors(logging.Filter):
-    """Prefect logs a failing flow's traceback; for errors we explain ourselves, keep only the message."""
+class _DropKnownErrors(logging.Filter):
+    """The CLI prints RagbatchErrors itself as one line; drop Prefect's copy with its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], RagbatchError):
-            record.exc_info, record.exc_text = None, None
-        return True
+        return not (record.exc_info and isinstance(record.exc_info[1], RagbatchError))
 
 
-def _quiet_known_errors() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+def _configure_console(verbose: bool) -> None:
+    """Terminal output: warnings only unless --verbose; the API still receives every log line."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoTracebackForKnownErrors())
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_DropKnownErrors())
+                if not verbose:
+                    handler.setLevel(logging.WARNING)
 
 
 def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +75,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         params.show_progress = sys.stderr.isatty()
     from flows.ingest import ingest
 
-    _quiet_known_errors()
+    _configure_console(args.verbose)
     report = ingest(params)
     return report.model_dump()
 
@@ -89,6 +93,7 @@ def _print_ingest(result: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragbatch", description="Batch RAG: index documents into Qdrant and run question sets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs on the terminal.")
     commands = parser.add_subparsers(dest="command", required=True)
     ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
     add_model_options(ingest, IngestParams, positional=("source",))

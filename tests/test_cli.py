@@ -1,0 +1,67 @@
+"""The `ragbatch` command as a user runs it: a real subprocess against the session's Prefect server."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+
+from .test_store import closed_port
+
+REQUIRED_KEYS = {"collection", "loaded", "valid", "quarantined", "chunks", "embedded", "upserted", "deleted", "unchanged", "seconds"}
+
+
+def ragbatch(*args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_ingest_json_ends_stdout_with_the_counts(corpus, subprocess_env, data_dir):
+    result = ragbatch("ingest", str(corpus), "--collection", "cli", "--json", env=subprocess_env)
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert REQUIRED_KEYS <= counts.keys()
+    assert counts["collection"] == "cli" and counts["loaded"] == 36 and counts["embedded"] > 36
+    assert (data_dir / "qdrant").is_dir()
+
+
+ERROR_CASES = [
+    (["ingest", "{tmp}/nope", "--collection", "x"], "{tmp}/nope: no such file or directory"),
+    (["ingest", "{tmp}/notes.pdf", "--collection", "x"], "unknown source format '.pdf'"),
+    (["ingest", "{tmp}/t.csv", "--collection", "x"], "t.csv: missing required column 'text' (found: id, body)"),
+    (["ingest", "{tmp}/t.csv", "--collection", "x", "--format", "jsonl"], "t.csv: 2 of 2 rows (100%) failed validation"),
+    (["ingest", "{corpus}", "--collection", "x", "--store", "http://127.0.0.1:{port}"], "cannot reach Qdrant at http://127.0.0.1:{port}"),
+    (["ingest", "{corpus}", "--collection", "x", "--store", "qdrant.example"], "unknown store 'qdrant.example'"),
+    (["ingest", "{corpus}", "--collection", "x", "--chunk-tokens", "lots"], "invalid --chunk-tokens"),
+    (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
+]
+
+
+def fill(args, message, tmp_path, corpus):
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "t.csv").write_text("id,body\n1,x\n")
+    values = {"tmp": tmp_path, "corpus": corpus, "port": closed_port()}
+    return [a.format(**values) for a in args], message.format(**values)
+
+
+@pytest.mark.parametrize("args, message", ERROR_CASES)
+def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, data_dir, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("RAGBATCH_DATA_DIR", str(data_dir))
+    args, message = fill(args, message, tmp_path, corpus)
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("ragbatch: error: ")]
+    assert message in line
+
+
+@pytest.mark.parametrize("case", [0, 4])
+def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env, case):
+    args, message = fill(*ERROR_CASES[case], tmp_path, corpus)
+    result = ragbatch(*args, env=subprocess_env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("ragbatch: error: ")]
+    assert message in line

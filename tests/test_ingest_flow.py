@@ -1,0 +1,141 @@
+"""The ingest flow end to end: real Prefect server, real model, real embedded Qdrant."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.ingest import ingest
+from tasks.errors import QuarantineThresholdExceeded, StoreError
+from tasks.indexing import point_id
+from tasks.models import resolve_embedding_model
+from tasks.settings import IngestParams
+from tasks.store import QdrantStore
+
+
+@pytest.fixture
+def params(prefect_api_url, corpus: Path, data_dir: Path):
+    def make(**overrides) -> IngestParams:
+        return IngestParams(source=corpus, collection="kb", data_dir=data_dir, **overrides)
+
+    return make
+
+
+def open_store(params: IngestParams) -> QdrantStore:
+    return QdrantStore.connect(params.store)
+
+
+def points_by_doc(store: QdrantStore, collection: str) -> dict[str, set[str]]:
+    docs: dict[str, set[str]] = {}
+    for pid, doc_id in store.iter_payload_field(collection, "doc_id"):
+        docs.setdefault(doc_id, set()).add(pid)
+    return docs
+
+
+def test_first_run_indexes_the_sample_corpus(params, embedder):
+    report = ingest(params())
+    assert (report.loaded, report.valid, report.quarantined, report.deleted) == (36, 36, 0, 0)
+    assert report.chunks == report.embedded == report.upserted == report.points > 36
+    assert report.loaded == report.valid + report.quarantined
+    store = open_store(params())
+    try:
+        assert store.resolve("kb") == report.physical_collection
+        assert store.collection_metadata("kb")["embedding_model"] == "all-MiniLM-L6-v2"
+        docs = points_by_doc(store, "kb")
+        assert len(docs) == 36
+        for doc_id, ids in docs.items():
+            assert ids == {point_id(doc_id, i) for i in range(len(ids))}
+        question = embedder.embed(["What does error code E-219 mean?"])[0]
+        hits = store.client.query_points("kb", query=question.tolist(), limit=3, with_payload=True).points
+        assert hits[0].payload["source"] == "troubleshooting-guide.txt"
+        assert "E-219" in hits[0].payload["text"]
+    finally:
+        store.close()
+    assert pq.read_table(report.quarantine_path).num_rows == 0
+
+
+def test_re_runs_embed_only_what_changed(params, corpus):
+    first = ingest(params())
+    unchanged = ingest(params())
+    assert (unchanged.embedded, unchanged.upserted, unchanged.deleted, unchanged.unchanged) == (0, 0, 0, 36)
+    assert unchanged.points == first.points
+
+    store = open_store(params())
+    before = points_by_doc(store, "kb")
+    store.close()
+    long_doc = "troubleshooting-guide.txt"
+    assert len(before[long_doc]) > 2
+    (corpus / long_doc).write_text("Troubleshooting\n\nError E-219 means the wind sensor bus timed out.")
+    (corpus / "glossary.md").unlink()
+    (corpus / "new-note.txt").write_text("The LG-1 gateway reboots nightly at 03:00.")
+
+    changed = ingest(params())
+    assert changed.loaded == 36 and changed.unchanged == 34
+    assert changed.embedded == changed.upserted == 2
+    assert changed.deleted == (len(before[long_doc]) - 1) + len(before["glossary.md"])
+    store = open_store(params())
+    try:
+        after = points_by_doc(store, "kb")
+        assert after[long_doc] == {point_id(long_doc, 0)}
+        assert "glossary.md" not in after and "new-note.txt" in after
+        assert {d: ids for d, ids in after.items() if d not in (long_doc, "new-note.txt")} == {
+            d: ids for d, ids in before.items() if d not in (long_doc, "glossary.md")
+        }
+        [marker] = store.client.retrieve("kb", [point_id(long_doc, 0)])
+        assert "E-219" in marker.payload["text"] and marker.payload["n_chunks"] == 1
+    finally:
+        store.close()
+
+
+def test_rebuild_swaps_the_alias_to_an_identical_new_collection(params):
+    first = ingest(params())
+    store = open_store(params())
+    hashes_before = dict(store.iter_payload_field("kb", "content_hash"))
+    store.close()
+
+    rebuilt = ingest(params(rebuild=True))
+    assert rebuilt.rebuild and rebuilt.physical_collection != first.physical_collection
+    assert rebuilt.embedded == first.embedded and rebuilt.points == first.points
+    store = open_store(params())
+    try:
+        assert store.resolve("kb") == rebuilt.physical_collection
+        assert store.physical_collections("kb") == [rebuilt.physical_collection]
+        assert dict(store.iter_payload_field("kb", "content_hash")) == hashes_before
+    finally:
+        store.close()
+
+
+def test_a_broken_source_fails_the_run_and_deletes_nothing(params, corpus):
+    first = ingest(params())
+    files = sorted(p for p in corpus.rglob("*.txt"))
+    for path in files:
+        path.write_bytes(b"\x00\x01binary garbage")
+    with pytest.raises(QuarantineThresholdExceeded, match="failed validation, more than the allowed 20%"):
+        ingest(params())
+    store = open_store(params())
+    try:
+        assert store.count("kb") == first.points
+    finally:
+        store.close()
+    quarantine = sorted(params().data_dir.glob("runs/kb/*/quarantine.parquet"), key=lambda p: p.stat().st_mtime)[-1]
+    table = pq.read_table(quarantine).to_pylist()
+    assert len(table) == len(files)
+    assert {row["reason"] for row in table} == {"binary content (NUL bytes)"}
+
+
+def test_changing_the_embedding_model_needs_a_rebuild(params):
+    ingest(params())
+    with pytest.raises(StoreError, match="was built with embedding model 'all-MiniLM-L6-v2'"):
+        ingest(params(embedding_model=resolve_embedding_model("all-MiniLM-L6-v2")))
+
+
+def test_run_publishes_counts_and_validation_artifacts(params):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    report = ingest(params())
+    with get_client(sync_client=True) as client:
+        counts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-kb"])))
+        validation = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-kb"])))
+    assert counts and str(report.points) in str(counts[0].data)
+    assert validation and "36 rows checked" in validation[0].data
