@@ -130,12 +130,15 @@ def test_changing_the_embedding_model_needs_a_rebuild(params):
 
 
 def test_run_publishes_counts_and_validation_artifacts(params):
+    from uuid import UUID
+
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     report = ingest(params())
+    this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.run_id)]))
     with get_client(sync_client=True) as client:
-        counts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-kb"])))
-        validation = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-kb"])))
-    assert counts and str(report.points) in str(counts[0].data)
-    assert validation and "36 rows checked" in validation[0].data
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=this_run)}
+    assert set(artifacts) == {"ingest-kb", "validation-kb"}
+    assert artifacts["ingest-kb"].type == "table" and f'"points": {report.points}' in str(artifacts["ingest-kb"].data)
+    assert "36 rows checked: **36 valid**, **0 quarantined**" in artifacts["validation-kb"].data
