@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
 from tasks.errors import RagbatchError
-from tasks.settings import IngestParams
+from tasks.settings import AnswerParams, IngestParams, RagbatchSettings, ServeParams
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
@@ -27,6 +28,9 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        if getattr(field.annotation, "__origin__", None) is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text)
             continue
         choices = None
         enum_type = next((t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, Enum)), None)
@@ -76,8 +80,54 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from flows.ingest import ingest
 
     _configure_console(args.verbose)
-    report = ingest(params)
-    return report.model_dump()
+    return ingest(params).model_dump()
+
+
+def _run_answer(args: argparse.Namespace) -> dict[str, Any]:
+    params = params_from_args(AnswerParams, args)
+    if args.show_progress is None:
+        params.show_progress = sys.stderr.isatty()
+    from flows.answer import answer
+
+    _configure_console(args.verbose)
+    return answer(params).model_dump()
+
+
+def _print_answer(result: dict[str, Any]) -> None:
+    print(
+        f"{result['questions']} questions: {result['answered']} answered, {result['failed']} failed, "
+        f"{result['quarantined']} quarantined, {result['resumed']} already done; "
+        f"{result['prompts_per_s']} prompts/s, {result['output_tokens_per_s']} output tokens/s ({result['seconds']:.1f} s)"
+    )
+    print(f"answers: {result['output']}")
+
+
+def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Run vLLM's OpenAI-compatible server in the foreground until Ctrl-C."""
+    import subprocess
+
+    from tasks.llm import cpu_environment
+    from tasks.llm_models import resolve_llm_model
+    from tasks.serving import vllm_server_command
+
+    params = params_from_args(ServeParams, args)
+    model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
+    command = vllm_server_command(
+        model_dir=model_dir, served_name=params.llm_model, host=params.host, port=params.port,
+        max_model_len=params.max_model_len, dtype=params.dtype, enforce_eager=params.enforce_eager,
+        kv_cache_gib=params.kv_cache_gib,
+    )
+    print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    env = {**os.environ, **cpu_environment(params.data_dir / "cache", params.kv_cache_gib)}
+    code = subprocess.call(command, env=env)
+    return {"exit_code": code, "model": params.llm_model, "url": f"http://{params.host}:{params.port}/v1"}
+
+
+def _run_models_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.llm_models import DEFAULT_LLM, prepare_smollm2
+
+    params = params_from_args(RagbatchSettings, args)
+    return {"model": DEFAULT_LLM, "path": str(prepare_smollm2(params.data_dir / "models"))}
 
 
 def _print_ingest(result: dict[str, Any]) -> None:
@@ -99,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ingest, IngestParams, positional=("source",))
     ingest.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
     ingest.set_defaults(run=_run_ingest, show=_print_ingest)
+
+    answer = commands.add_parser("answer", help="Answer a question set with retrieval and a local LLM, into Parquet.")
+    add_model_options(answer, AnswerParams, positional=("questions",))
+    answer.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
+    answer.set_defaults(run=_run_answer, show=_print_answer)
+
+    serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
+    add_model_options(serve, ServeParams)
+    serve.set_defaults(run=_run_serve, show=lambda result: None, json=False)
+
+    models = commands.add_parser("models", help="Manage local model files.")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_commands.add_parser("prepare", help="Convert the bundled SmolLM2 into a model directory (offline).")
+    add_model_options(prepare, RagbatchSettings)
+    prepare.set_defaults(run=_run_models_prepare, show=lambda result: print(result["path"]), json=False)
     return parser
 
 
@@ -120,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, default=str))
     else:
         args.show(result)
-    return 0
+    return int(result.get("exit_code", 0))
 
 
 if __name__ == "__main__":

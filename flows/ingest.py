@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import cache
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,7 +15,7 @@ from tasks.embedding import SentenceTransformerEmbedder
 from tasks.indexing import build_points, index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.models import resolve_embedding_model
-from tasks.outputs import QuarantineWriter, run_file
+from tasks.outputs import QuarantineWriter, artifact_key, progress, run_file
 from tasks.settings import IngestParams
 from tasks.sources import batched, read_rows
 from tasks.store import QdrantStore
@@ -40,18 +41,24 @@ def ingest(params: IngestParams) -> IngestReport:
             embedding_model=params.embedding_model, chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap
         )
         validator = DocumentValidator(max_chars=params.max_chars)
-        chunker = _LazyChunker(params)
+
+        @cache
+        def chunker() -> TokenChunker:
+            """Loaded only when a batch has something to chunk, so no-op runs stay fast."""
+            tokenizer = load_tokenizer(resolve_embedding_model(params.embedding_model))
+            return TokenChunker(tokenizer=tokenizer, chunk_tokens=params.chunk_tokens, overlap_tokens=params.chunk_overlap)
+
         report = IngestReport(collection=params.collection, physical_collection=target.collection,
                               rebuild=target.is_rebuild, run_id=run_id)
         present_doc_ids: set[str] = set()
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "quarantine.parquet")
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
-            for batch in batched(_progress(rows, params.show_progress), params.batch_docs):
+            for batch in batched(progress(rows, params.show_progress, "ingest"), params.batch_docs):
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
-                chunks = steps.chunk(chunker.get(), plan) if plan.changed else []
+                chunks = steps.chunk(chunker(), plan) if plan.changed else []
                 vectors = steps.embed(embedder, chunks) if chunks else None
                 points = build_points(chunks, vectors, embedding_model=params.embedding_model) if chunks else []
                 deleted = steps.upsert(store, target.collection, points, plan.previous_chunks) if points else 0
@@ -64,7 +71,7 @@ def ingest(params: IngestParams) -> IngestReport:
                 report.upserted += len(points)
                 report.deleted += deleted
         report.quarantine_path = str(quarantine_path)
-        create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=_key("validation", params.collection),
+        create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids)
@@ -75,36 +82,7 @@ def ingest(params: IngestParams) -> IngestReport:
     finally:
         store.close()
     report.seconds = round(time.perf_counter() - started, 3)
-    create_table_artifact([report.model_dump()], key=_key("ingest", params.collection), description="Ingest counts")
+    create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
     logger.info("ingest finished: %s", report.model_dump_json())
     return report
 
-
-class _LazyChunker:
-    """Loads the tokenizer only when a batch has something to chunk, so no-op runs stay fast."""
-
-    def __init__(self, params: IngestParams) -> None:
-        self.params = params
-        self._chunker: TokenChunker | None = None
-
-    def get(self) -> TokenChunker:
-        if self._chunker is None:
-            self._chunker = TokenChunker(
-                tokenizer=load_tokenizer(resolve_embedding_model(self.params.embedding_model)),
-                chunk_tokens=self.params.chunk_tokens,
-                overlap_tokens=self.params.chunk_overlap,
-            )
-        return self._chunker
-
-
-def _progress(rows, enabled: bool):
-    if not enabled:
-        return rows
-    from tqdm import tqdm
-
-    return tqdm(rows, desc="ingest", unit="doc", dynamic_ncols=True)
-
-
-def _key(kind: str, collection: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in collection.lower())

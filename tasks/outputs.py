@@ -65,3 +65,142 @@ class QuarantineWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+CONTEXT_TYPE = pa.struct(
+    [
+        pa.field("rank", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("point_id", pa.string()),
+        pa.field("doc_id", pa.string()),
+        pa.field("chunk_index", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("source", pa.string()),
+    ]
+)
+SAMPLING_TYPE = pa.struct(
+    [
+        pa.field("temperature", pa.float32()),
+        pa.field("top_p", pa.float32()),
+        pa.field("max_tokens", pa.int32()),
+        pa.field("seed", pa.int64()),
+        pa.field("stop", pa.list_(pa.string())),
+    ]
+)
+TIMINGS_TYPE = pa.struct(
+    [
+        pa.field("batch_questions", pa.int32()),
+        pa.field("retrieve_s", pa.float64()),
+        pa.field("generate_s", pa.float64()),
+    ]
+)
+ANSWER_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("answer", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("contexts", pa.list_(CONTEXT_TYPE), nullable=False),
+        pa.field("citations", pa.list_(pa.int32()), nullable=False),
+        pa.field("reference_answers", pa.list_(pa.string()), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("sampling", SAMPLING_TYPE, nullable=False),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("dropped_passages", pa.int32()),
+        pa.field("timings", TIMINGS_TYPE, nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+class AnswerCheckpoint:
+    """Answer rows checkpointed as Parquet parts beside the output, so a re-run skips finished questions.
+
+    Each part is written to a temporary name and renamed, so a killed process never leaves half a
+    part. `finalize` writes the output with each question exactly once (also atomically).
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        self.parts_dir = self.output.with_name(self.output.name + ".parts")
+
+    def reset(self) -> None:
+        """Forget earlier results (the --overwrite case)."""
+        self.reset_parts()
+        self.output.unlink(missing_ok=True)
+
+    def done_ids(self) -> set[str]:
+        """Question ids already answered (or failed) in earlier parts or an earlier final output."""
+        done: set[str] = set()
+        for path in [*self._parts(), *([self.output] if self.output.exists() else [])]:
+            done.update(pq.read_table(path, columns=["question_id"]).column("question_id").to_pylist())
+        return done
+
+    def write_part(self, rows: list[dict]) -> Path:
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        number = len(self._parts())
+        path = self.parts_dir / f"part-{number:06d}.parquet"
+        while path.exists():
+            number += 1
+            path = self.parts_dir / f"part-{number:06d}.parquet"
+        temporary = path.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), temporary)
+        temporary.replace(path)
+        return path
+
+    def finalize(self) -> pa.Table:
+        """Merge the earlier output and all parts into the output, one row per question id."""
+        sources = ([self.output] if self.output.exists() else []) + self._parts()
+        tables = [pq.read_table(path, schema=ANSWER_SCHEMA) for path in sources]
+        table = pa.concat_tables(tables) if tables else ANSWER_SCHEMA.empty_table()
+        seen: set[str] = set()
+        keep = []
+        for index, question_id in enumerate(table.column("question_id").to_pylist()):
+            if question_id not in seen:
+                seen.add(question_id)
+                keep.append(index)
+        table = table.take(keep)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.output.with_name(self.output.name + ".tmp")
+        pq.write_table(table, temporary)
+        temporary.replace(self.output)
+        self.reset_parts()
+        return table
+
+    def reset_parts(self) -> None:
+        for part in self._parts():
+            part.unlink()
+        if self.parts_dir.exists():
+            self.parts_dir.rmdir()
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.exists() else []
+
+
+def artifact_key(kind: str, collection: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in collection.lower())
+
+
+def sample_markdown(table: pa.Table, *, limit: int) -> str:
+    """The first answers of an output with their sources, for a quick look in the UI."""
+    lines = ["# First answers", ""]
+    for row in table.slice(0, limit).to_pylist():
+        lines.append(f"**{row['question_id']}**: {row['question']}")
+        lines.append("")
+        lines.append(f"> {row['answer']}" if row["error"] is None else f"> error: {row['error']}")
+        sources = ", ".join(f"[{c['rank']}] {c['source']}" for c in row["contexts"])
+        lines += ["", f"Sources: {sources or 'none'}", ""]
+    return "\n".join(lines)
+
+
+def progress(rows, enabled: bool, label: str):
+    """Wrap an iterator in a terminal progress bar when asked to."""
+    if not enabled:
+        return rows
+    from tqdm import tqdm
+
+    return tqdm(rows, desc=label, unit="row", dynamic_ncols=True)

@@ -28,10 +28,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
 
 
-class StoreParams(BaseSettings):
-    """Where the index lives. The Qdrant API key is read from RAGBATCH_QDRANT_API_KEY, never a parameter."""
+class RagbatchSettings(BaseSettings):
+    """Base of every parameter model: RAGBATCH_* environment variables, and the data directory."""
 
     model_config = SettingsConfigDict(env_prefix="RAGBATCH_", extra="forbid", use_enum_values=False)
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory for ragbatch's state: the embedded store, models, quarantine and run files.",
+    )
+
+
+class StoreParams(RagbatchSettings):
+    """Where the index lives. The Qdrant API key is read from RAGBATCH_QDRANT_API_KEY, never a parameter."""
 
     collection: str = Field(
         "docs",
@@ -43,11 +52,6 @@ class StoreParams(BaseSettings):
         description="http(s)://host:port for a Qdrant server, local:PATH for the embedded local mode, "
         "or :memory:. Empty: local mode under the data directory.",
     )
-    data_dir: Path = Field(
-        default_factory=default_data_dir,
-        description="Directory for ragbatch's state: the embedded store, quarantine and run files.",
-    )
-
     @model_validator(mode="after")
     def _default_store(self) -> "StoreParams":
         if not self.store:
@@ -83,3 +87,46 @@ class IngestParams(StoreParams):
         if size is not None and overlap >= size:
             raise ValueError(f"chunk_overlap ({overlap}) must be smaller than chunk_tokens ({size})")
         return overlap
+
+
+class EngineParams(RagbatchSettings):
+    """The generation model and how vLLM runs it."""
+
+    llm_model: str = Field("SmolLM2-135M-Instruct", description="Generation model: the bundled SmolLM2, a local directory or a hub id.")
+    max_model_len: int | None = Field(None, ge=64, description="Context length for the engine; default: the model's.")
+    dtype: str = Field("auto", description="Weights dtype for vLLM; auto is bfloat16 on CPU.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache space in GiB on CPU.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile: starts in seconds instead of about a minute.")
+
+
+class ServeParams(EngineParams):
+    """Parameters of `ragbatch serve`: the model as an OpenAI-compatible service on loopback."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+
+
+class AnswerParams(StoreParams, EngineParams):
+    """Parameters of the answer flow."""
+
+    questions: Path = Field(description="Question set: JSONL, CSV or Parquet with id, question, optional reference_answers and filter.")
+    out: Path = Field(description="Output Parquet file; parts are checkpointed beside it until the run completes.")
+    format: SourceFormat = Field(SourceFormat.auto, description="Question file format; auto detects it from the suffix.")
+    top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
+    score_threshold: float | None = Field(None, description="Drop passages scoring below this cosine similarity.")
+    prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
+    llm_url: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible server (e.g. ragbatch serve) to use instead of the in-process engine. "
+        "Key from RAGBATCH_LLM_API_KEY."
+    )
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    max_tokens: int = Field(128, ge=1, description="Most tokens generated per answer.")
+    seed: int = Field(0, description="Sampling seed.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (repeat the option for several).")
+    batch_questions: int = Field(256, ge=1, description="Questions per generation call and checkpoint part.")
+    embed_batch_size: int = Field(64, ge=1, description="Questions per forward pass of the embedding model.")
+    max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
+    overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
+    show_progress: bool = Field(False, description="Show a progress bar on the terminal.")

@@ -62,8 +62,11 @@ def detect_format(path: Path) -> SourceFormat:
     raise SourceError(f"{path}: unknown source format {suffix or '(no suffix)'!r}; use a directory, .jsonl, .csv or .parquet")
 
 
-def read_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> Iterator[SourceRow]:
-    """Stream every row of the source; raises SourceError before the first row if it is unusable."""
+def read_rows(path: Path, fmt: SourceFormat = SourceFormat.auto, *, text_column: str = TEXT_COLUMN) -> Iterator[SourceRow]:
+    """Stream every row of the source; raises SourceError before the first row if it is unusable.
+
+    Tables name their text column `text_column` (question sets use "question").
+    """
     path = Path(path)
     if fmt == SourceFormat.auto:
         fmt = detect_format(path)
@@ -77,11 +80,11 @@ def read_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> Iterator[Sou
         corpus = path / "corpus.jsonl" if path.is_dir() else path
         if not corpus.is_file():
             raise SourceError(f"{path}: no corpus.jsonl in this BEIR directory")
-        return _read_jsonl(corpus)
+        return _read_jsonl(corpus, TEXT_COLUMN)
     if path.is_dir():
         raise SourceError(f"{path}: is a directory, expected a {fmt.value} file")
     readers = {SourceFormat.jsonl: _read_jsonl, SourceFormat.csv: _read_csv, SourceFormat.parquet: _read_parquet}
-    return readers[fmt](path)
+    return readers[fmt](path, text_column)
 
 
 def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
@@ -175,17 +178,17 @@ def _id_column(columns: Iterable[str], path: Path) -> str:
     raise SourceError(f"{path}: missing required column 'id' (found: {', '.join(columns) or 'none'})")
 
 
-def _require_text(columns: Iterable[str], path: Path) -> None:
+def _require_text(columns: Iterable[str], path: Path, text_column: str) -> None:
     columns = list(columns)
-    if TEXT_COLUMN not in columns:
-        raise SourceError(f"{path}: missing required column 'text' (found: {', '.join(columns) or 'none'})")
+    if text_column not in columns:
+        raise SourceError(f"{path}: missing required column {text_column!r} (found: {', '.join(columns) or 'none'})")
 
 
-def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str) -> SourceRow:
+def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str, text_column: str) -> SourceRow:
     raw_id = record.get(id_column)
-    text = record.get(TEXT_COLUMN)
+    text = record.get(text_column)
     title = record.get(TITLE_COLUMN)
-    metadata = {k: _jsonable(v) for k, v in record.items() if k not in (id_column, TEXT_COLUMN, TITLE_COLUMN)}
+    metadata = {k: _jsonable(v) for k, v in record.items() if k not in (id_column, text_column, TITLE_COLUMN)}
     error = None
     if text is not None and not isinstance(text, str):
         error = f"text is not a string ({type(text).__name__})"
@@ -210,7 +213,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _read_jsonl(path: Path) -> Iterator[SourceRow]:
+def _read_jsonl(path: Path, text_column: str) -> Iterator[SourceRow]:
     name = path.name
     id_column: str | None = None
     with _open_text(path) as handle:
@@ -228,24 +231,24 @@ def _read_jsonl(path: Path) -> Iterator[SourceRow]:
                 continue
             if id_column is None:
                 id_column = _id_column(record, path)
-                _require_text(record, path)
-            yield _table_row(locator, name, record, id_column)
+                _require_text(record, path, text_column)
+            yield _table_row(locator, name, record, id_column, text_column)
 
 
-def _read_csv(path: Path) -> Iterator[SourceRow]:
+def _read_csv(path: Path, text_column: str) -> Iterator[SourceRow]:
     name = path.name
     with _open_text(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             raise SourceError(f"{path}: empty CSV file (no header row)")
         id_column = _id_column(reader.fieldnames, path)
-        _require_text(reader.fieldnames, path)
+        _require_text(reader.fieldnames, path, text_column)
         for record in reader:
             # reader.line_num is the physical line where this record ended (quoted newlines span lines).
-            yield _table_row(f"{name}:{reader.line_num}", name, record, id_column)
+            yield _table_row(f"{name}:{reader.line_num}", name, record, id_column, text_column)
 
 
-def _read_parquet(path: Path) -> Iterator[SourceRow]:
+def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
     import pyarrow.parquet as pq
 
     name = path.name
@@ -254,12 +257,12 @@ def _read_parquet(path: Path) -> Iterator[SourceRow]:
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     id_column = _id_column(parquet.schema_arrow.names, path)
-    _require_text(parquet.schema_arrow.names, path)
+    _require_text(parquet.schema_arrow.names, path, text_column)
     number = 0
     for record_batch in parquet.iter_batches(batch_size=1024):
         for record in record_batch.to_pylist():
             number += 1
-            yield _table_row(f"{name}:row {number}", name, record, id_column)
+            yield _table_row(f"{name}:row {number}", name, record, id_column, text_column)
 
 
 @contextmanager

@@ -13,9 +13,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import indexing
+from tasks.answering import Pending, build_prompts, generate_part, retrieve_part
 from tasks.chunking import Chunk, TokenChunker
 from tasks.embedding import Embedder
 from tasks.errors import StoreUnavailable
+from tasks.llm import Generator, SamplingConfig
+from tasks.prompts import PromptBuilder
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator, QuarantinedRow
@@ -66,3 +69,22 @@ def delete_missing(store: QdrantStore, collection: str, present_doc_ids: set[str
     deleted = indexing.delete_missing_documents(store, collection, present_doc_ids)
     get_run_logger().info("deleted %d points of documents no longer in the source", deleted)
     return deleted
+
+
+@task(name="retrieve", **STEP, **STORE_RETRIES)
+def retrieve(part: list[Pending], store: QdrantStore, collection: str, embedder: Embedder, *, top_k: int,
+             score_threshold: float | None) -> None:
+    retrieve_part(part, store, collection, embedder, top_k=top_k, score_threshold=score_threshold)
+
+
+@task(name="build-prompts", **STEP)
+def prompts(part: list[Pending], builder: PromptBuilder) -> None:
+    build_prompts(part, builder)
+    dropped = sum(item.prompt.dropped for item in part if item.prompt)
+    if dropped:
+        get_run_logger().info("dropped %d lowest-ranked passages to fit the context", dropped)
+
+
+@task(name="generate", **STEP)
+def generate(part: list[Pending], generator: Generator, sampling: SamplingConfig) -> None:
+    generate_part(part, generator, sampling)

@@ -126,6 +126,17 @@ class QdrantStore:
         with _translate_errors(self.location, f"reading collection {name}"):
             return dict(self.client.get_collection(name).config.metadata or {})
 
+    def readable_collection(self, name: str) -> dict[str, Any]:
+        """Metadata of a collection that exists and holds points; one-line errors otherwise."""
+        if self.resolve(name) is None:
+            raise StoreError(f"collection {name!r} does not exist in {self.location}; run `ragbatch ingest` first")
+        if self.count(name) == 0:
+            raise StoreError(f"collection {name!r} in {self.location} is empty; run `ragbatch ingest` first")
+        metadata = self.collection_metadata(name)
+        if "embedding_model" not in metadata:
+            raise StoreError(f"collection {name!r} was not built by ragbatch (no embedding model recorded)")
+        return metadata
+
     def count(self, name: str) -> int:
         with _translate_errors(self.location, f"counting {name}"):
             return self.client.count(name, exact=True).count
@@ -172,6 +183,24 @@ class QdrantStore:
             return
         with _translate_errors(self.location, f"deleting points from {collection}"):
             self.client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+
+    def query_batch(
+        self, collection: str, vectors: Sequence[Sequence[float]], *, limit: int, filters: Sequence[Any | None],
+        score_threshold: float | None = None,
+    ) -> list[list[Any]]:
+        """Nearest points for many query vectors in one request; payloads included."""
+        from qdrant_client import models
+
+        requests = [
+            models.QueryRequest(query=list(map(float, vector)), filter=query_filter, limit=limit,
+                                score_threshold=score_threshold, with_payload=True)
+            for vector, query_filter in zip(vectors, filters, strict=True)
+        ]
+        if not requests:
+            return []
+        with _translate_errors(self.location, f"querying {collection}"):
+            responses = self.client.query_batch_points(collection, requests=requests)
+        return [response.points for response in responses]
 
     def iter_payload_field(self, collection: str, field: str) -> Iterator[tuple[str, Any]]:
         """(point id, payload[field]) for every point, paging through the collection."""

@@ -34,17 +34,17 @@ class ValidationSummary:
     def quarantined(self) -> int:
         return self.rows - self.valid
 
-    def to_markdown(self, max_chars: int) -> str:
+    def to_markdown(self, max_chars: int, text_label: str = "text", what: str = "Document") -> str:
         descriptions = {
             "load_error": "readable and decodable as text",
             "missing_id": "id present",
-            "missing_text": "text present",
-            "blank_text": "text not blank",
-            "too_long": f"text at most {max_chars:,} characters",
+            "missing_text": f"{text_label} present",
+            "blank_text": f"{text_label} not blank",
+            "too_long": f"{text_label} at most {max_chars:,} characters",
             "duplicate_id": "id unique across the source",
         }
         lines = [
-            "# Document validation (Great Expectations)",
+            f"# {what} validation (Great Expectations)",
             "",
             f"{self.rows} rows checked: **{self.valid} valid**, **{self.quarantined} quarantined**.",
             "",
@@ -58,11 +58,12 @@ class ValidationSummary:
 class DocumentValidator:
     """Validates batches of rows against one expectation suite; remembers ids across batches of a run."""
 
-    def __init__(self, *, max_chars: int) -> None:
+    def __init__(self, *, max_chars: int, text_label: str = "text") -> None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.max_chars = max_chars
+        self.text_label = text_label
         self.summary = ValidationSummary()
         self._seen_ids: set[str] = set()
         context = gx.get_context(mode="ephemeral")
@@ -131,8 +132,8 @@ class DocumentValidator:
         return {
             "load_error": row.error or "unreadable",
             "missing_id": "missing id",
-            "missing_text": "missing text",
-            "blank_text": "text is empty or whitespace only",
-            "too_long": f"text has {len(row.text or ''):,} characters, more than the limit of {self.max_chars:,}",
+            "missing_text": f"missing {self.text_label}",
+            "blank_text": f"{self.text_label} is empty or whitespace only",
+            "too_long": f"{self.text_label} has {len(row.text or ''):,} characters, more than the limit of {self.max_chars:,}",
             "duplicate_id": f"duplicate id {row.doc_id!r} (first occurrence kept)",
         }[rule]

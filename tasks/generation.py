@@ -1,0 +1,48 @@
+"""Choosing the generation backend for a run: the in-process vLLM engine or an OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, VLLMGenerator, load_chat_tokenizer
+from tasks.llm_models import resolve_llm_model
+from tasks.settings import AnswerParams
+
+LLM_API_KEY_ENV = "RAGBATCH_LLM_API_KEY"
+
+
+def sampling_config(params: AnswerParams) -> SamplingConfig:
+    return SamplingConfig(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+                          seed=params.seed, stop=tuple(params.stop))
+
+
+def model_max_len(model_path: str) -> int:
+    """The context length a model was trained for, from its config."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+
+
+def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], Any]]:
+    """The run's generator and a cached loader of the model's tokenizer (for chat template and counting).
+
+    The bundled SmolLM2 is prepared under `<data dir>/models` on first use. The engine itself starts
+    only when the first prompt is generated.
+    """
+    model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
+    tokenizer = cache(lambda: load_chat_tokenizer(model_path))
+    if params.llm_url:
+        return OpenAIGenerator(
+            base_url=params.llm_url, model=params.llm_model,
+            max_model_len=params.max_model_len or model_max_len(model_path),
+            api_key=os.environ.get(LLM_API_KEY_ENV),
+        ), tokenizer
+    return VLLMGenerator(
+        model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,
+        tensor_parallel_size=params.tensor_parallel_size, kv_cache_gib=params.kv_cache_gib,
+        enforce_eager=params.enforce_eager, cache_dir=params.data_dir / "cache", seed=params.seed,
+        use_tqdm=params.show_progress,
+    ), tokenizer

@@ -1,0 +1,93 @@
+"""Prompts: a template filled with numbered passages, the model's chat template, fitted to its context."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import RagbatchError
+from tasks.retrieval import Hit
+
+DEFAULT_TEMPLATE = """Answer the question using only the numbered context passages below. \
+Cite the passages you use like [1]. If the passages do not contain the answer, \
+say that the context does not contain the answer.
+
+Context:
+{context}
+
+Question: {question}"""
+
+_CITATION = re.compile(r"\[(\d+)\]")
+
+
+class PromptTooLong(ValueError):
+    """Even without any passage the prompt leaves no room for the answer."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The final text given to the model, its token count, and which passages made it in."""
+
+    text: str
+    tokens: int
+    passages: list[Hit]
+    dropped: int
+
+
+def load_template(path: Path | None) -> str:
+    """The default template, or a user's file that must contain {context} and {question}."""
+    if path is None:
+        return DEFAULT_TEMPLATE
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RagbatchError(f"{path}: cannot read prompt template ({exc.strerror or exc})") from None
+    missing = [name for name in ("{context}", "{question}") if name not in template]
+    if missing:
+        raise RagbatchError(f"{path}: prompt template lacks {' and '.join(missing)}")
+    return template
+
+
+def format_passages(hits: Sequence[Hit]) -> str:
+    return "\n\n".join(f"[{i}] {hit.title}\n{hit.text}" if hit.title else f"[{i}] {hit.text}" for i, hit in enumerate(hits, 1))
+
+
+def find_citations(answer: str) -> list[int]:
+    """Passage numbers cited as [n] in an answer, first mention first."""
+    return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))
+
+
+class PromptBuilder:
+    """Builds prompts that fit `max_model_len` with `max_tokens` left for the answer, dropping the lowest-ranked passages first."""
+
+    def __init__(self, *, tokenizer, template: str, max_model_len: int, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.budget = max_model_len - max_tokens
+
+    def render(self, question: str, hits: Sequence[Hit]) -> str:
+        content = self.template.replace("{context}", format_passages(hits)).replace("{question}", question)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        return content
+
+    def count(self, text: str) -> int:
+        """Tokens as the engine will see them (the engine tokenizes the text the same way)."""
+        return len(self.tokenizer(text)["input_ids"])
+
+    def build(self, question: str, hits: Sequence[Hit]) -> Prompt:
+        kept = list(hits)
+        while True:
+            text = self.render(question, kept)
+            tokens = self.count(text)
+            if tokens <= self.budget:
+                return Prompt(text, tokens, kept, len(hits) - len(kept))
+            if not kept:
+                raise PromptTooLong(
+                    f"prompt needs {tokens} tokens without any passage; the model allows {self.budget} before the answer"
+                )
+            kept.pop()

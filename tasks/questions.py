@@ -1,0 +1,46 @@
+"""Question sets: JSONL/CSV/Parquet rows with an id, the question, optional references and a filter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.sources import SourceRow
+
+QUESTION_COLUMN = "question"
+REFERENCE_COLUMNS = ("reference_answers", "reference_answer", "answers", "answer")
+
+
+@dataclass(frozen=True)
+class Question:
+    """A validated question; `filter` restricts retrieval to points whose payload matches it."""
+
+    id: str
+    text: str
+    locator: str
+    reference_answers: list[str] = field(default_factory=list)
+    filter: dict[str, Any] | None = None
+
+
+def to_question(row: SourceRow) -> Question:
+    """Read references and the filter from a validated row's extra columns."""
+    assert row.doc_id is not None and row.text is not None
+    references: list[str] = []
+    for name in REFERENCE_COLUMNS:
+        value = _maybe_json(row.metadata.get(name))
+        if value is not None:
+            references = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            break
+    query_filter = _maybe_json(row.metadata.get("filter"))
+    return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None) else None)
+
+
+def _maybe_json(value: Any) -> Any:
+    """CSV cells hold lists and objects as JSON text; decode those, keep everything else."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value

@@ -1,0 +1,53 @@
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+
+from tasks.outputs import ANSWER_SCHEMA, AnswerCheckpoint, artifact_key, sample_markdown
+
+
+def row(question_id: str, answer: str | None = "an answer", error: str | None = None) -> dict:
+    return {
+        "question_id": question_id, "question": f"question {question_id}?", "answer": answer, "error": error,
+        "contexts": [{"rank": 1, "score": 0.5, "point_id": "p", "doc_id": "d", "chunk_index": 0, "text": "t", "source": "s.md"}],
+        "citations": [1], "reference_answers": [], "model": "m",
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "seed": 0, "stop": []},
+        "prompt_tokens": 10, "completion_tokens": 3, "finish_reason": "stop", "dropped_passages": 0,
+        "timings": {"batch_questions": 1, "retrieve_s": 0.1, "generate_s": 0.2},
+        "run_id": "r", "created_at": datetime.now(timezone.utc),
+    }
+
+
+def test_parts_are_resumable_and_final_output_has_each_question_once(tmp_path):
+    out = tmp_path / "answers.parquet"
+    first = AnswerCheckpoint(out)
+    first.write_part([row("q1"), row("q2")])
+    assert first.done_ids() == {"q1", "q2"}
+    assert not list(first.parts_dir.glob("*.tmp"))
+
+    again = AnswerCheckpoint(out)  # a re-run after a crash
+    again.write_part([row("q2", answer="duplicate from an overlapping re-run"), row("q3", answer=None, error="boom")])
+    table = again.finalize()
+    assert table.schema.equals(ANSWER_SCHEMA)
+    assert table.column("question_id").to_pylist() == ["q1", "q2", "q3"]
+    assert table.column("answer").to_pylist()[1] == "an answer"
+    assert not again.parts_dir.exists()
+    assert pq.read_table(out).num_rows == 3
+    assert AnswerCheckpoint(out).done_ids() == {"q1", "q2", "q3"}
+
+
+def test_reset_discards_earlier_results(tmp_path):
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    checkpoint.write_part([row("q1")])
+    checkpoint.finalize()
+    checkpoint.write_part([row("q2")])
+    checkpoint.reset()
+    assert checkpoint.done_ids() == set() and not checkpoint.output.exists()
+
+
+def test_sample_markdown_and_artifact_keys():
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([row("q1"), row("q2", answer=None, error="prompt too long")], schema=ANSWER_SCHEMA)
+    text = sample_markdown(table, limit=5)
+    assert "**q1**" in text and "> an answer" in text and "> error: prompt too long" in text and "[1] s.md" in text
+    assert artifact_key("answer", "My_Docs.v2") == "answer-my-docs-v2"
