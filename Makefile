@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-## The main job: ingest the bundled sample corpus into the embedded Qdrant store.
+## The main job: index the sample corpus, then answer the sample question set into Parquet.
 demo: $(STAMP)
 	$(BIN)/ragbatch ingest data/corpus --collection sample
+	$(BIN)/ragbatch answer data/questions.jsonl --collection sample --out .ragbatch/answers/sample.parquet
 
 ## The test suite (real Qdrant local mode, real embedding model, real Prefect).
 test: $(STAMP)
@@ -31,6 +32,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_generate.py
 
 ## Re-pin after changing dependencies: resolves into a scratch venv and writes constraints.txt.
 constraints:

@@ -47,3 +47,13 @@ def test_alias_moves_atomically_between_physical_collections():
     store.create_collection("plain", dimension=4, metadata={})
     with pytest.raises(StoreError, match="is a collection, not an alias"):
         store.move_alias("plain", "docs--1")
+
+
+def test_readable_collection_names_missing_and_empty_collections():
+    store = QdrantStore.connect(":memory:")
+    with pytest.raises(StoreError, match="collection 'docs' does not exist in :memory:; run `ragbatch ingest` first"):
+        store.readable_collection("docs")
+    store.create_collection("docs--1", dimension=4, metadata={"embedding_model": "m"})
+    store.move_alias("docs", "docs--1")
+    with pytest.raises(StoreError, match="collection 'docs' in :memory: is empty"):
+        store.readable_collection("docs")

@@ -1,0 +1,129 @@
+"""Generation benchmark: the answer flow's vLLM step vs Hugging Face transformers `generate`.
+
+Run: .venv/bin/python bench/bench_generate.py [--prompts 72] [--max-tokens 64]
+
+Same model (the bundled SmolLM2-135M-Instruct, bf16), same RAG prompts (the sample question set
+retrieved against the sample corpus, chat template applied), same max_tokens, greedy decoding, one
+process, one run. Baselines: `model.generate` one prompt at a time, and in left-padded batches of
+16. Prints a Markdown table and writes bench/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import flows  # noqa: E402,F401  (offline defaults)
+
+
+def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str]]:
+    """Distinct chat-templated RAG prompts: every sample question with 4, 3, 2 and 1 passages."""
+    from flows.ingest import ingest
+    from tasks.answering import Pending, build_prompts, retrieve_part
+    from tasks.embedding import SentenceTransformerEmbedder
+    from tasks.llm import load_chat_tokenizer
+    from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
+    from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder
+    from tasks.questions import QUESTION_COLUMN, to_question
+    from tasks.settings import IngestParams
+    from tasks.sources import read_rows
+    from tasks.store import QdrantStore
+
+    params = IngestParams(source=ROOT / "data" / "corpus", collection="bench", data_dir=work)
+    ingest(params)
+    model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
+    builder = PromptBuilder(tokenizer=load_chat_tokenizer(model_dir), template=DEFAULT_TEMPLATE, max_model_len=2048, max_tokens=128)
+    questions = [to_question(r) for r in read_rows(ROOT / "data" / "questions.jsonl", text_column=QUESTION_COLUMN)]
+    store = QdrantStore.connect(params.store)
+    prompts: list[str] = []
+    for top_k in (4, 3, 2, 1):
+        part = [Pending(q) for q in questions]
+        retrieve_part(part, store, "bench", SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2"), top_k=top_k, score_threshold=None)
+        build_prompts(part, builder)
+        prompts += [item.prompt.text for item in part]
+    store.close()
+    return model_dir, prompts[:count]
+
+
+def transformers_baseline(model_dir: str, prompts: list[str], max_tokens: int, batch_size: int) -> tuple[float, int]:
+    """Seconds and generated tokens for greedy `generate` over all prompts in batches of `batch_size`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    generated = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            new = output[:, batch["input_ids"].shape[1] :]
+            for row in new:
+                tokens = row.tolist()
+                generated += next((i + 1 for i, t in enumerate(tokens) if t == tokenizer.eos_token_id), len(tokens))
+    return time.perf_counter() - started, generated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=72)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="Let vLLM use torch.compile (slower start, faster decode).")
+    args = parser.parse_args()
+
+    from tasks.llm import SamplingConfig, VLLMGenerator
+
+    work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-gen-"))
+    models_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ROOT / ".ragbatch")) / "models"
+    model_dir, prompts = rag_prompts(work, models_dir, args.prompts)
+
+    generator = VLLMGenerator(model=model_dir, max_model_len=2048, dtype="bfloat16", kv_cache_gib=2.0,
+                              enforce_eager=not args.compile, cache_dir=work / "cache")
+    generator.generate(prompts[:2], SamplingConfig(max_tokens=4))  # engine start-up is not generation time
+    started = time.perf_counter()
+    completions = generator.generate(prompts, SamplingConfig(max_tokens=args.max_tokens, temperature=0.0))
+    vllm_s = time.perf_counter() - started
+    vllm_tokens = sum(c.completion_tokens for c in completions)
+
+    single_s, single_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, batch_size=1)
+    batched_s, batched_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, batch_size=16)
+
+    rates = {
+        "vllm": vllm_tokens / vllm_s,
+        "transformers_single": single_tokens / single_s,
+        "transformers_batch16": batched_tokens / batched_s,
+    }
+    results = {
+        "prompts": len(prompts),
+        "mean_prompt_tokens": round(sum(c.prompt_tokens for c in completions) / len(completions), 1),
+        "max_tokens": args.max_tokens,
+        "vllm_mode": "compiled" if args.compile else "eager",
+        "vllm_s": round(vllm_s, 2), "vllm_output_tokens": vllm_tokens,
+        "transformers_single_s": round(single_s, 2), "transformers_single_output_tokens": single_tokens,
+        "transformers_batch16_s": round(batched_s, 2), "transformers_batch16_output_tokens": batched_tokens,
+        **{f"{name}_tok_per_s": round(rate, 1) for name, rate in rates.items()},
+        "ratio_vllm_over_single": round(rates["vllm"] / rates["transformers_single"], 2),
+        "ratio_vllm_over_batch16": round(rates["vllm"] / rates["transformers_batch16"], 2),
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print("\n| measure | value |\n| --- | ---: |")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

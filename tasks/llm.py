@@ -1,0 +1,290 @@
+"""Text generation behind one small protocol: vLLM in-process, or an OpenAI-compatible server.
+
+Both backends take final prompt text (chat template already applied) and return one `Completion`
+per prompt, in order. With greedy sampling they give the same text for the same model, because the
+server is sent the same templated text through `/v1/completions` that the engine gets in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from tasks.errors import RagbatchError
+
+GiB = 1 << 30
+
+
+class ModelError(RagbatchError):
+    """The model (or its tokenizer) cannot be found or loaded."""
+
+
+class LLMServerError(RagbatchError):
+    """The LLM server refused a request."""
+
+
+class LLMUnavailable(LLMServerError):
+    """The LLM server could not be reached or timed out; worth retrying."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample; the defaults are greedy (deterministic)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer; `finish_reason` is "stop" (end of text or a stop string) or "length"."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Generator(Protocol):
+    """Turns final prompt texts into completions, one per prompt, in the same order."""
+
+    model_name: str
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]: ...
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
+    """Environment for vLLM on CPU: one process bound to all our cores, caches in `cache_dir`, offline.
+
+    vLLM reads `VLLM_CPU_KVCACHE_SPACE` as whole GiB, so `kv_cache_gib` is rounded up. Hub access
+    stays as the caller's `HF_HUB_OFFLINE` says, and is off when it is unset.
+    """
+    cache_dir = Path(cache_dir).absolute()
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_cache_gib))),
+        "VLLM_CPU_OMP_THREADS_BIND": cores,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+        "VLLM_CONFIG_ROOT": str(cache_dir / "vllm-config"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+        "VLLM_RPC_BASE_PATH": str(cache_dir / "rpc"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a GPU (vLLM then runs on it)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_dtype(dtype: str) -> str:
+    """The dtype to run in: "auto" means bfloat16 on CPU (fastest there) and the model's own on GPU."""
+    return "bfloat16" if dtype == "auto" and not has_cuda() else dtype
+
+
+def load_chat_tokenizer(model: str):
+    """The transformers tokenizer of an LLM directory: its chat template and token counts."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of model {model}: {_one_line(exc)}") from None
+
+
+def _looks_like_path(model: str) -> bool:
+    """A local path rather than a hub id ("name" or "org/name")."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
+class VLLMGenerator:
+    """vLLM's offline engine in this process; one `vllm.LLM`, created on first use and then kept.
+
+    On CPU it sets the environment of `cpu_environment` (process-wide, before vLLM is imported),
+    runs in bfloat16 when `dtype` is "auto", and uses the single-process executor, which also works
+    from a worker thread (a Prefect task). On GPU, `dtype` and `tensor_parallel_size` go to vLLM as
+    given. `kv_cache_gib` is the KV-cache reservation on either (whole GiB on CPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        model_name: str | None = None,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        kv_cache_gib: float = 2.0,
+        enforce_eager: bool = True,
+        cache_dir: Path,
+        seed: int = 0,
+        use_tqdm: bool = False,
+    ) -> None:
+        self.model = model
+        self.model_name = model_name or model
+        self.requested_max_model_len = max_model_len
+        self.dtype = dtype
+        self.tensor_parallel_size = tensor_parallel_size
+        self.kv_cache_gib = kv_cache_gib
+        self.enforce_eager = enforce_eager
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+        self.use_tqdm = use_tqdm
+        self._llm = None
+        self._lock = threading.Lock()
+
+    @property
+    def llm(self):
+        """The engine, created on first access (about 5 s eager on CPU, plus 9 s for the first import)."""
+        with self._lock:
+            if self._llm is None:
+                self._llm = self._create()
+            return self._llm
+
+    def _create(self):
+        if _looks_like_path(self.model) and not Path(self.model).expanduser().exists():
+            raise ModelError(f"model {self.model} not found")
+        kwargs = dict(
+            model=self.model,
+            max_model_len=self.requested_max_model_len,
+            enforce_eager=self.enforce_eager,
+            seed=self.seed,
+            kv_cache_memory_bytes=int(self.kv_cache_gib * GiB),
+        )
+        if has_cuda():
+            kwargs.update(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size)
+        else:
+            os.environ.update(cpu_environment(self.cache_dir, self.kv_cache_gib))
+            kwargs.update(dtype=engine_dtype(self.dtype), distributed_executor_backend="uni")
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ModelError(f"vLLM is not installed ({_one_line(exc)}): pip install 'ragbatch[llm]'") from None
+        try:
+            return LLM(**kwargs)
+        except Exception as exc:
+            raise ModelError(f"cannot load model {self.model}: {_one_line(exc)}") from None
+
+    @property
+    def max_model_len(self) -> int:
+        """The context length the engine runs with (prompt plus completion tokens)."""
+        return int(self.llm.model_config.max_model_len)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
+        """All prompts in one engine call, so vLLM batches them continuously."""
+        if not prompts:
+            return []
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+        )
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=self.use_tqdm)
+        return [
+            Completion(
+                text=output.outputs[0].text,
+                prompt_tokens=len(output.prompt_token_ids or ()),
+                completion_tokens=len(output.outputs[0].token_ids),
+                finish_reason=str(output.outputs[0].finish_reason),
+            )
+            for output in outputs
+        ]
+
+
+class OpenAIGenerator:
+    """An OpenAI-compatible server's `/v1/completions` (for example `vllm serve`), one request per prompt.
+
+    Requests run `concurrency` at a time so the server can batch them; results keep the prompts'
+    order. The API key is only sent, never logged or put into an error.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        max_model_len: int,
+        api_key: str | None = None,
+        timeout: float = 600,
+        concurrency: int = 8,
+    ) -> None:
+        from openai import OpenAI
+
+        self.base_url = base_url
+        self.model_name = model
+        self._max_model_len = max_model_len
+        self.concurrency = concurrency
+        # The client insists on a key; servers without authentication ignore this placeholder.
+        self._client = OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=2)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def _complete(self, prompt: str, sampling: SamplingConfig) -> Completion:
+        import openai
+
+        extra = {"stop": list(sampling.stop)} if sampling.stop else {}
+        try:
+            response = self._client.completions.create(
+                model=self.model_name,
+                prompt=prompt,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed,
+                **extra,
+            )
+        except openai.APIConnectionError as exc:
+            raise LLMUnavailable(f"cannot reach the LLM server at {self.base_url}: {_one_line(exc)}") from None
+        except openai.APIStatusError as exc:
+            message = f"the LLM server at {self.base_url} refused a request: HTTP {exc.status_code} {_one_line(exc)}"
+            if exc.status_code in (408, 429, 502, 503, 504):
+                raise LLMUnavailable(message) from None
+            raise LLMServerError(message) from None
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion(
+            text=choice.text,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=str(choice.finish_reason),
+        )
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]:
+        if not prompts:
+            return []
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            return list(pool.map(lambda prompt: self._complete(prompt, sampling), prompts))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure, do not send the rest

@@ -1,0 +1,145 @@
+"""The answer flow end to end on the sample index: real Prefect, real Qdrant, real vLLM (tiny random model)."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.answer import answer
+from flows.ingest import ingest
+from tasks.errors import RagbatchError, SourceError, StoreError
+from tasks.outputs import ANSWER_SCHEMA
+from tasks.settings import AnswerParams, IngestParams
+
+from .conftest import ROOT, SAMPLE_CORPUS
+
+MAX_MODEL_LEN = 512
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def sample_index(prefect_api_url, tmp_path_factory) -> Path:
+    """The sample corpus ingested once; tests answer against it (one process at a time)."""
+    data_dir = tmp_path_factory.mktemp("answer-state")
+    ingest(IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=data_dir))
+    return data_dir
+
+
+@pytest.fixture
+def params(sample_index, tiny_llm_dir, tmp_path):
+    def make(questions: Path, **overrides) -> AnswerParams:
+        values = dict(
+            questions=questions, out=tmp_path / "answers.parquet", collection="kb", data_dir=sample_index,
+            llm_model=str(tiny_llm_dir), max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS, kv_cache_gib=1.0,
+        )
+        return AnswerParams(**{**values, **overrides})
+
+    return make
+
+
+def question_file(tmp_path: Path, extra: list[dict]) -> Path:
+    path = tmp_path / "questions.jsonl"
+    lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
+    path.write_text("\n".join(lines + [json.dumps(q) for q in extra]) + "\n")
+    return path
+
+
+def test_every_question_gets_one_row_with_its_contexts(params, tmp_path):
+    questions = question_file(tmp_path, [
+        {"id": "long", "question": "Why " + "very " * 600 + "long?"},
+        {"id": "filtered", "question": "What does error code E-219 mean?", "filter": {"source": "troubleshooting-guide.txt"}},
+        {"id": "bad-filter", "question": "Anything?", "filter": {"source": {"nested": True}}},
+        {"id": "blank", "question": "   "},
+        {"id": "q01", "question": "A duplicate id"},
+    ])
+    report = answer(params(questions, top_k=4))
+    assert report.questions == 29 and report.quarantined == 2
+    assert report.answered + report.failed + report.quarantined == report.questions
+    table = pq.read_table(report.output)
+    assert table.schema.equals(ANSWER_SCHEMA)
+    rows = {r["question_id"]: r for r in table.to_pylist()}
+    assert len(rows) == table.num_rows == 27
+
+    failed = {qid: r["error"] for qid, r in rows.items() if r["error"]}
+    assert set(failed) == {"long", "bad-filter"}
+    assert "without any passage" in failed["long"] and failed["bad-filter"].startswith("invalid filter")
+    assert report.failed == 2 and report.answered == 25
+
+    for qid, r in rows.items():
+        if r["error"]:
+            continue
+        assert r["answer"] is not None and r["finish_reason"] in ("stop", "length")
+        assert 1 <= len(r["contexts"]) <= 4 and [c["rank"] for c in r["contexts"]] == list(range(1, len(r["contexts"]) + 1))
+        assert r["prompt_tokens"] + MAX_TOKENS <= MAX_MODEL_LEN
+        assert len(r["contexts"]) + r["dropped_passages"] == 4
+        assert r["model"] == params(questions).llm_model and r["sampling"]["max_tokens"] == MAX_TOKENS
+    assert sum(r["dropped_passages"] or 0 for r in rows.values()) > 0  # 512 tokens cannot hold 4 passages of ~200
+    assert {c["source"] for c in rows["filtered"]["contexts"]} == {"troubleshooting-guide.txt"}
+    assert rows["q02"]["reference_answers"] == ["tipping bucket assembly"]
+    assert report.prompts_per_s > 0 and report.output_tokens_per_s > 0
+
+
+def test_a_completed_output_is_not_generated_again(params, tmp_path):
+    questions = question_file(tmp_path, [])
+    first = answer(params(questions))
+    again = answer(params(questions))
+    assert (again.resumed, again.output_tokens, again.answered) == (24, 0, first.answered)
+    fresh = answer(params(questions, overwrite=True))
+    assert fresh.resumed == 0 and fresh.answered == 24
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda p, d: p(d / "none.jsonl"), SourceError, "none.jsonl: no such file or directory"),
+        (lambda p, d: p(write(d / "q.csv", "id,text\n1,hi\n")), SourceError, "missing required column 'question'"),
+        (lambda p, d: p(ROOT / "data" / "questions.jsonl", collection="nope"), StoreError, "collection 'nope' does not exist"),
+        (lambda p, d: p(ROOT / "data" / "questions.jsonl", llm_model=str(d / "no-model")), RagbatchError, "no-model"),
+        (lambda p, d: p(ROOT / "data" / "questions.jsonl", prompt_template=write(d / "t.txt", "{question}")), RagbatchError, "lacks {context}"),
+    ],
+)
+def test_unusable_inputs_fail_with_one_line(params, tmp_path, make, error, message):
+    with pytest.raises(error) as raised:
+        answer(make(params, tmp_path))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_generating_finished_questions(params, tmp_path, subprocess_env, sample_index):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = params(ROOT / "data" / "questions.jsonl")
+    command = [
+        sys.executable, "-m", "flows.cli", "answer", str(settings.questions), "--collection", "kb",
+        "--out", str(settings.out), "--llm-model", settings.llm_model, "--max-model-len", str(MAX_MODEL_LEN),
+        "--max-tokens", str(MAX_TOKENS), "--kv-cache-gib", "1", "--batch-questions", "4", "--json",
+    ]
+    env = {**subprocess_env, "RAGBATCH_DATA_DIR": str(sample_index)}
+    parts = settings.out.with_name(settings.out.name + ".parts")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(parts.glob("part-*.parquet")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = {qid for part in parts.glob("part-*.parquet") for qid in pq.read_table(part).column("question_id").to_pylist()}
+    assert 4 <= len(written) < 24
+    assert not settings.out.exists()
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert report["resumed"] == len(written)
+    ids = pq.read_table(settings.out).column("question_id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 24
