@@ -26,6 +26,25 @@ sys.path.insert(0, str(ROOT))
 import flows  # noqa: E402,F401  (offline defaults)
 
 
+def task_seconds(flow_run_id: str) -> dict[str, float]:
+    """Seconds spent per task name in one flow run, from Prefect's own records."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    totals: dict[str, float] = {}
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while runs := client.read_task_runs(flow_run_filter=this_run, limit=200, offset=offset):
+            offset += len(runs)
+            for run in runs:
+                name = run.name.rsplit("-", 1)[0]
+                totals[name] = round(totals.get(name, 0.0) + run.total_run_time.total_seconds(), 2)
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact")
@@ -73,6 +92,7 @@ def main() -> None:
     noop_wall = time.perf_counter() - started
     assert noop.embedded == 0
 
+    step_seconds = task_seconds(full.run_id)
     results = {
         "dataset": str(args.dataset.name),
         "documents": full.loaded,
@@ -87,6 +107,7 @@ def main() -> None:
         "noop_wall_s": round(noop_wall, 2),
         "ratio_noop_over_full": round(noop.seconds / full.seconds, 4),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        **{f"step_{name}_s": seconds for name, seconds in step_seconds.items()},
     }
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ _CITATION = re.compile(r"\[(\d+)\]")
 
 
 class PromptTooLong(ValueError):
-    """Even without any passage the prompt leaves no room for the answer."""
+    """Not even the best passage fits beside the question with room for the answer."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,16 @@ class PromptBuilder:
         return len(self.tokenizer(text)["input_ids"])
 
     def build(self, question: str, hits: Sequence[Hit]) -> Prompt:
+        """The prompt with as many top-ranked passages as fit; at least one when any was retrieved."""
         kept = list(hits)
         while True:
             text = self.render(question, kept)
             tokens = self.count(text)
             if tokens <= self.budget:
                 return Prompt(text, tokens, kept, len(hits) - len(kept))
-            if not kept:
+            if len(kept) <= 1:
+                what = "with one passage" if kept else "without passages"
                 raise PromptTooLong(
-                    f"prompt needs {tokens} tokens without any passage; the model allows {self.budget} before the answer"
+                    f"prompt does not fit {what}: {tokens} tokens, the model allows {self.budget} before the answer"
                 )
             kept.pop()

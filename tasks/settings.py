@@ -94,7 +94,7 @@ class EngineParams(RagbatchSettings):
 
     llm_model: str = Field("SmolLM2-135M-Instruct", description="Generation model: the bundled SmolLM2, a local directory or a hub id.")
     max_model_len: int | None = Field(None, ge=64, description="Context length for the engine; default: the model's.")
-    dtype: str = Field("auto", description="Weights dtype for vLLM; auto is bfloat16 on CPU.")
+    dtype: str = Field("auto", description="Weights dtype for vLLM; auto: bfloat16 on CPUs with native bf16, else float32; the model's own on GPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache space in GiB on CPU.")
     enforce_eager: bool = Field(True, description="Skip torch.compile: starts in seconds instead of about a minute.")

@@ -63,3 +63,24 @@ def subprocess_env(prefect_api_url: str, data_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PREFECT_API_URL=prefect_api_url, RAGBATCH_DATA_DIR=str(data_dir))
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A random two-layer Llama with a ChatML tokenizer, built locally (a second or two)."""
+    from tasks.llm_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llm_dir: Path, tmp_path_factory):
+    """One in-process vLLM engine on the tiny model for the whole session (about 15 s to start)."""
+    from tasks.llm import VLLMGenerator
+
+    generator = VLLMGenerator(
+        model=str(tiny_llm_dir), model_name="tiny-llama", max_model_len=512, enforce_eager=True, kv_cache_gib=1,
+        cache_dir=tmp_path_factory.mktemp("vllm-cache"),
+    )
+    _ = generator.llm
+    return generator

