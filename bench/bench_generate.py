@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python bench/bench_generate.py [--prompts 72] [--max-tokens 64]
 
-Same model (the bundled SmolLM2-135M-Instruct, bf16), same RAG prompts (the sample question set
+Same model (the bundled SmolLM2-135M-Instruct, in the dtype the answer flow picks: bfloat16 where
+the CPU has native bf16, else float32), same RAG prompts (the sample question set
 retrieved against the sample corpus, chat template applied), same max_tokens, greedy decoding, one
 process, one run. Baselines: `model.generate` one prompt at a time, and in left-padded batches of
 16. Prints a Markdown table and writes bench/results/generate.json.
@@ -53,7 +54,7 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
     return model_dir, prompts[:count]
 
 
-def transformers_baseline(model_dir: str, prompts: list[str], max_tokens: int, batch_size: int) -> tuple[float, int]:
+def transformers_baseline(model_dir: str, prompts: list[str], max_tokens: int, batch_size: int, dtype: str) -> tuple[float, int]:
     """Seconds and generated tokens for greedy `generate` over all prompts in batches of `batch_size`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,7 +62,7 @@ def transformers_baseline(model_dir: str, prompts: list[str], max_tokens: int, b
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     generated = 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -82,13 +83,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="Let vLLM use torch.compile (slower start, faster decode).")
     args = parser.parse_args()
 
-    from tasks.llm import SamplingConfig, VLLMGenerator
+    from tasks.llm import SamplingConfig, VLLMGenerator, engine_dtype
 
     work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-gen-"))
     models_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ROOT / ".ragbatch")) / "models"
     model_dir, prompts = rag_prompts(work, models_dir, args.prompts)
 
-    generator = VLLMGenerator(model=model_dir, max_model_len=2048, dtype="bfloat16", kv_cache_gib=2.0,
+    dtype = engine_dtype("auto")
+    generator = VLLMGenerator(model=model_dir, max_model_len=2048, dtype=dtype, kv_cache_gib=2.0,
                               enforce_eager=not args.compile, cache_dir=work / "cache")
     generator.generate(prompts[:2], SamplingConfig(max_tokens=4))  # engine start-up is not generation time
     started = time.perf_counter()
@@ -96,8 +98,8 @@ def main() -> None:
     vllm_s = time.perf_counter() - started
     vllm_tokens = sum(c.completion_tokens for c in completions)
 
-    single_s, single_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, batch_size=1)
-    batched_s, batched_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, batch_size=16)
+    single_s, single_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, 1, dtype)
+    batched_s, batched_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, 16, dtype)
 
     rates = {
         "vllm": vllm_tokens / vllm_s,
@@ -108,6 +110,7 @@ def main() -> None:
         "prompts": len(prompts),
         "mean_prompt_tokens": round(sum(c.prompt_tokens for c in completions) / len(completions), 1),
         "max_tokens": args.max_tokens,
+        "dtype": dtype,
         "vllm_mode": "compiled" if args.compile else "eager",
         "vllm_s": round(vllm_s, 2), "vllm_output_tokens": vllm_tokens,
         "transformers_single_s": round(single_s, 2), "transformers_single_output_tokens": single_tokens,

@@ -199,13 +199,13 @@ class VLLMGenerator:
             max_model_len=self.requested_max_model_len,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
-            kv_cache_memory_bytes=int(self.kv_cache_gib * GiB),
         )
-        if has_cuda():
+        if has_cuda():  # KV cache sized by vLLM's gpu_memory_utilization
             kwargs.update(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size)
         else:
             os.environ.update(cpu_environment(self.cache_dir, self.kv_cache_gib))
-            kwargs.update(dtype=engine_dtype(self.dtype), distributed_executor_backend="uni")
+            kwargs.update(dtype=engine_dtype(self.dtype), distributed_executor_backend="uni",
+                          kv_cache_memory_bytes=int(self.kv_cache_gib * GiB))
         try:
             from vllm import LLM
         except ImportError as exc:

