@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -73,24 +74,18 @@ def _configure_console(verbose: bool) -> None:
                     handler.setLevel(logging.WARNING)
 
 
-def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    params = params_from_args(IngestParams, args)
-    if args.show_progress is None:
-        params.show_progress = sys.stderr.isatty()
-    from flows.ingest import ingest
+def _flow_command(model: type[RagbatchSettings], flow_name: str):
+    """A subcommand that builds the flow's parameters from the flags and runs the flow in-process."""
 
-    _configure_console(args.verbose)
-    return ingest(params).model_dump()
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        params = params_from_args(model, args)
+        if args.show_progress is None:
+            params.show_progress = sys.stderr.isatty()
+        flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
+        _configure_console(args.verbose)
+        return flow(params).model_dump()
 
-
-def _run_answer(args: argparse.Namespace) -> dict[str, Any]:
-    params = params_from_args(AnswerParams, args)
-    if args.show_progress is None:
-        params.show_progress = sys.stderr.isatty()
-    from flows.answer import answer
-
-    _configure_console(args.verbose)
-    return answer(params).model_dump()
+    return run
 
 
 def _print_answer(result: dict[str, Any]) -> None:
@@ -148,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
     add_model_options(ingest, IngestParams, positional=("source",))
     ingest.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
-    ingest.set_defaults(run=_run_ingest, show=_print_ingest)
+    ingest.set_defaults(run=_flow_command(IngestParams, "ingest"), show=_print_ingest)
 
     answer = commands.add_parser("answer", help="Answer a question set with retrieval and a local LLM, into Parquet.")
     add_model_options(answer, AnswerParams, positional=("questions",))
     answer.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
-    answer.set_defaults(run=_run_answer, show=_print_answer)
+    answer.set_defaults(run=_flow_command(AnswerParams, "answer"), show=_print_answer)
 
     serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
     add_model_options(serve, ServeParams)
