@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from tasks import steps
 from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.embedding import SentenceTransformerEmbedder
-from tasks.indexing import build_points, index_fingerprint
+from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, progress, run_file
@@ -60,15 +60,15 @@ def ingest(params: IngestParams) -> IngestReport:
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
                 chunks = steps.chunk(chunker(), plan) if plan.changed else []
                 vectors = steps.embed(embedder, chunks) if chunks else None
-                points = build_points(chunks, vectors, embedding_model=params.embedding_model) if chunks else []
-                deleted = steps.upsert(store, target.collection, points, plan.previous_chunks) if points else 0
+                deleted = steps.upsert(store, target.collection, chunks, vectors, plan.previous_chunks,
+                                       embedding_model=params.embedding_model) if chunks else 0
                 report.loaded += len(batch)
                 report.valid += len(valid)
                 report.quarantined += len(rejected)
                 report.unchanged += plan.unchanged
                 report.chunks += len(chunks)
                 report.embedded += len(chunks)
-                report.upserted += len(points)
+                report.upserted += len(chunks)
                 report.deleted += deleted
         report.quarantine_path = str(quarantine_path)
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),

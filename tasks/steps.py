@@ -60,7 +60,11 @@ def embed(embedder: Embedder, chunks: Sequence[Chunk]) -> np.ndarray:
 
 
 @task(name="upsert", **STEP, **STORE_RETRIES)
-def upsert(store: QdrantStore, collection: str, points: list, previous_chunks: dict[str, int]) -> int:
+def upsert(store: QdrantStore, collection: str, chunks: list[Chunk], vectors: np.ndarray, previous_chunks: dict[str, int],
+           *, embedding_model: str) -> int:
+    """Points are built here, not passed in: Prefect inspects task inputs, and walking thousands of
+    384-float vectors in PointStructs cost about a second per batch."""
+    points = indexing.build_points(chunks, vectors, embedding_model=embedding_model)
     return indexing.write_documents(store, collection, points, previous_chunks)
 
 
