@@ -4,8 +4,11 @@ import os
 from pathlib import Path
 
 # Offline, no telemetry, state under the data directory: set before Prefect or Hugging Face load.
+if "PREFECT_HOME" not in os.environ:
+    _prefect_home = Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute() / "prefect"
+    _prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+    os.environ["PREFECT_HOME"] = str(_prefect_home)
 for _name, _value in {
-    "PREFECT_HOME": str(Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute() / "prefect"),
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",

@@ -87,6 +87,21 @@ def test_a_completed_output_is_not_generated_again(params, tmp_path):
     assert (again.resumed, again.output_tokens, again.answered) == (24, 0, first.answered)
     fresh = answer(params(questions, overwrite=True))
     assert fresh.resumed == 0 and fresh.answered == 24
+    assert_artifacts(fresh)
+
+
+def assert_artifacts(report):
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.run_id)]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=this_run)}
+    assert {"answer-kb", "answer-sample-kb"} <= set(artifacts)
+    assert f'"answered": {report.answered}' in str(artifacts["answer-kb"].data)
+    assert "**q01**" in artifacts["answer-sample-kb"].data and "Sources: [1]" in artifacts["answer-sample-kb"].data
 
 
 @pytest.mark.parametrize(
@@ -140,6 +155,7 @@ def test_a_killed_run_resumes_without_generating_finished_questions(params, tmp_
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     report = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert {"questions", "answered", "failed", "quarantined", "output", "seconds", "prompts_per_s", "output_tokens_per_s"} <= report.keys()
     assert report["resumed"] == len(written)
     ids = pq.read_table(settings.out).column("question_id").to_pylist()
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 24
@@ -162,3 +178,28 @@ def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, s
         assert row["contexts"] and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
     first = table.to_pylist()[0]  # q01 asks about error code E-219; its passage must be among the contexts
     assert any("E-219" in c["text"] for c in first["contexts"])
+
+
+@pytest.mark.slow
+def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, tiny_llm_dir, sample_index, prefect_api_url):
+    import os
+    import sys
+
+    from tasks.serving import free_port, running_server
+
+    lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
+    questions = write(tmp_path / "six.jsonl", "\n".join(lines[:6]) + "\n")
+    local = answer(params(questions, out=tmp_path / "local.parquet"))
+
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),
+               "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "1"]
+    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path / "serve-state")}
+    with running_server(command, env, host="127.0.0.1", port=port) as base_url:
+        remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=base_url))
+    assert remote.answered == local.answered == 6
+
+    def answers(path):
+        return [(r["question_id"], r["answer"], r["completion_tokens"]) for r in pq.read_table(path).to_pylist()]
+
+    assert answers(remote.output) == answers(local.output)
