@@ -104,3 +104,13 @@ def test_unusable_sources_raise_one_line_errors(tmp_path, make, message):
 
 def test_batched_bounds_batch_size():
     assert [len(b) for b in batched(range(7), 3)] == [3, 3, 1]
+
+
+def test_unreadable_files_are_rows_with_a_reason_and_a_directory_is_not_a_table(tmp_path):
+    (tmp_path / "ok.md").write_text("# Fine\n\ntext")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    rows = {r.doc_id: r for r in read_rows(tmp_path)}
+    assert rows["ok.md"].error is None
+    assert rows["dangling.txt"].error == "unreadable: No such file or directory"
+    with pytest.raises(SourceError, match="is a directory, expected a jsonl file"):
+        read_rows(tmp_path, SourceFormat.jsonl)
