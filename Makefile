@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test install constraints clean bench
+.PHONY: demo test install constraints clean bench ui browser
 
 install: $(STAMP)
 
@@ -24,11 +24,21 @@ $(STAMP): pyproject.toml constraints.txt
 ## The main job: index the sample corpus, then answer the sample question set into Parquet.
 demo: $(STAMP)
 	$(BIN)/ragbatch ingest data/corpus --collection sample
-	$(BIN)/ragbatch answer data/questions.jsonl --collection sample --out .ragbatch/answers/sample.parquet
+	$(BIN)/ragbatch answer data/questions.jsonl --collection sample
+
+## The Prefect UI on http://127.0.0.1:4200 with every deployment of prefect.yaml and a worker; Ctrl-C stops it.
+ui: $(STAMP)
+	$(BIN)/ragbatch server
 
 ## The test suite (real Qdrant local mode, real embedding model, real Prefect).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+## Debian's Chromium for the UI test (tests/test_operations.py), installed when missing.
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py

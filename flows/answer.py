@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import cache
 
 from prefect import flow, get_run_logger
@@ -11,13 +12,15 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.answering import AnswerReport, Pending, answer_rows
+from tasks.concurrency import exclusive
 from tasks.embedding import SentenceTransformerEmbedder
 from tasks.generation import open_generator, sampling_config
-from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, progress, run_file, sample_markdown
+from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
+from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
 from tasks.questions import QUESTION_COLUMN, to_question
 from tasks.settings import AnswerParams
-from tasks.sources import batched, read_rows
+from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator
 
@@ -25,10 +28,21 @@ from tasks.validation import DocumentValidator
 @flow(name="answer", description="Answer a question set with retrieval from Qdrant and a local LLM, into Parquet.")
 def answer(params: AnswerParams) -> AnswerReport:
     started = time.perf_counter()
-    logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN)
     template = load_template(params.prompt_template)
+    with exclusive(params.store, params.collection, writes=False):
+        report, table = _answer(params, rows, template, run_id)
+    report.seconds = round(time.perf_counter() - started, 3)
+    create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")
+    create_markdown_artifact(sample_markdown(table, limit=5), key=artifact_key("answer-sample", params.collection),
+                             description="First answers with their sources")
+    get_run_logger().info("answer finished: %s", report.model_dump_json())
+    return report
+
+
+def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_id: str):
+    logger = get_run_logger()
     store = QdrantStore.connect(params.store)
     try:
         embedding_model = store.readable_collection(params.collection)["embedding_model"]
@@ -48,30 +62,34 @@ def answer(params: AnswerParams) -> AnswerReport:
 
         report = AnswerReport(collection=params.collection, model=params.llm_model, output=str(params.out), run_id=run_id)
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "questions-quarantine.parquet")
+        progress = RunProgress(key=artifact_key("answer-progress", params.collection), label=f"answer {params.collection}",
+                               total=count_rows(params.questions, params.format), terminal=params.show_progress)
+        batches = batched(rows, params.batch_questions)
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
-            for batch in batched(progress(rows, params.show_progress, "answer"), params.batch_questions):
+            while (batch := steps.load(batches)) is not None:
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
                 part = [Pending(to_question(row)) for row in valid if row.doc_id not in done]
                 report.questions += len(batch)
                 report.quarantined += len(rejected)
                 report.resumed += len(valid) - len(part)
-                if not part:
-                    continue
-                clock = time.perf_counter()
-                steps.retrieve(part, store, params.collection, embedder, top_k=params.top_k,
-                               score_threshold=params.score_threshold)
-                retrieve_s = time.perf_counter() - clock
-                steps.prompts(part, prompt_builder())
-                clock = time.perf_counter()
-                steps.generate(part, generator, sampling)
-                generate_s = time.perf_counter() - clock
-                checkpoint.write_part(answer_rows(part, model=params.llm_model, sampling=sampling, run_id=run_id,
-                                                  timings={"retrieve_s": retrieve_s, "generate_s": generate_s}))
-                report.generate_seconds += generate_s
-                report.prompt_tokens += sum(i.completion.prompt_tokens for i in part if i.completion)
-                report.output_tokens += sum(i.completion.completion_tokens for i in part if i.completion)
-                logger.info("answered %d questions (%d so far)", len(part), report.questions - report.quarantined)
+                if part:
+                    clock = time.perf_counter()
+                    steps.retrieve(part, store, params.collection, embedder, top_k=params.top_k,
+                                   score_threshold=params.score_threshold)
+                    retrieve_s = time.perf_counter() - clock
+                    steps.prompts(part, prompt_builder())
+                    clock = time.perf_counter()
+                    steps.generate(part, generator, sampling)
+                    generate_s = time.perf_counter() - clock
+                    steps.write(checkpoint, answer_rows(part, model=params.llm_model, sampling=sampling, run_id=run_id,
+                                                        timings={"retrieve_s": retrieve_s, "generate_s": generate_s}))
+                    report.generate_seconds += generate_s
+                    report.prompt_tokens += sum(i.completion.prompt_tokens for i in part if i.completion)
+                    report.output_tokens += sum(i.completion.completion_tokens for i in part if i.completion)
+                    logger.info("answered %d questions (%d so far)", len(part), report.questions - report.quarantined)
+                progress.advance(len(batch))
+        progress.close()
         report.quarantine_path = str(quarantine_path)
         table = checkpoint.finalize()
     finally:
@@ -83,10 +101,4 @@ def answer(params: AnswerParams) -> AnswerReport:
     if report.generate_seconds:
         report.prompts_per_s = round(generated / report.generate_seconds, 2)
         report.output_tokens_per_s = round(report.output_tokens / report.generate_seconds, 1)
-    report.seconds = round(time.perf_counter() - started, 3)
-    create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")
-    create_markdown_artifact(sample_markdown(table, limit=5), key=artifact_key("answer-sample", params.collection),
-                             description="First answers with their sources")
-    logger.info("answer finished: %s", report.model_dump_json())
-    return report
-
+    return report, table

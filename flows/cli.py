@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
 from tasks.errors import RagbatchError
-from tasks.settings import AnswerParams, IngestParams, RagbatchSettings, ServeParams
+from tasks.settings import AnswerParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
@@ -118,6 +118,32 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     return {"exit_code": code, "model": params.llm_model, "url": f"http://{params.host}:{params.port}/v1"}
 
 
+def _run_server(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the local Prefect stack, print the UI address, and stop it all on Ctrl-C or SIGTERM."""
+    import signal
+
+    from tasks.prefect_server import PrefectServerError, PrefectStack
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    params = params_from_args(PrefectServerParams, args)
+    stack = PrefectStack(params)
+    print(f"starting Prefect on {stack.ui_url} (state and logs in {stack.home})", file=sys.stderr)
+    stack.start()
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)  # also when started in the background, where SIGINT is ignored
+    print(f"Prefect UI: {stack.ui_url}  (work pool {params.work_pool}; Ctrl-C stops server and worker)", flush=True)
+    try:
+        exited = stack.wait()
+    except KeyboardInterrupt:
+        print("stopping worker and server", file=sys.stderr)
+        stack.stop()
+        return {"exit_code": 0, "ui": stack.ui_url}
+    stack.stop()
+    raise PrefectServerError(f"the Prefect {exited.name} exited (code {exited.process.returncode}); see {stack.log_dir / (exited.name + '.log')}")
+
+
 def _run_models_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.llm_models import DEFAULT_LLM, prepare_smollm2
 
@@ -153,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
     add_model_options(serve, ServeParams)
     serve.set_defaults(run=_run_serve, show=lambda result: None, json=False)
+
+    server = commands.add_parser("server", help="Start a local Prefect server and UI with the deployments and a worker.")
+    add_model_options(server, PrefectServerParams)
+    server.set_defaults(run=_run_server, show=lambda result: None, json=False)
 
     models = commands.add_parser("models", help="Manage local model files.")
     models_commands = models.add_subparsers(dest="models_command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from functools import cache
 
 from prefect import flow, get_run_logger
@@ -11,13 +12,15 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.chunking import TokenChunker, load_tokenizer
+from tasks.concurrency import exclusive
 from tasks.embedding import SentenceTransformerEmbedder
 from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.models import resolve_embedding_model
-from tasks.outputs import QuarantineWriter, artifact_key, progress, run_file
+from tasks.outputs import QuarantineWriter, artifact_key, run_file
+from tasks.progress import RunProgress
 from tasks.settings import IngestParams
-from tasks.sources import batched, read_rows
+from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator
 
@@ -25,9 +28,17 @@ from tasks.validation import DocumentValidator
 @flow(name="ingest", description="Index a document collection into Qdrant, incrementally or as a full rebuild.")
 def ingest(params: IngestParams) -> IngestReport:
     started = time.perf_counter()
-    logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.source, params.format)  # fails here, before any store work, if the source is unusable
+    with exclusive(params.store, params.collection, writes=True):
+        report = _index(params, rows, run_id)
+    report.seconds = round(time.perf_counter() - started, 3)
+    create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
+    get_run_logger().info("ingest finished: %s", report.model_dump_json())
+    return report
+
+
+def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> IngestReport:
     store = QdrantStore.connect(params.store)
     try:
         embedder = SentenceTransformerEmbedder(
@@ -52,8 +63,11 @@ def ingest(params: IngestParams) -> IngestReport:
                               rebuild=target.is_rebuild, run_id=run_id)
         present_doc_ids: set[str] = set()
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "quarantine.parquet")
+        progress = RunProgress(key=artifact_key("ingest-progress", params.collection), label=f"ingest {params.collection}",
+                               total=count_rows(params.source, params.format), terminal=params.show_progress)
+        batches = batched(rows, params.batch_docs)
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
-            for batch in batched(progress(rows, params.show_progress, "ingest"), params.batch_docs):
+            while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
@@ -70,6 +84,8 @@ def ingest(params: IngestParams) -> IngestReport:
                 report.embedded += len(chunks)
                 report.upserted += len(chunks)
                 report.deleted += deleted
+                progress.advance(len(batch))
+        progress.close()
         report.quarantine_path = str(quarantine_path)
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
                                  description="Document validation")
@@ -77,12 +93,8 @@ def ingest(params: IngestParams) -> IngestReport:
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids)
         if target.is_rebuild:
             dropped = finish_rebuild(store, target)
-            logger.info("alias %s now points at %s; dropped %s", target.alias, target.collection, ", ".join(dropped))
+            get_run_logger().info("alias %s now points at %s; dropped %s", target.alias, target.collection, ", ".join(dropped))
         report.points = store.count(target.collection)
     finally:
         store.close()
-    report.seconds = round(time.perf_counter() - started, 3)
-    create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
-    logger.info("ingest finished: %s", report.model_dump_json())
     return report
-

@@ -191,16 +191,8 @@ def sample_markdown(table: pa.Table, *, limit: int) -> str:
     for row in table.slice(0, limit).to_pylist():
         lines.append(f"**{row['question_id']}**: {row['question']}")
         lines.append("")
-        lines.append(f"> {row['answer']}" if row["error"] is None else f"> error: {row['error']}")
+        reply = row["answer"] if row["error"] is None else f"error: {row['error']}"
+        lines += [f"> {line}" for line in reply.splitlines() or [""]]  # every line, or the quote ends early
         sources = ", ".join(f"[{c['rank']}] {c['source']}" for c in row["contexts"])
         lines += ["", f"Sources: {sources or 'none'}", ""]
     return "\n".join(lines)
-
-
-def progress(rows, enabled: bool, label: str):
-    """Wrap an iterator in a terminal progress bar when asked to."""
-    if not enabled:
-        return rows
-    from tqdm import tqdm
-
-    return tqdm(rows, desc=label, unit="row", dynamic_ncols=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -28,10 +29,25 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
 
 
+def _form_order(schema: dict, model: type[BaseModel]) -> None:
+    """Order the JSON schema (and so the Prefect UI form): the model's `form_first` fields, then the
+    fields of the most derived class first.
+
+    Pydantic lists inherited fields first, which would open every form with the data directory.
+    """
+    declared = [*getattr(model, "form_first", ())]
+    declared += [name for klass in model.__mro__ for name in vars(klass).get("__annotations__", {})]
+    rank = {name: i for i, name in reversed(list(enumerate(declared)))}
+    properties = schema.get("properties", {})
+    schema["properties"] = dict(sorted(properties.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 class RagbatchSettings(BaseSettings):
     """Base of every parameter model: RAGBATCH_* environment variables, and the data directory."""
 
-    model_config = SettingsConfigDict(env_prefix="RAGBATCH_", extra="forbid", use_enum_values=False)
+    model_config = SettingsConfigDict(
+        env_prefix="RAGBATCH_", extra="forbid", use_enum_values=False, json_schema_extra=_form_order
+    )
 
     data_dir: Path = Field(
         default_factory=default_data_dir,
@@ -61,6 +77,8 @@ class StoreParams(RagbatchSettings):
 
 class IngestParams(StoreParams):
     """Parameters of the ingest flow."""
+
+    form_first: ClassVar[tuple[str, ...]] = ("source", "collection", "rebuild")
 
     source: Path = Field(description="A directory of .txt/.md/.html files, a JSONL/CSV/Parquet table, or a BEIR directory.")
     format: SourceFormat = Field(SourceFormat.auto, description="Source format; auto detects it from the path.")
@@ -110,8 +128,13 @@ class ServeParams(EngineParams):
 class AnswerParams(StoreParams, EngineParams):
     """Parameters of the answer flow."""
 
+    form_first: ClassVar[tuple[str, ...]] = ("questions", "collection", "out", "llm_model")
+
     questions: Path = Field(description="Question set: JSONL, CSV or Parquet with id, question, optional reference_answers and filter.")
-    out: Path = Field(description="Output Parquet file; parts are checkpointed beside it until the run completes.")
+    out: Path | None = Field(
+        None, description="Output Parquet file; parts are checkpointed beside it until the run completes. "
+        "Default: <data dir>/answers/<collection>.parquet."
+    )
     format: SourceFormat = Field(SourceFormat.auto, description="Question file format; auto detects it from the suffix.")
     top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
     score_threshold: float | None = Field(None, description="Drop passages scoring below this cosine similarity.")
@@ -130,3 +153,22 @@ class AnswerParams(StoreParams, EngineParams):
     max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
     overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
+
+    @model_validator(mode="after")
+    def _default_out(self) -> "AnswerParams":
+        if self.out is None:
+            self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
+        return self
+
+
+class PrefectServerParams(RagbatchSettings):
+    """Parameters of `ragbatch server`: a local Prefect server, the work pool, the deployments and a worker."""
+
+    host: str = Field("127.0.0.1", description="Address the Prefect server listens on.")
+    port: int = Field(4200, ge=1, le=65535, description="Port of the Prefect server and its UI.")
+    work_pool: str = Field("ragbatch", description="Process work pool that the deployments in prefect.yaml use.")
+    project_dir: Path = Field(
+        default_factory=Path.cwd, description="Directory holding prefect.yaml; deployments run from there."
+    )
+    deploy: bool = Field(True, description="Deploy everything in prefect.yaml on start.")
+    worker: bool = Field(True, description="Start a worker for the work pool.")

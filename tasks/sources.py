@@ -94,6 +94,27 @@ def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
         yield batch
 
 
+def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
+    """How many rows `read_rows` will yield (for progress reporting), in one cheap pass; None if unknown."""
+    path = Path(path)
+    try:
+        fmt = detect_format(path) if fmt == SourceFormat.auto else fmt
+        if fmt == SourceFormat.dir:
+            return sum(1 for _ in _walk_files(path.resolve()))
+        if fmt == SourceFormat.parquet:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if fmt == SourceFormat.csv:
+            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+                return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
+        table = path / "corpus.jsonl" if fmt == SourceFormat.beir and path.is_dir() else path
+        with open(table, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    except (OSError, SourceError, ValueError):
+        return None
+
+
 # -- directories of files ---------------------------------------------------------------------------
 
 def _read_directory(root: Path) -> Iterator[SourceRow]:

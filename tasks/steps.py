@@ -6,7 +6,7 @@ off; the incremental index itself is what makes re-runs cheap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from prefect import get_run_logger, task
@@ -18,6 +18,7 @@ from tasks.chunking import Chunk, TokenChunker
 from tasks.embedding import Embedder
 from tasks.errors import StoreUnavailable
 from tasks.llm import Generator, SamplingConfig
+from tasks.outputs import AnswerCheckpoint
 from tasks.prompts import PromptBuilder
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore
@@ -31,6 +32,12 @@ def _store_unavailable(task, task_run, state) -> bool:
 
 STORE_RETRIES = dict(retries=4, retry_delay_seconds=[1, 2, 4, 8], retry_condition_fn=_store_unavailable)
 STEP = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="load", **STEP)
+def load(batches: Iterator[list[SourceRow]]) -> list[SourceRow] | None:
+    """The next batch of source rows (reading happens here, streamed); None when the source is done."""
+    return next(batches, None)
 
 
 @task(name="validate", **STEP)
@@ -92,3 +99,9 @@ def prompts(part: list[Pending], builder: PromptBuilder) -> None:
 @task(name="generate", **STEP)
 def generate(part: list[Pending], generator: Generator, sampling: SamplingConfig) -> None:
     generate_part(part, generator, sampling)
+
+
+@task(name="write", **STEP)
+def write(checkpoint: AnswerCheckpoint, rows: list[dict]) -> None:
+    """Checkpoint a part of answer rows (atomically), so a re-run skips these questions."""
+    checkpoint.write_part(rows)

@@ -1,6 +1,7 @@
 """The `ragbatch` command as a user runs it: a real subprocess against the session's Prefect server."""
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from flows.cli import main
 
+from .conftest import ROOT
 from .test_store import closed_port
 
 REQUIRED_KEYS = {"collection", "loaded", "valid", "quarantined", "chunks", "embedded", "upserted", "deleted", "unchanged", "seconds"}
@@ -37,14 +39,19 @@ ERROR_CASES = [
     (["ingest", "{corpus}", "--collection", "x", "--store", "qdrant.example"], "unknown store 'qdrant.example'"),
     (["ingest", "{corpus}", "--collection", "x", "--chunk-tokens", "lots"], "invalid --chunk-tokens"),
     (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
+    (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
+    (["server", "--port", "{listening}", "--project-dir", "{root}"], "127.0.0.1:{listening} is already in use"),
 ]
 
 
 def fill(args, message, tmp_path, corpus):
     (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
     (tmp_path / "t.csv").write_text("id,body\n1,x\n")
-    values = {"tmp": tmp_path, "corpus": corpus, "port": closed_port()}
+    values = {"tmp": tmp_path, "corpus": corpus, "port": closed_port(), "root": ROOT, "listening": LISTENER.getsockname()[1]}
     return [a.format(**values) for a in args], message.format(**values)
+
+
+LISTENER = socket.create_server(("127.0.0.1", 0))  # a port that is taken, for `ragbatch server`
 
 
 @pytest.mark.parametrize("args, message", ERROR_CASES)

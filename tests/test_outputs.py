@@ -47,7 +47,8 @@ def test_reset_discards_earlier_results(tmp_path):
 def test_sample_markdown_and_artifact_keys():
     import pyarrow as pa
 
-    table = pa.Table.from_pylist([row("q1"), row("q2", answer=None, error="prompt too long")], schema=ANSWER_SCHEMA)
-    text = sample_markdown(table, limit=5)
+    rows = [row("q1"), row("q2", answer=None, error="prompt too long"), row("q3", answer="first\n\nsecond")]
+    text = sample_markdown(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), limit=5)
     assert "**q1**" in text and "> an answer" in text and "> error: prompt too long" in text and "[1] s.md" in text
+    assert "> first\n> \n> second" in text  # a multi-line answer stays inside its quote
     assert artifact_key("answer", "My_Docs.v2") == "answer-my-docs-v2"

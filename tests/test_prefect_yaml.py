@@ -4,10 +4,13 @@ import importlib.util
 
 import pytest
 import yaml
+from prefect.utilities.callables import parameter_schema
 
 from .conftest import ROOT
 
 DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+EXAMPLES = [(path.name, d) for path in sorted((ROOT / "deployments").glob("*.prefect.yaml"))
+            for d in yaml.safe_load(path.read_text())["deployments"]]
 
 
 def load_flow(entrypoint: str):
@@ -23,6 +26,33 @@ def test_entrypoint_imports_and_parameters_validate(deployment):
     flow = load_flow(deployment["entrypoint"])
     parameters = flow.validate_parameters(deployment.get("parameters", {}))
     for value in parameters.values():
-        source = getattr(value, "source", None)
-        if source is not None:
-            assert (ROOT / source).exists(), f"{deployment['name']}: {source} does not exist"
+        for field in ("source", "questions"):
+            path = getattr(value, field, None)
+            if path is not None:
+                assert (ROOT / path).exists(), f"{deployment['name']}: {path} does not exist"
+
+
+@pytest.mark.parametrize(("file", "deployment"), EXAMPLES, ids=lambda v: v if isinstance(v, str) else v["name"])
+def test_per_environment_deployments_import_and_validate(file, deployment):
+    """The example files in deployments/ point at paths of another machine: only their types are checked."""
+    load_flow(deployment["entrypoint"]).validate_parameters(deployment["parameters"])
+
+
+def test_the_expected_deployments_exist_on_one_process_pool():
+    by_name = {d["name"]: d for d in DEPLOYMENTS}
+    assert {"reindex", "rebuild", "answer"} <= set(by_name)
+    assert by_name["reindex"]["schedules"][0]["cron"]
+    assert by_name["rebuild"]["parameters"]["params"]["rebuild"] is True
+    assert "schedules" not in by_name["rebuild"] and "schedules" not in by_name["answer"]
+    assert {d["work_pool"]["name"] for d in DEPLOYMENTS} == {"ragbatch"}
+
+
+@pytest.mark.parametrize(("entrypoint", "first"), [("flows/ingest.py:ingest", ["source", "collection", "rebuild"]),
+                                                  ("flows/answer.py:answer", ["questions", "collection", "out"])])
+def test_ui_form_starts_with_what_a_person_fills_in_and_describes_every_field(entrypoint, first):
+    schema = parameter_schema(load_flow(entrypoint).fn).model_dump()
+    (model,) = [d for d in schema["definitions"].values() if d.get("title", "").endswith("Params")]
+    assert list(model["properties"])[: len(first)] == first
+    assert list(model["properties"])[-1] == "data_dir"
+    undocumented = [name for name, field in model["properties"].items() if not field.get("description")]
+    assert not undocumented

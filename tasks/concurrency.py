@@ -1,0 +1,50 @@
+"""Runs from deployments that touch the same index queue for each other (Prefect global concurrency limits).
+
+Ingest runs of one collection must not overlap (an incremental reindex and a rebuild would both
+write it). The embedded store allows one process at a time whatever the collection, so with it
+every run that opens the store takes the same slot. Ad-hoc CLI runs do not queue: the embedded
+store refuses a second process with a clear message, and a crashed ad-hoc run must not hold a slot
+that the next one waits on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import get_client, get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import deployment
+
+# A crashed run's slot is freed when its lease expires; a live run renews it in the background.
+LEASE_SECONDS = 60
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def slot_names(store: str, collection: str, *, writes: bool) -> list[str]:
+    """Concurrency-limit names a run must hold: the embedded store's path, or the written collection."""
+    if store == ":memory:":
+        return []
+    if store.startswith("local:"):
+        return [f"ragbatch-local-store-{_digest(str(Path(store.removeprefix('local:')).resolve()))}"]
+    return [f"ragbatch-write-{collection}-{_digest(store)}"] if writes else []
+
+
+@contextmanager
+def exclusive(store: str, collection: str, *, writes: bool) -> Iterator[None]:
+    """Hold one slot of each limit from `slot_names` for the block when running from a deployment."""
+    names = slot_names(store, collection, writes=writes)
+    if not names or deployment.id is None:
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        for name in names:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    get_run_logger().info("waiting for %s", ", ".join(names))
+    with concurrency(names, occupy=1, lease_duration=LEASE_SECONDS, strict=True):
+        yield

@@ -1,0 +1,185 @@
+"""A local Prefect stack for operating ragbatch from the UI: server, work pool, deployments, worker.
+
+Everything listens on loopback, keeps its SQLite database and logs under the data directory, and
+runs with telemetry off. Each child gets its own session (so Ctrl-C reaches only `ragbatch server`,
+which then stops them in order), default SIGINT handling (a worker that inherits an ignored SIGINT
+does not stop on one signal, see NOTES.md) and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psutil
+
+from tasks.errors import RagbatchError
+from tasks.settings import PrefectServerParams
+
+_PR_SET_PDEATHSIG = 1
+
+
+class PrefectServerError(RagbatchError):
+    """The local Prefect stack could not start or one of its processes died."""
+
+
+def _child_setup() -> None:
+    """Runs in each child before exec: default signal handling, and die when the parent dies (Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    log: IO[bytes]
+
+
+@dataclass
+class PrefectStack:
+    """Start with `start()`, stop with `stop()`; `wait()` blocks until a process exits on its own."""
+
+    params: PrefectServerParams
+    children: list[_Child] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.params.host}:{self.params.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.params.host}:{self.params.port}"
+
+    @property
+    def home(self) -> Path:
+        return self.params.data_dir / "prefect"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    def environment(self) -> dict[str, str]:
+        """What every child sees: this server as the API, state under the data dir, no telemetry."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_API_URL=self.api_url,
+            PREFECT_UI_API_URL=self.api_url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            DO_NOT_TRACK="1",
+            RAGBATCH_DATA_DIR=str(self.params.data_dir),
+        )
+        return env
+
+    def start(self) -> None:
+        """Server, then work pool and deployments, then worker; stops what started if a step fails."""
+        if not (self.params.project_dir / "prefect.yaml").is_file():
+            raise PrefectServerError(f"no prefect.yaml in {self.params.project_dir}; run from the project directory or pass --project-dir")
+        if port_in_use(self.params.host, self.params.port):
+            raise PrefectServerError(f"{self.params.host}:{self.params.port} is already in use; pick another port with --port")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn("server", ["server", "start", "--host", self.params.host, "--port", str(self.params.port)])
+            self._wait_healthy(timeout=90)
+            self._prefect("work-pool", "create", self.params.work_pool, "--type", "process", "--overwrite")
+            if self.params.deploy:
+                self._prefect("--no-prompt", "deploy", "--all")
+            if self.params.worker:
+                self._spawn("worker", ["worker", "start", "--pool", self.params.work_pool, "--name", "ragbatch-local",
+                                       "--install-policy", "never"])
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait(self, poll_seconds: float = 1.0) -> _Child:
+        """Block until one of the processes exits; returns it."""
+        while True:
+            for child in self.children:
+                if child.process.poll() is not None:
+                    return child
+            time.sleep(poll_seconds)
+
+    def stop(self, grace_seconds: float = 20.0) -> None:
+        """Worker first (so runs are not orphaned), then the server; each whole process group."""
+        for child in reversed(self.children):
+            _stop_group(child.process, grace_seconds)
+            child.log.close()
+        self.children.clear()
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args], cwd=self.params.project_dir, env=self.environment(),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+        self.children.append(_Child(name, process, log))
+
+    def _prefect(self, *args: str) -> None:
+        """A one-shot Prefect CLI command against this server; its output goes to setup.log."""
+        with open(self.log_dir / "setup.log", "ab") as log:
+            result = subprocess.run(
+                [sys.executable, "-m", "prefect", *args], cwd=self.params.project_dir, env=self.environment(),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=300,
+            )
+        if result.returncode:
+            raise PrefectServerError(f"`prefect {' '.join(args)}` failed (exit {result.returncode}); see {self.log_dir / 'setup.log'}")
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        server = self.children[0].process
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise PrefectServerError(f"the Prefect server exited (code {server.returncode}); see {self.log_dir / 'server.log'}")
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise PrefectServerError(f"the Prefect server did not answer within {timeout:.0f} s; see {self.log_dir / 'server.log'}")
+
+
+def _stop_group(process: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL to the child's process group, waiting `grace_seconds` for each;
+    then the same wait for its descendants in other groups (the server runs uvicorn in its own group)."""
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace_seconds)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
+    for leftover in alive:
+        leftover.kill()
+    process.wait()
