@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from tasks import steps
 from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
-from tasks.embedding import SentenceTransformerEmbedder
+from tasks.embedding import open_embedder
 from tasks.generation import open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
@@ -46,7 +46,8 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
     store = QdrantStore.connect(params.store)
     try:
         embedding_model = store.readable_collection(params.collection)["embedding_model"]
-        embedder = SentenceTransformerEmbedder(model_name=embedding_model, batch_size=params.embed_batch_size)
+        embedder = open_embedder(params.embedding_backend, model_name=embedding_model, data_dir=params.data_dir,
+                                 batch_size=params.embed_batch_size)
         generator, tokenizer = open_generator(params)
         sampling = sampling_config(params)
         checkpoint = AnswerCheckpoint(params.out)

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from tasks import steps
 from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.concurrency import exclusive
-from tasks.embedding import SentenceTransformerEmbedder
+from tasks.embedding import open_embedder
 from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.models import resolve_embedding_model
@@ -41,9 +41,8 @@ def ingest(params: IngestParams) -> IngestReport:
 def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> IngestReport:
     store = QdrantStore.connect(params.store)
     try:
-        embedder = SentenceTransformerEmbedder(
-            model_name=params.embedding_model, device=params.device, batch_size=params.embed_batch_size
-        )
+        embedder = open_embedder(params.embedding_backend, model_name=params.embedding_model, data_dir=params.data_dir,
+                                 device=params.device, batch_size=params.embed_batch_size)
         target = prepare_target(
             store, params.collection, rebuild=params.rebuild, embedder=embedder,
             chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap,

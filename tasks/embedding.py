@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from tasks.models import resolve_embedding_model
+from tasks.settings import EmbeddingBackend
 
 
 class Embedder(Protocol):
@@ -62,3 +67,73 @@ class SentenceTransformerEmbedder:
             list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
         return vectors.astype(np.float32, copy=False)
+
+
+class VLLMEmbedder:
+    """vLLM's pooling runner in this process: the same vectors as sentence-transformers (cosine >= 0.9999,
+    tested) at about twice the throughput on CPU, because vLLM packs texts by tokens, not padded batches.
+
+    Texts are truncated to the model's sentence-transformers `max_seq_length`, as sentence-transformers
+    does. On CPU it uses float32 and the single-process settings of `tasks.llm.cpu_environment`; on a
+    GPU the model's dtype. The engine starts on first use (a few seconds).
+    """
+
+    def __init__(self, *, model_name: str, cache_dir: Path, device: str | None = None) -> None:
+        self.model_name = model_name
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+        self._lock = threading.Lock()  # `vllm.LLM` is not thread-safe
+
+    @cached_property
+    def path(self) -> str:
+        return resolve_embedding_model(self.model_name)
+
+    @cached_property
+    def max_tokens(self) -> int:
+        """sentence-transformers' `max_seq_length` (256 for MiniLM, whose positions go to 512)."""
+        config = Path(self.path) / "sentence_bert_config.json"
+        if config.is_file():
+            return int(json.loads(config.read_text())["max_seq_length"])
+        return int(self.llm.model_config.max_model_len)
+
+    @cached_property
+    def llm(self):
+        from tasks.llm import ModelError, cpu_environment, first_line
+
+        kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0)
+        config = Path(self.path) / "sentence_bert_config.json"
+        if config.is_file():
+            kwargs["max_model_len"] = int(json.loads(config.read_text())["max_seq_length"])
+        if (self.device or default_device()).startswith("cpu"):
+            os.environ.update(cpu_environment(self.cache_dir, kv_cache_gib=1))
+            kwargs.update(dtype="float32", distributed_executor_backend="uni")
+        try:
+            from vllm import LLM
+
+            return LLM(**kwargs)
+        except ImportError as exc:
+            raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None
+        except Exception as exc:
+            raise ModelError(f"cannot load embedding model {self.model_name} in vLLM: {first_line(exc)}") from None
+
+    @cached_property
+    def dimension(self) -> int:
+        return int(self.embed(["dimension probe"]).shape[1])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        truncate = {"truncation": True, "max_length": self.max_tokens}
+        with self._lock:
+            outputs = self.llm.embed(list(texts), use_tqdm=False, tokenization_kwargs=truncate)
+        vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def open_embedder(backend: EmbeddingBackend, *, model_name: str, data_dir: Path, device: str | None = None,
+                  batch_size: int = 64) -> Embedder:
+    """The configured embedding backend; both give the same vectors, so an index built with one is
+    queried with the other."""
+    if backend == EmbeddingBackend.vllm:
+        return VLLMEmbedder(model_name=model_name, cache_dir=Path(data_dir) / "cache", device=device)
+    return SentenceTransformerEmbedder(model_name=model_name, device=device, batch_size=batch_size)

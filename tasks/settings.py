@@ -24,6 +24,13 @@ class SourceFormat(str, Enum):
     beir = "beir"
 
 
+class EmbeddingBackend(str, Enum):
+    """What runs the embedding model; both give the same vectors."""
+
+    sentence_transformers = "sentence-transformers"
+    vllm = "vllm"
+
+
 def default_data_dir() -> Path:
     """Where ragbatch keeps its state unless told otherwise: `.ragbatch/` in the working directory."""
     return Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
@@ -86,6 +93,10 @@ class IngestParams(StoreParams):
     embedding_model: str = Field(
         DEFAULT_EMBEDDING_MODEL,
         description="sentence-transformers model: a bundled name, a local directory or a hub id.",
+    )
+    embedding_backend: EmbeddingBackend = Field(
+        EmbeddingBackend.sentence_transformers,
+        description="sentence-transformers, or vllm (its pooling runner: same vectors, about 2x faster on CPU; needs ragbatch[llm]).",
     )
     device: str | None = Field(None, description="Torch device for embedding; default CUDA when present, else CPU.")
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in tokens of the embedding model.")
@@ -150,6 +161,9 @@ class AnswerParams(StoreParams, EngineParams):
     stop: list[str] = Field(default_factory=list, description="Stop strings (repeat the option for several).")
     batch_questions: int = Field(256, ge=1, description="Questions per generation call and checkpoint part.")
     embed_batch_size: int = Field(64, ge=1, description="Questions per forward pass of the embedding model.")
+    embedding_backend: EmbeddingBackend = Field(
+        EmbeddingBackend.sentence_transformers, description="What embeds the questions: sentence-transformers or vllm."
+    )
     max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
     overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")

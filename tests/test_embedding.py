@@ -1,0 +1,37 @@
+"""Both embedding backends give the same vectors, so an index built with one is queried with the other."""
+
+import numpy as np
+import pytest
+
+from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder
+from tasks.settings import EmbeddingBackend
+
+from .conftest import SAMPLE_CORPUS
+
+TEXTS = [
+    "What does error code E-219 mean?",
+    "Die Wetterstation misst Wind, Regen und Temperatur.",
+    "",
+    (SAMPLE_CORPUS / "troubleshooting-guide.txt").read_text() * 3,  # far beyond 256 tokens: truncated alike
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_embedder(tmp_path_factory) -> VLLMEmbedder:
+    return VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=tmp_path_factory.mktemp("vllm-embed"))
+
+
+@pytest.mark.slow
+def test_vllm_pooling_gives_the_sentence_transformers_vectors(embedder: SentenceTransformerEmbedder, vllm_embedder):
+    expected, got = embedder.embed(TEXTS), vllm_embedder.embed(TEXTS)
+    assert got.shape == expected.shape == (len(TEXTS), 384) and got.dtype == np.float32
+    cosine = (expected * got).sum(axis=1)
+    assert cosine.min() >= 0.9999, cosine
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert vllm_embedder.dimension == 384 and vllm_embedder.embed([]).shape == (0, 384)
+
+
+def test_the_backend_is_chosen_by_configuration(tmp_path):
+    assert isinstance(open_embedder(EmbeddingBackend.vllm, model_name="m", data_dir=tmp_path), VLLMEmbedder)
+    default = open_embedder(EmbeddingBackend.sentence_transformers, model_name="m", data_dir=tmp_path, batch_size=8)
+    assert isinstance(default, SentenceTransformerEmbedder) and default.batch_size == 8
