@@ -27,7 +27,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     started = time.perf_counter()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
-    rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN)
+    rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
     store = QdrantStore.connect(params.store)
     try:

@@ -27,7 +27,7 @@ def ingest(params: IngestParams) -> IngestReport:
     started = time.perf_counter()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
-    rows = read_rows(params.source, params.format)  # fails here, before any store work, if the source is unusable
+    rows = read_rows(params.source, params.format, max_chars=params.max_chars)  # fails here, before any store work, if the source is unusable
     store = QdrantStore.connect(params.store)
     try:
         embedder = SentenceTransformerEmbedder(
