@@ -14,6 +14,7 @@ from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.embedding import SentenceTransformerEmbedder
 from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
+from tasks.locks import CollectionLock
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, progress, run_file
 from tasks.settings import IngestParams
@@ -28,7 +29,12 @@ def ingest(params: IngestParams) -> IngestReport:
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.source, params.format, max_chars=params.max_chars)  # fails here, before any store work, if the source is unusable
-    store = QdrantStore.connect(params.store)
+    lock = CollectionLock(params.data_dir, params.collection).acquire()  # a second run of this collection refuses
+    try:
+        store = QdrantStore.connect(params.store)
+    except BaseException:
+        lock.release()
+        raise
     try:
         embedder = SentenceTransformerEmbedder(
             model_name=params.embedding_model, device=params.device, batch_size=params.embed_batch_size
@@ -81,6 +87,7 @@ def ingest(params: IngestParams) -> IngestReport:
         report.points = store.count(target.collection)
     finally:
         store.close()
+        lock.release()
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
     logger.info("ingest finished: %s", report.model_dump_json())
