@@ -16,6 +16,7 @@ from tasks.generation import open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, progress, run_file, sample_markdown
 from tasks.prompts import PromptBuilder, load_template
 from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.secrets import qdrant_api_key
 from tasks.settings import AnswerParams
 from tasks.sources import batched, read_rows
 from tasks.store import QdrantStore
@@ -29,7 +30,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
-    store = QdrantStore.connect(params.store)
+    store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
         embedding_model = store.readable_collection(params.collection)["embedding_model"]
         embedder = SentenceTransformerEmbedder(model_name=embedding_model, batch_size=params.embed_batch_size)

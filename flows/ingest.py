@@ -17,6 +17,7 @@ from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, p
 from tasks.locks import CollectionLock
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, progress, run_file
+from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
 from tasks.sources import batched, read_rows
 from tasks.store import QdrantStore
@@ -31,7 +32,7 @@ def ingest(params: IngestParams) -> IngestReport:
     rows = read_rows(params.source, params.format, max_chars=params.max_chars)  # fails here, before any store work, if the source is unusable
     lock = CollectionLock(params.data_dir, params.collection).acquire()  # a second run of this collection refuses
     try:
-        store = QdrantStore.connect(params.store)
+        store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     except BaseException:
         lock.release()
         raise
