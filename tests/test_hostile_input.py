@@ -229,3 +229,43 @@ def test_a_file_the_process_may_not_read_is_quarantined(tmp_path):
     finally:
         if root != tmp_path:
             shutil.rmtree(root)
+
+
+@pytest.mark.slow
+def test_hostile_question_set_each_question_answered_failed_or_quarantined_once(prefect_api_url, tmp_path, data_dir, tiny_llm_dir):
+    """Questions go through the same reader and validation as documents; a question whose prompt cannot
+    fit gets an error row and the others complete (real in-process vLLM, tiny random model)."""
+    from flows.answer import answer
+    from tasks.settings import AnswerParams
+
+    from .test_concurrency import small_corpus
+
+    ingest(IngestParams(source=small_corpus(tmp_path / "corpus", 4), collection="kb", data_dir=data_dir))
+    lines = [
+        json.dumps({"id": "ok", "question": "How often is the rain gauge checked?"}).encode(),
+        b'{"id": "broken", "question": "unterminated',
+        json.dumps({"id": "ok", "question": "Same id again?"}).encode(),
+        json.dumps({"question": "Who am I?"}).encode(),
+        json.dumps({"id": {"nested": 1}, "question": "A dict id?"}).encode(),
+        json.dumps({"id": "nul", "question": "NUL\u0000?"}).encode(),
+        b'{"id": "latin1", "question": "caf\xe9?"}',
+        json.dumps({"id": "blank", "question": "\t"}).encode(),
+        json.dumps({"id": "rtl", "question": "מה מצב הסוללה? ما حالة البطارية؟"}, ensure_ascii=False).encode(),
+        json.dumps({"id": "emoji", "question": "🌧️ how much rain? cafe\u0301"}, ensure_ascii=False).encode(),
+        json.dumps({"id": "huge", "question": "why " * 5000}).encode(),  # longer than max_question_chars
+        json.dumps({"id": "too-long-prompt", "question": "battery " * 450}).encode(),  # fits the limit, not the context
+    ]
+    questions = write(tmp_path / "questions.jsonl", b"\n".join(lines) + b"\n")
+    report = answer(AnswerParams(questions=questions, out=tmp_path / "answers.parquet", collection="kb", data_dir=data_dir,
+                                 llm_model=str(tiny_llm_dir), max_model_len=512, max_tokens=16, kv_cache_gib=1.0))
+    rows = {r["question_id"]: r for r in pq.read_table(report.output).to_pylist()}
+    assert report.questions == len(lines) == len(rows) + report.quarantined
+    assert set(rows) == {"ok", "rtl", "emoji", "too-long-prompt"}
+    assert "prompt does not fit" in rows["too-long-prompt"]["error"]
+    assert all(rows[q]["error"] is None and rows[q]["answer"] is not None for q in ("ok", "rtl", "emoji"))
+    assert rows["ok"]["question"] == "How often is the rain gauge checked?"  # the first of the duplicates
+    reasons = sorted(r["reason"].split(" (")[0].split(":")[0] for r in pq.read_table(report.quarantine_path).to_pylist())
+    assert reasons == sorted([
+        "invalid JSON at column 43", "duplicate id 'ok'", "missing id", "id is not a string or an integer",
+        "binary content", "not valid UTF-8", "question is empty or whitespace only", "question has 20,000 characters, more than the limit of 4,000",
+    ])
