@@ -19,6 +19,7 @@ from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_
 from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
 from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.secrets import qdrant_api_key
 from tasks.settings import AnswerParams
 from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.store import QdrantStore
@@ -29,7 +30,7 @@ from tasks.validation import DocumentValidator
 def answer(params: AnswerParams) -> AnswerReport:
     started = time.perf_counter()
     run_id = str(flow_run.get_id() or "local")
-    rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN)
+    rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
     with exclusive(params.store, params.collection, writes=False):
         report, table = _answer(params, rows, template, run_id)
@@ -43,7 +44,7 @@ def answer(params: AnswerParams) -> AnswerReport:
 
 def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_id: str):
     logger = get_run_logger()
-    store = QdrantStore.connect(params.store)
+    store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
         embedding_model = store.readable_collection(params.collection)["embedding_model"]
         embedder = open_embedder(params.embedding_backend, model_name=embedding_model, data_dir=params.data_dir,

@@ -16,9 +16,11 @@ from tasks.concurrency import exclusive
 from tasks.embedding import open_embedder
 from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
+from tasks.locks import CollectionLock
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
+from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
 from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.store import QdrantStore
@@ -29,8 +31,10 @@ from tasks.validation import DocumentValidator
 def ingest(params: IngestParams) -> IngestReport:
     started = time.perf_counter()
     run_id = str(flow_run.get_id() or "local")
-    rows = read_rows(params.source, params.format)  # fails here, before any store work, if the source is unusable
-    with exclusive(params.store, params.collection, writes=True):
+    # Fails here, before any store work, if the source is unusable.
+    rows = read_rows(params.source, params.format, max_chars=params.max_chars)
+    # Deployment runs queue for the collection; any second run in this data directory refuses.
+    with exclusive(params.store, params.collection, writes=True), CollectionLock(params.data_dir, params.collection):
         report = _index(params, rows, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
@@ -39,7 +43,7 @@ def ingest(params: IngestParams) -> IngestReport:
 
 
 def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> IngestReport:
-    store = QdrantStore.connect(params.store)
+    store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
         embedder = open_embedder(params.embedding_backend, model_name=params.embedding_model, data_dir=params.data_dir,
                                  device=params.device, batch_size=params.embed_batch_size)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, VLLMGenerator, load_chat_tokenizer
 from tasks.llm_models import resolve_llm_model
+from tasks.secrets import LLM_API_KEY_ENV, resolve_secret
 from tasks.settings import AnswerParams
-
-LLM_API_KEY_ENV = "RAGBATCH_LLM_API_KEY"
 
 
 def sampling_config(params: AnswerParams) -> SamplingConfig:
@@ -38,7 +36,7 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], Any]]:
         return OpenAIGenerator(
             base_url=params.llm_url, model=params.llm_model,
             max_model_len=params.max_model_len or model_max_len(model_path),
-            api_key=os.environ.get(LLM_API_KEY_ENV),
+            api_key=resolve_secret(params.llm_api_key_block, LLM_API_KEY_ENV, "LLM endpoint key"),
         ), tokenizer
     return VLLMGenerator(
         model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pydantic import SecretStr
+
 from tasks.errors import RagbatchError
+from tasks.secrets import redact, reveal
 
 GiB = 1 << 30
 UNIX_SOCKET_PATH_MAX = 107  # bytes of a socket path (sun_path); vLLM adds "/<uuid4>" to its base path
@@ -250,7 +253,7 @@ class OpenAIGenerator:
     """An OpenAI-compatible server's `/v1/completions` (for example `vllm serve`), one request per prompt.
 
     Requests run `concurrency` at a time so the server can batch them; results keep the prompts'
-    order. The API key is only sent, never logged or put into an error.
+    order. The API key is only sent, never logged, and removed from errors (a server may echo it).
     """
 
     def __init__(
@@ -259,7 +262,7 @@ class OpenAIGenerator:
         base_url: str,
         model: str,
         max_model_len: int,
-        api_key: str | None = None,
+        api_key: SecretStr | str | None = None,
         timeout: float = 600,
         concurrency: int = 8,
     ) -> None:
@@ -269,8 +272,9 @@ class OpenAIGenerator:
         self.model_name = model
         self._max_model_len = max_model_len
         self.concurrency = concurrency
+        self._api_key = api_key
         # The client insists on a key; servers without authentication ignore this placeholder.
-        self._client = OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout, max_retries=2)
+        self._client = OpenAI(base_url=base_url, api_key=reveal(api_key) or "unused", timeout=timeout, max_retries=2)
 
     @property
     def max_model_len(self) -> int:
@@ -291,9 +295,10 @@ class OpenAIGenerator:
                 **extra,
             )
         except openai.APIConnectionError as exc:
-            raise LLMUnavailable(f"cannot reach the LLM server at {self.base_url}: {first_line(exc)}") from None
+            raise LLMUnavailable(redact(f"cannot reach the LLM server at {self.base_url}: {first_line(exc)}", self._api_key)) from None
         except openai.APIStatusError as exc:
-            message = f"the LLM server at {self.base_url} refused a request: HTTP {exc.status_code} {first_line(exc)}"
+            message = redact(f"the LLM server at {self.base_url} refused a request: HTTP {exc.status_code} {first_line(exc)}",
+                             self._api_key)
             if exc.status_code in (408, 429, 502, 503, 504):
                 raise LLMUnavailable(message) from None
             raise LLMServerError(message) from None

@@ -63,7 +63,8 @@ class RagbatchSettings(BaseSettings):
 
 
 class StoreParams(RagbatchSettings):
-    """Where the index lives. The Qdrant API key is read from RAGBATCH_QDRANT_API_KEY, never a parameter."""
+    """Where the index lives. The Qdrant API key is never a parameter: it comes from a Prefect Secret block
+    named here, or from RAGBATCH_QDRANT_API_KEY."""
 
     collection: str = Field(
         "docs",
@@ -75,6 +76,10 @@ class StoreParams(RagbatchSettings):
         description="http(s)://host:port for a Qdrant server, local:PATH for the embedded local mode, "
         "or :memory:. Empty: local mode under the data directory.",
     )
+    qdrant_api_key_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the Qdrant API key; default: RAGBATCH_QDRANT_API_KEY."
+    )
+
     @model_validator(mode="after")
     def _default_store(self) -> "StoreParams":
         if not self.store:
@@ -152,7 +157,10 @@ class AnswerParams(StoreParams, EngineParams):
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
     llm_url: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server (e.g. ragbatch serve) to use instead of the in-process engine. "
-        "Key from RAGBATCH_LLM_API_KEY."
+        "Key from llm_api_key_block or RAGBATCH_LLM_API_KEY."
+    )
+    llm_api_key_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the LLM endpoint's key; default: RAGBATCH_LLM_API_KEY."
     )
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,11 @@ ID_COLUMNS = ("id", "_id", "doc_id")
 TEXT_COLUMN = "text"
 TITLE_COLUMN = "title"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates (e.g. from JSON escapes) cannot be encoded
+MAX_CHARS = 1_000_000
+BYTES_PER_CHAR = 4  # the most any supported encoding (UTF-8, UTF-16, UTF-32) spends on one character
+LINE_CHARS_PER_CHAR = 12  # a JSON-escaped character takes up to 12 ("\ud83d\ude00")
+LINE_SLACK = 1 << 20  # room in a table line for the id, title and metadata
 _BOMS = (
     (b"\xef\xbb\xbf", "utf-8-sig"),
     (b"\xff\xfe\x00\x00", "utf-32"),
@@ -62,10 +68,14 @@ def detect_format(path: Path) -> SourceFormat:
     raise SourceError(f"{path}: unknown source format {suffix or '(no suffix)'!r}; use a directory, .jsonl, .csv or .parquet")
 
 
-def read_rows(path: Path, fmt: SourceFormat = SourceFormat.auto, *, text_column: str = TEXT_COLUMN) -> Iterator[SourceRow]:
+def read_rows(
+    path: Path, fmt: SourceFormat = SourceFormat.auto, *, text_column: str = TEXT_COLUMN, max_chars: int = MAX_CHARS
+) -> Iterator[SourceRow]:
     """Stream every row of the source; raises SourceError before the first row if it is unusable.
 
-    Tables name their text column `text_column` (question sets use "question").
+    Tables name their text column `text_column` (question sets use "question"). Input that cannot
+    hold a text of at most `max_chars` characters (a bigger file, a longer table line) becomes an error
+    row without being read whole, so memory stays bounded whatever the input.
     """
     path = Path(path)
     if fmt == SourceFormat.auto:
@@ -75,16 +85,19 @@ def read_rows(path: Path, fmt: SourceFormat = SourceFormat.auto, *, text_column:
     if fmt == SourceFormat.dir:
         if not path.is_dir():
             raise SourceError(f"{path}: not a directory")
-        return _read_directory(path)
+        return _read_directory(path, max_chars)
+    line_chars = max_chars * LINE_CHARS_PER_CHAR + LINE_SLACK
     if fmt == SourceFormat.beir:
         corpus = path / "corpus.jsonl" if path.is_dir() else path
         if not corpus.is_file():
             raise SourceError(f"{path}: no corpus.jsonl in this BEIR directory")
-        return _read_jsonl(corpus, TEXT_COLUMN)
+        return _read_jsonl(corpus, TEXT_COLUMN, line_chars)
     if path.is_dir():
         raise SourceError(f"{path}: is a directory, expected a {fmt.value} file")
-    readers = {SourceFormat.jsonl: _read_jsonl, SourceFormat.csv: _read_csv, SourceFormat.parquet: _read_parquet}
-    return readers[fmt](path, text_column)
+    if fmt == SourceFormat.parquet:
+        return _read_parquet(path, text_column)
+    readers = {SourceFormat.jsonl: _read_jsonl, SourceFormat.csv: _read_csv}
+    return readers[fmt](path, text_column, line_chars)
 
 
 def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
@@ -117,20 +130,17 @@ def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
 
 # -- directories of files ---------------------------------------------------------------------------
 
-def _read_directory(root: Path) -> Iterator[SourceRow]:
+def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
     root = root.resolve()
+    max_bytes = max_chars * BYTES_PER_CHAR + len(_BOMS[0][0]) + 1  # beyond this no file fits max_chars
     for path in _walk_files(root):
         relative = path.relative_to(root).as_posix()
         kind = TEXT_SUFFIXES.get(path.suffix.lower())
         if kind is None:
             yield SourceRow(relative, relative, None, source=relative, error=f"unsupported file type {path.suffix or '(none)'!r}")
             continue
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            yield SourceRow(relative, relative, None, source=relative, kind=kind, error=f"unreadable: {exc.strerror or exc}")
-            continue
-        text, error = decode_bytes(raw)
+        raw, error = _read_inside(path, root, max_bytes, max_chars)
+        text, error = (None, error) if error else decode_bytes(raw)
         if error:
             yield SourceRow(relative, relative, None, source=relative, kind=kind, error=error)
             continue
@@ -143,16 +153,45 @@ def _read_directory(root: Path) -> Iterator[SourceRow]:
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
-    """Files below root in a stable order, skipping hidden entries and never leaving root."""
+    """Entries below root other than directories, in a stable order, skipping hidden ones.
+
+    Symlinked directories are not followed, so the walk never leaves root and cannot loop.
+    """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                continue
-            yield path
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _read_inside(path: Path, root: Path, max_bytes: int, max_chars: int) -> tuple[bytes, str | None]:
+    """The bytes of a regular file inside root, or the reason it is not read.
+
+    Symlinks are resolved first and only followed when their target is inside root; FIFOs, sockets
+    and devices are refused (reading a FIFO would block the run); a file too big to hold `max_chars`
+    characters is refused by its size, without reading it.
+    """
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:
+        return b"", "symlink loop"
+    except OSError as exc:
+        return b"", f"unreadable: {exc.strerror or exc}"
+    if not target.is_relative_to(root):
+        return b"", "symlink to a file outside the source directory (not read)"
+    try:
+        with open(target, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK)) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return b"", "not a regular file"
+            if info.st_size > max_bytes:
+                return b"", f"file has {info.st_size:,} bytes, too big for the limit of {max_chars:,} characters (max_chars)"
+            raw = handle.read(max_bytes + 1)
+    except OSError as exc:
+        return b"", f"unreadable: {exc.strerror or exc}"
+    if len(raw) > max_bytes:  # the file grew while being read
+        return b"", f"file has more than {max_bytes:,} bytes, too big for the limit of {max_chars:,} characters (max_chars)"
+    return raw, None
 
 
 def decode_bytes(raw: bytes) -> tuple[str, str | None]:
@@ -210,17 +249,38 @@ def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str
     text = record.get(text_column)
     title = record.get(TITLE_COLUMN)
     metadata = {k: _jsonable(v) for k, v in record.items() if k not in (id_column, text_column, TITLE_COLUMN)}
-    error = None
-    if text is not None and not isinstance(text, str):
-        error = f"text is not a string ({type(text).__name__})"
-    elif any(isinstance(v, str) and _UNDECODABLE.search(v) for v in (text, raw_id, title)):
-        error = "not valid UTF-8"
-    doc_id = None if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()) else str(raw_id)
+    doc_id, error = _row_id(raw_id)
+    if error is None:
+        error = _text_problem(text, raw_id, title)
     return SourceRow(
         locator, doc_id, text if error is None else None,
         title=str(title) if title not in (None, "") else None,
         source=source, kind="text", metadata=metadata, error=error,
     )
+
+
+def _row_id(raw_id: Any) -> tuple[str | None, str | None]:
+    """The id as text; strings and whole numbers are ids, anything else is an error (not guessed at)."""
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        return None, None
+    if isinstance(raw_id, float) and raw_id.is_integer():
+        raw_id = int(raw_id)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        return None, f"id is not a string or an integer ({type(raw_id).__name__})"
+    return str(raw_id), None
+
+
+def _text_problem(text: Any, raw_id: Any, title: Any) -> str | None:
+    if text is not None and not isinstance(text, str):
+        return f"text is not a string ({type(text).__name__})"
+    strings = [v for v in (text, raw_id, title) if isinstance(v, str)]
+    if any(_UNDECODABLE.search(v) for v in strings):
+        return "not valid UTF-8"
+    if any(_SURROGATE.search(v) for v in strings):
+        return "invalid Unicode (a lone surrogate)"
+    if text is not None and "\x00" in text:
+        return "binary content (NUL characters)"
+    return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -234,18 +294,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _read_jsonl(path: Path, text_column: str) -> Iterator[SourceRow]:
+def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[SourceRow]:
     name = path.name
     id_column: str | None = None
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, line in enumerate(_bounded_lines(handle, line_chars), start=1):
+            if line is None:
+                yield SourceRow(f"{name}:{number}", None, None, source=name,
+                                error=f"line longer than {line_chars:,} characters (too big for max_chars; not parsed)")
+                continue
             if not line.strip():
                 continue
             locator = f"{name}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield SourceRow(locator, None, None, source=name, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+                yield SourceRow(locator, None, None, source=name, error=f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}")
                 continue
             if not isinstance(record, dict):
                 yield SourceRow(locator, None, None, source=name, error="line is not a JSON object")
@@ -256,17 +320,33 @@ def _read_jsonl(path: Path, text_column: str) -> Iterator[SourceRow]:
             yield _table_row(locator, name, record, id_column, text_column)
 
 
-def _read_csv(path: Path, text_column: str) -> Iterator[SourceRow]:
+def _bounded_lines(handle: TextIO, limit: int) -> Iterator[str | None]:
+    """Lines of at most `limit` characters; a longer line is skipped to its end and yields None."""
+    while line := handle.readline(limit + 1):
+        if len(line) <= limit or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := handle.readline(limit)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
+def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceRow]:
     name = path.name
+    csv.field_size_limit(line_chars)  # process-wide; the default (131,072) is far below a normal document
     with _open_text(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames is None:
-            raise SourceError(f"{path}: empty CSV file (no header row)")
-        id_column = _id_column(reader.fieldnames, path)
-        _require_text(reader.fieldnames, path, text_column)
-        for record in reader:
-            # reader.line_num is the physical line where this record ended (quoted newlines span lines).
-            yield _table_row(f"{name}:{reader.line_num}", name, record, id_column, text_column)
+        try:
+            if reader.fieldnames is None:
+                raise SourceError(f"{path}: empty CSV file (no header row)")
+            id_column = _id_column(reader.fieldnames, path)
+            _require_text(reader.fieldnames, path, text_column)
+            for record in reader:
+                # reader.line_num is the physical line where this record ended (quoted newlines span lines).
+                yield _table_row(f"{name}:{reader.line_num}", name, record, id_column, text_column)
+        except csv.Error as exc:
+            # The parser cannot resynchronise after this, so the rest of the file cannot be read reliably.
+            raise SourceError(f"{path}: line {reader.line_num}: {exc}; nothing after it can be read reliably") from None
 
 
 def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
@@ -288,9 +368,13 @@ def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
 
 @contextmanager
 def _open_text(path: Path, newline: str | None = None) -> Iterator[TextIO]:
-    """Open a table file as text; undecodable bytes survive as surrogates for a per-row check."""
+    """Open a table file as text (UTF-8, or UTF-16/32 by its BOM); undecodable bytes survive as
+    surrogates for a per-row check."""
     try:
-        handle = open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+        with open(path, "rb") as probe:
+            head = probe.read(4)
+        encoding = next((enc for bom, enc in _BOMS if head.startswith(bom)), "utf-8-sig")
+        handle = open(path, encoding=encoding, errors="surrogateescape", newline=newline)
     except OSError as exc:
         raise SourceError(f"{path}: cannot open ({exc.strerror or exc})") from None
     with handle:

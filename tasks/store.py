@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import SecretStr
+
 from tasks.errors import StoreError, StoreUnavailable
 
 API_KEY_ENV = ("RAGBATCH_QDRANT_API_KEY", "QDRANT_API_KEY")
@@ -62,12 +64,13 @@ class QdrantStore:
         self.is_local = not location.startswith(("http://", "https://"))
 
     @classmethod
-    def connect(cls, spec: str, *, timeout: int = 60) -> "QdrantStore":
-        """Open `http(s)://host:port`, `local:PATH` or `:memory:`."""
+    def connect(cls, spec: str, *, timeout: int = 60, api_key: SecretStr | None = None) -> "QdrantStore":
+        """Open `http(s)://host:port` (with `api_key`, else the one from the environment), `local:PATH` or `:memory:`."""
         from qdrant_client import QdrantClient
 
         if spec.startswith(("http://", "https://")):
-            client = QdrantClient(url=spec, api_key=qdrant_api_key(), timeout=timeout, check_compatibility=False)
+            key = api_key.get_secret_value() if api_key is not None else qdrant_api_key()
+            client = QdrantClient(url=spec, api_key=key, timeout=timeout, check_compatibility=False)
             return cls(client, location=spec)
         if spec == ":memory:":
             return cls(QdrantClient(location=":memory:"), location=spec)

@@ -36,7 +36,7 @@ class ValidationSummary:
 
     def to_markdown(self, max_chars: int, text_label: str = "text", what: str = "Document") -> str:
         descriptions = {
-            "load_error": "readable and decodable as text",
+            "load_error": "readable, decodable as text and of a readable size",
             "missing_id": "id present",
             "missing_text": f"{text_label} present",
             "blank_text": f"{text_label} not blank",

@@ -1,0 +1,166 @@
+"""Crashes and store failures: an ingest killed part-way and run again leaves the same index as one
+clean run; an unreachable or silent store is retried with backoff, then fails in one line; a failed
+write deletes nothing.
+
+(The answer flow's SIGKILL-and-resume test is in test_answer_flow.py; running out of retries on an
+unreachable store is in test_steps.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from flows.ingest import ingest
+from tasks import indexing, steps
+from tasks.chunking import Chunk, TokenChunker
+from tasks.errors import StoreUnavailable
+from tasks.settings import IngestParams
+from tasks.sources import SourceRow
+from tasks.store import QdrantStore
+
+from .test_concurrency import small_corpus, snapshot
+
+
+def completed_upserts(since: datetime) -> int:
+    """Upsert task runs completed in ingest runs started after `since` (tests run one at a time)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter, TaskRunFilterName, TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="upsert"),
+                                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]), name=None)),
+        )
+    return len(runs)
+
+
+@pytest.mark.slow
+def test_an_ingest_killed_after_some_batches_and_run_again_equals_a_clean_run(tmp_path, subprocess_env, data_dir):
+    corpus = small_corpus(tmp_path / "corpus", 40)
+    started = datetime.now(timezone.utc)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "kb", "--batch-docs", "2"],
+        env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while completed_upserts(started) < 3 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()[-2000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    params = IngestParams(source=corpus, collection="kb", data_dir=data_dir)
+    partial = snapshot(params.store, "kb")
+    indexed_before = {doc_id for doc_id, chunk_index, *_ in partial.values() if chunk_index == 0}
+    assert 6 <= len(indexed_before) < 40  # killed part-way: some batches written, not all
+
+    again = ingest(params)  # the lock and the embedded store were freed by the kernel with the process
+    assert again.unchanged >= len(indexed_before) - 2  # done documents are not re-embedded (the last batch may be half-written)
+    assert again.loaded == 40 and again.quarantined == 0
+
+    clean_dir = tmp_path / "clean"
+    clean = ingest(IngestParams(source=corpus, collection="kb", data_dir=clean_dir))
+    expected = snapshot(f"local:{clean_dir / 'qdrant'}", "kb")
+    assert snapshot(params.store, "kb") == expected  # same point ids, count, documents, payload hashes
+    assert again.points == clean.points == len(expected)
+
+
+def test_a_store_that_accepts_but_never_answers_times_out_with_one_retryable_line():
+    with socket.socket() as silent:  # the kernel completes connections into the backlog; nobody ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = QdrantStore.connect(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as error:
+            store.resolve("kb")
+    assert time.monotonic() - started < 30
+    message = str(error.value)
+    assert message.startswith("cannot reach Qdrant at http://127.0.0.1:") and "timed out" in message and "\n" not in message
+
+
+class FlakyStore(QdrantStore):
+    """A real in-memory Qdrant whose next `failures` writes fail as an unreachable server's would."""
+
+    failures = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[tuple[str, list]] = []
+
+    def upsert(self, collection, points):
+        self.writes.append(("upsert", [p.id for p in points]))
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("cannot reach Qdrant at :memory: (writing points): connection refused")
+        super().upsert(collection, points)
+
+    def delete(self, collection, ids):
+        self.writes.append(("delete", list(ids)))
+        super().delete(collection, ids)
+
+
+def changed_chunks(store, embedder, tokenizer, texts: dict[str, str]) -> tuple[list[Chunk], np.ndarray, dict[str, int]]:
+    """Chunks, vectors and previous chunk counts for (re)writing `texts` into collection "kb" of `store`."""
+    if not store.client.collection_exists("kb"):
+        store.create_collection("kb", dimension=embedder.dimension, metadata={})
+    rows = [SourceRow(doc_id, doc_id, text, source=doc_id) for doc_id, text in texts.items()]
+    plan = indexing.plan_batch(rows, indexing.read_markers(store, "kb", list(texts)), "f")
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=32, overlap_tokens=0)
+    chunks = [c for row, digest in plan.changed for c in chunker.chunk(row, digest)]
+    return chunks, embedder.embed([c.embedding_text for c in chunks]), plan.previous_chunks
+
+
+def write(store, chunks, vectors, previous) -> int:
+    return indexing.write_documents(store, "kb", indexing.build_points(chunks, vectors, embedding_model="m"), previous)
+
+
+def test_a_failed_write_deletes_nothing_and_the_old_version_stays_whole(embedder, tokenizer):
+    store = FlakyStore.connect(":memory:")
+    long_text = " ".join(f"Sentence {i} about the anemometer bearings." for i in range(40))
+    write(store, *changed_chunks(store, embedder, tokenizer, {"manual": long_text}))
+    before = dict(store.iter_payload_field("kb", "content_hash"))
+    assert len(before) > 4
+
+    store.failures, store.writes = 1, []
+    shorter = changed_chunks(store, embedder, tokenizer, {"manual": " ".join(long_text.split()[:60])})
+    with pytest.raises(StoreUnavailable):
+        write(store, *shorter)
+    assert [kind for kind, _ in store.writes] == ["upsert"]  # the failed body write; no delete was attempted
+    assert dict(store.iter_payload_field("kb", "content_hash")) == before
+
+    write(store, *shorter)  # the store is back: writing again completes the new version
+    assert [kind for kind, _ in store.writes] == ["upsert", "upsert", "delete", "upsert"]
+    assert store.count("kb") == len(shorter[0]) < len(before)
+
+
+def test_store_steps_back_off_between_retries_and_then_succeed(prefect_api_url, embedder, tokenizer):
+    from prefect import get_client
+
+    store = FlakyStore.connect(":memory:")
+    chunks, vectors, previous = changed_chunks(store, embedder, tokenizer, {"note": "Grease the anemometer bearings yearly."})
+    store.failures = 2
+    state = steps.upsert(store, "kb", chunks, vectors, previous, embedding_model="m", return_state=True)
+    assert state.is_completed() and store.count("kb") == len(chunks)
+    with get_client(sync_client=True) as client:
+        run = client.read_task_run(state.state_details.task_run_id)
+        retries = [s for s in client.read_task_run_states(run.id) if s.name == "AwaitingRetry"]
+    assert run.run_count == 3
+    waits = [(s.state_details.scheduled_time - s.timestamp).total_seconds() for s in retries]
+    assert len(waits) == 2 and waits[0] >= 0.9 and waits[1] >= 1.9  # 1 s, then 2 s

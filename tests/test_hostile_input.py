@@ -1,0 +1,271 @@
+"""Hostile input: every odd file or row is indexed correctly, quarantined with its reason, or (when the
+whole source is unusable) ends the run with one clear error; and always rows in = indexed + quarantined.
+
+The corpora are generated here (the 50 MB document too, in tmp_path) and run through the real ingest
+flow: real Prefect, MiniLM and embedded Qdrant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.ingest import ingest
+from tasks.errors import SourceError
+from tasks.settings import IngestParams
+from tasks.sources import read_rows
+from tasks.store import QdrantStore
+
+OUTSIDE_SECRET = "OUTSIDE-SENTINEL-7f3a"  # text that lives outside the source directory only
+INDEXED = None  # expected outcome of a row that must be indexed
+MB = 1 << 20
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def index_contents(params: IngestParams) -> dict[str, dict]:
+    """doc_id -> {"text": the document's chunk texts joined, "chunks": count} as stored in the index."""
+    store = QdrantStore.connect(params.store)
+    try:
+        records, offset = [], None
+        while True:
+            page, offset = store.client.scroll(params.collection, limit=1000, offset=offset, with_payload=True)
+            records += page
+            if offset is None:
+                break
+    finally:
+        store.close()
+    docs: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: (r.payload["doc_id"], r.payload["chunk_index"])):
+        doc = docs.setdefault(record.payload["doc_id"], {"texts": [], "chunks": 0})
+        doc["texts"].append(record.payload["text"])
+        doc["chunks"] += 1
+    return docs
+
+
+def quarantined(report) -> dict[str, tuple[str, str]]:
+    """locator -> (rule, reason) from the run's quarantine file."""
+    return {row["locator"]: (row["rule"], row["reason"]) for row in pq.read_table(report.quarantine_path).to_pylist()}
+
+
+def hostile_directory(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
+    """A directory of hostile files and, per file, INDEXED or the expected quarantine reason (a prefix)."""
+    root = tmp_path / "hostile"
+    outside = write(tmp_path / "outside" / "secret.txt", f"{OUTSIDE_SECRET} must never be read")
+    write(tmp_path / "outside" / "more.txt", f"{OUTSIDE_SECRET} in a directory reached by a symlink")
+    expected: dict[str, str | None] = {}
+
+    def add(name: str, data: str | bytes, outcome: str | None) -> None:
+        write(root / name, data)
+        expected[name] = outcome
+
+    add("plain.txt", "The WS-200 weather station measures wind speed and rainfall.", INDEXED)
+    add("nested/deeper/note.md", "# Maintenance\n\nClean the rain gauge funnel every month.", INDEXED)
+    add("invalid-utf8.txt", b"caf\xe9 au lait", "not valid UTF-8 at byte 3")
+    add("nul-bytes.txt", b"text with a \x00 NUL byte", "binary content (NUL bytes)")
+    add("utf16-bom.txt", "UTF-16 text: Grüße aus Köln".encode("utf-16"), INDEXED)
+    add("utf8-bom.md", b"\xef\xbb\xbf# BOM\n\nA UTF-8 file with a byte order mark.", INDEXED)
+    add("empty.txt", b"", "text is empty or whitespace only")
+    add("whitespace.txt", " \n\t \r\n  ", "text is empty or whitespace only")
+    add("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "binary content (NUL bytes)")
+    add("image.png", b"\x89PNG\r\n\x1a\n", "unsupported file type '.png'")
+    add("page.html", "<html><head><title>Spec</title><style>body{color:red}</style><script>var token='js-code';</script>"
+        "</head><body><h1>WS-200</h1><p>Runs on 12 V.</p><script>alert('js-code')</script></body></html>", INDEXED)
+    add("rtl.txt", "שלום עולם — مرحبا بالعالم: right-to-left text with ‏marks‎.", INDEXED)
+    add("emoji.md", "# Emoji 🌧️\n\nRain 🌧 and wind 💨; 👩\u200d🔬 scientist; cafe\u0301 and n\u0303 combine.", INDEXED)
+    add("one-long-line.txt", " ".join(f"word{i}" for i in range(1500)), INDEXED)  # no newline to split at
+    with open(root / "fifty-mb.txt", "wb") as handle:  # 50 MB of real text: too big for max_chars
+        handle.write((b"All work and no play makes a big document. " * (50 * MB // 40))[: 50 * MB])
+    expected["fifty-mb.txt"] = "file has 52,428,800 bytes, too big for the limit of 1,000,000 characters"
+    write(root / "five-mb-line.txt", b"x" * (5 * MB))
+    expected["five-mb-line.txt"] = "file has 5,242,880 bytes, too big for the limit of 1,000,000 characters"
+    add("over-limit.txt", "y " * 600_000, "text has 1,200,000 characters, more than the limit of 1,000,000")
+    os.symlink("loop-b.txt", root / "loop-a.txt")
+    os.symlink("loop-a.txt", root / "loop-b.txt")
+    expected |= {"loop-a.txt": "symlink loop", "loop-b.txt": "symlink loop"}
+    os.symlink(outside, root / "outside-link.txt")
+    expected["outside-link.txt"] = "symlink to a file outside the source directory"
+    os.symlink(tmp_path / "outside", root / "outside-dir")  # a symlinked directory is not walked at all
+    os.symlink("plain.txt", root / "inside-link.txt")
+    expected["inside-link.txt"] = INDEXED
+    os.symlink("gone.txt", root / "dangling.txt")
+    expected["dangling.txt"] = "unreadable: No such file or directory"
+    os.mkfifo(root / "pipe.txt")  # reading it would block the run forever
+    expected["pipe.txt"] = "not a regular file"
+    write(root / ".hidden.txt", "hidden files are not part of the source")
+    return root, expected
+
+
+def test_hostile_directory_is_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir):
+    root, expected = hostile_directory(tmp_path)
+    # Half the files are bad on purpose; the default 20 % threshold would (rightly) stop the run.
+    params = IngestParams(source=root, collection="hostile", data_dir=data_dir, max_quarantined_share=0.9)
+    report = ingest(params)
+
+    assert report.loaded == len(expected) == report.valid + report.quarantined
+    reasons = quarantined(report)
+    assert set(reasons) == {name for name, outcome in expected.items() if outcome is not INDEXED}
+    for name, (rule, reason) in reasons.items():
+        assert reason.startswith(expected[name]), (name, reason)
+    assert reasons["over-limit.txt"][0] == "too_long" and reasons["empty.txt"][0] == "blank_text"
+
+    docs = index_contents(params)
+    assert set(docs) == {name for name, outcome in expected.items() if outcome is INDEXED}
+    text = {doc_id: "".join(doc["texts"]) for doc_id, doc in docs.items()}
+    assert text["utf16-bom.txt"] == "UTF-16 text: Grüße aus Köln"
+    assert text["utf8-bom.md"].startswith("# BOM")
+    assert text["rtl.txt"] == (root / "rtl.txt").read_text()
+    assert text["emoji.md"] == (root / "emoji.md").read_text()  # no normalisation: combining marks kept as given
+    assert "WS-200" in text["page.html"] and "js-code" not in text["page.html"] and "color" not in text["page.html"]
+    assert docs["one-long-line.txt"]["chunks"] > 5
+    assert all(OUTSIDE_SECRET not in t for t in text.values())
+
+
+def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[int, str | None]]:
+    """A JSONL table of hostile rows; per line number INDEXED or the expected reason (a prefix)."""
+    lines: list[tuple[bytes, str | None]] = [
+        (json.dumps({"id": "a", "text": "Anemometer calibration steps."}).encode(), INDEXED),
+        (b'{"id": "b", "text": "a broken line', "invalid JSON at column 35: Invalid control character"),
+        (json.dumps({"id": "a", "text": "Different text, same id."}).encode(), "duplicate id 'a' (first occurrence kept)"),
+        (json.dumps({"text": "No id at all."}).encode(), "missing id"),
+        (json.dumps({"id": "no-text"}).encode(), "missing text"),
+        (json.dumps({"id": ["x"], "text": "A list is no id."}).encode(), "id is not a string or an integer (list)"),
+        (json.dumps({"id": True, "text": "Neither is a boolean."}).encode(), "id is not a string or an integer (bool)"),
+        (json.dumps({"id": 42, "text": "Integer ids are fine."}).encode(), INDEXED),
+        (json.dumps({"id": 7.0, "text": "A whole float is the integer id 7."}).encode(), INDEXED),
+        (json.dumps({"id": "num", "text": 5}).encode(), "text is not a string (int)"),
+        (json.dumps({"id": "nul", "text": "NUL \u0000 inside"}).encode(), "binary content (NUL characters)"),
+        (b'{"id": "surrogate", "text": "lone \\ud800 surrogate"}', "invalid Unicode (a lone surrogate)"),
+        (b'{"id": "latin1", "text": "caf\xe9"}', "not valid UTF-8"),
+        (json.dumps({"id": "rtl", "text": "שלום עולם مرحبا بالعالم"}, ensure_ascii=False).encode(), INDEXED),
+        (json.dumps({"id": "emoji", "text": "💨 wind, cafe\u0301"}, ensure_ascii=False).encode(), INDEXED),
+        (json.dumps({"id": "blank", "text": " \n "}).encode(), "text is empty or whitespace only"),
+        (b"[1, 2, 3]", "line is not a JSON object"),
+        (json.dumps({"id": "five-mb", "text": "z" * (5 * MB)}).encode(), "text has 5,242,880 characters, more than the limit"),
+        (json.dumps({"id": "last", "text": "The last row is read after all of that."}).encode(), INDEXED),
+    ]
+    path = write(tmp_path / "hostile.jsonl", b"\n".join(line for line, _ in lines) + b"\n")
+    return path, {number: outcome for number, (_, outcome) in enumerate(lines, start=1)}
+
+
+def test_hostile_jsonl_rows_are_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir):
+    path, expected = hostile_jsonl(tmp_path)
+    params = IngestParams(source=path, collection="hostile-jsonl", data_dir=data_dir, max_quarantined_share=0.9)
+    report = ingest(params)
+
+    assert report.loaded == len(expected) == report.valid + report.quarantined
+    reasons = quarantined(report)
+    assert set(reasons) == {f"hostile.jsonl:{n}" for n, outcome in expected.items() if outcome is not INDEXED}
+    for locator, (_, reason) in reasons.items():
+        assert reason.startswith(expected[int(locator.rsplit(":", 1)[1])]), (locator, reason)
+    docs = index_contents(params)
+    assert set(docs) == {"a", "42", "7", "rtl", "emoji", "last"}
+    assert docs["a"]["texts"] == ["Anemometer calibration steps."]  # the first of the duplicates
+    assert docs["emoji"]["texts"] == ["💨 wind, cafe\u0301"]
+
+
+def test_csv_with_quotes_newlines_big_fields_and_a_utf16_bom(tmp_path):
+    big = "long field " * 20_000  # 220,000 characters: more than the csv module's default field limit
+    rows = [["id", "text", "team"], ["1", 'two\nlines, "quoted", and ; ,', "ops"], ["2", big, "dev"], ["3", "", "x"]]
+    content = "".join(",".join('"' + cell.replace('"', '""') + '"' for cell in row) + "\r\n" for row in rows)
+    for name, encoding in (("utf8.csv", "utf-8"), ("utf16.csv", "utf-16")):
+        read = list(read_rows(write(tmp_path / name, content.encode(encoding))))
+        assert [(r.doc_id, r.text, r.error) for r in read] == [
+            ("1", 'two\nlines, "quoted", and ; ,', None), ("2", big, None), ("3", "", None)
+        ]
+        assert read[0].locator == f"{name}:3" and read[0].metadata == {"team": "ops"}
+
+
+def test_a_table_that_cannot_be_read_on_is_one_clear_error(tmp_path):
+    path = write(tmp_path / "huge-field.csv", b'id,text\n1,fine\n2,"' + b"w" * (13 * MB + 1) + b'"\n3,after\n')
+    with pytest.raises(SourceError) as error:
+        list(read_rows(path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: line ") and "field larger than field limit" in message and "\n" not in message
+
+
+def test_a_table_line_too_long_for_any_document_is_skipped_unparsed(tmp_path):
+    path = write(tmp_path / "t.jsonl", b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "' + b"v" * (3 * MB) + b'"}\n{"id": "c", "text": "ok"}\n')
+    rows = list(read_rows(path, max_chars=100_000))
+    assert [(r.locator, r.doc_id, r.error) for r in rows] == [
+        ("t.jsonl:1", "a", None),
+        ("t.jsonl:2", None, "line longer than 2,248,576 characters (too big for max_chars; not parsed)"),
+        ("t.jsonl:3", "c", None),
+    ]
+
+
+def test_a_file_the_process_may_not_read_is_quarantined(tmp_path):
+    """chmod 000 stops every user but root; as root the reader runs in a subprocess as `nobody`."""
+    if os.geteuid() != 0:
+        root = tmp_path
+    else:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot drop privileges to test an unreadable file")
+        root = Path(tempfile.mkdtemp(prefix="ragbatch-unreadable-"))  # tmp_path's parents are private to root
+        root.chmod(0o755)
+    try:
+        write(root / "ok.txt", "readable").chmod(0o644)
+        write(root / "locked.txt", "nobody may read this").chmod(0o000)
+        script = "import json, sys; from tasks.sources import read_rows; " \
+                 "print(json.dumps([(r.doc_id, r.error) for r in read_rows(sys.argv[1])]))"
+        command = [sys.executable, "-c", script, str(root)]
+        if os.geteuid() == 0:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd="/")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == [["locked.txt", "unreadable: Permission denied"], ["ok.txt", None]]
+    finally:
+        if root != tmp_path:
+            shutil.rmtree(root)
+
+
+@pytest.mark.slow
+def test_hostile_question_set_each_question_answered_failed_or_quarantined_once(prefect_api_url, tmp_path, data_dir, tiny_llm_dir):
+    """Questions go through the same reader and validation as documents; a question whose prompt cannot
+    fit gets an error row and the others complete (real in-process vLLM, tiny random model)."""
+    from flows.answer import answer
+    from tasks.settings import AnswerParams
+
+    from .test_concurrency import small_corpus
+
+    ingest(IngestParams(source=small_corpus(tmp_path / "corpus", 4), collection="kb", data_dir=data_dir))
+    lines = [
+        json.dumps({"id": "ok", "question": "How often is the rain gauge checked?"}).encode(),
+        b'{"id": "broken", "question": "unterminated',
+        json.dumps({"id": "ok", "question": "Same id again?"}).encode(),
+        json.dumps({"question": "Who am I?"}).encode(),
+        json.dumps({"id": {"nested": 1}, "question": "A dict id?"}).encode(),
+        json.dumps({"id": "nul", "question": "NUL\u0000?"}).encode(),
+        b'{"id": "latin1", "question": "caf\xe9?"}',
+        json.dumps({"id": "blank", "question": "\t"}).encode(),
+        json.dumps({"id": "rtl", "question": "מה מצב הסוללה? ما حالة البطارية؟"}, ensure_ascii=False).encode(),
+        json.dumps({"id": "emoji", "question": "🌧️ how much rain? cafe\u0301"}, ensure_ascii=False).encode(),
+        json.dumps({"id": "huge", "question": "why " * 5000}).encode(),  # longer than max_question_chars
+        json.dumps({"id": "too-long-prompt", "question": "battery " * 450}).encode(),  # fits the limit, not the context
+    ]
+    questions = write(tmp_path / "questions.jsonl", b"\n".join(lines) + b"\n")
+    report = answer(AnswerParams(questions=questions, out=tmp_path / "answers.parquet", collection="kb", data_dir=data_dir,
+                                 llm_model=str(tiny_llm_dir), max_model_len=512, max_tokens=16, kv_cache_gib=1.0))
+    rows = {r["question_id"]: r for r in pq.read_table(report.output).to_pylist()}
+    assert report.questions == len(lines) == len(rows) + report.quarantined
+    assert set(rows) == {"ok", "rtl", "emoji", "too-long-prompt"}
+    assert "prompt does not fit" in rows["too-long-prompt"]["error"]
+    assert all(rows[q]["error"] is None and rows[q]["answer"] is not None for q in ("ok", "rtl", "emoji"))
+    assert rows["ok"]["question"] == "How often is the rain gauge checked?"  # the first of the duplicates
+    reasons = sorted(r["reason"].split(" (")[0].split(":")[0] for r in pq.read_table(report.quarantine_path).to_pylist())
+    assert reasons == sorted([
+        "invalid JSON at column 43", "duplicate id 'ok'", "missing id", "id is not a string or an integer",
+        "binary content", "not valid UTF-8", "question is empty or whitespace only", "question has 20,000 characters, more than the limit of 4,000",
+    ])
