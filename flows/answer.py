@@ -11,11 +11,11 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.answering import AnswerReport, Pending, answer_rows
-from tasks.embedding import SentenceTransformerEmbedder
 from tasks.generation import open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, progress, run_file, sample_markdown
 from tasks.prompts import PromptBuilder, load_template
 from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.retrieval import open_retriever
 from tasks.settings import AnswerParams
 from tasks.sources import batched, read_rows
 from tasks.store import QdrantStore
@@ -31,8 +31,8 @@ def answer(params: AnswerParams) -> AnswerReport:
     template = load_template(params.prompt_template)
     store = QdrantStore.connect(params.store)
     try:
-        embedding_model = store.readable_collection(params.collection)["embedding_model"]
-        embedder = SentenceTransformerEmbedder(model_name=embedding_model, batch_size=params.embed_batch_size)
+        retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
+                                   embed_batch_size=params.embed_batch_size)
         generator, tokenizer = open_generator(params)
         sampling = sampling_config(params)
         checkpoint = AnswerCheckpoint(params.out)
@@ -59,7 +59,7 @@ def answer(params: AnswerParams) -> AnswerReport:
                 if not part:
                     continue
                 clock = time.perf_counter()
-                steps.retrieve(part, store, params.collection, embedder, top_k=params.top_k,
+                steps.retrieve(part, store, retriever, top_k=params.top_k,
                                score_threshold=params.score_threshold)
                 retrieve_s = time.perf_counter() - clock
                 steps.prompts(part, prompt_builder())

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
 from tasks.errors import RagbatchError
-from tasks.settings import AnswerParams, IngestParams, RagbatchSettings, ServeParams
+from tasks.settings import AnswerParams, EvaluateParams, IngestParams, RagbatchSettings, ServeParams
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
@@ -97,6 +97,21 @@ def _print_answer(result: dict[str, Any]) -> None:
     print(f"answers: {result['output']}")
 
 
+def _print_evaluate(result: dict[str, Any]) -> None:
+    mode = result["retrieval"] + (f" ({result['fusion']})" if result.get("fusion") else "")
+    print(
+        f"{result['collection']}, {mode} retrieval, {result['queries']} queries: nDCG@10 {result['ndcg@10']:.4f}, "
+        f"recall@10 {result['recall@10']:.4f}, recall@100 {result['recall@100']:.4f}, MRR@10 {result['mrr@10']:.4f} "
+        f"({result['seconds']:.1f} s)"
+    )
+    if result.get("answers") is not None:
+        shares = ", ".join(f"{name} {result[name]:.4f}" for name in
+                           ("exact_match", "token_f1", "answers_citing", "citations_valid", "cited_relevant")
+                           if result.get(name) is not None)
+        print(f"{result['answers']} answers: {shares}")
+    print(f"per query: {result['per_query_path']}; summary: {result['summary_path']}")
+
+
 def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     """Run vLLM's OpenAI-compatible server in the foreground until Ctrl-C."""
     import subprocess
@@ -149,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(answer, AnswerParams, positional=("questions",))
     answer.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
     answer.set_defaults(run=_flow_command(AnswerParams, "answer"), show=_print_answer)
+
+    evaluate = commands.add_parser("evaluate", help="Measure retrieval and answer quality on a BEIR dataset or question set.")
+    add_model_options(evaluate, EvaluateParams)
+    evaluate.add_argument("--json", action="store_true", help="End stdout with one JSON object of the metrics.")
+    evaluate.set_defaults(run=_flow_command(EvaluateParams, "evaluate"), show=_print_evaluate)
 
     serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
     add_model_options(serve, ServeParams)
