@@ -26,3 +26,6 @@ def test_entrypoint_imports_and_parameters_validate(deployment):
         source = getattr(value, "source", None)
         if source is not None:
             assert (ROOT / source).exists(), f"{deployment['name']}: {source} does not exist"
+        dataset = getattr(value, "dataset", None)
+        if dataset is not None:
+            assert (ROOT / dataset).exists(), f"{deployment['name']}: {dataset} does not exist"
