@@ -9,7 +9,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks import steps
-from tasks.evaluation import add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
+from tasks.evaluation import EvaluateReport, add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
 from tasks.outputs import artifact_key, progress, run_file
 from tasks.retrieval import open_retriever
 from tasks.settings import EvaluateParams, RetrievalMode
@@ -20,7 +20,7 @@ QUERY_BATCH = 64
 
 
 @flow(name="evaluate", description="Measure retrieval (nDCG@10, recall, MRR) and answer quality on a BEIR dataset or question set.")
-def evaluate(params: EvaluateParams):
+def evaluate(params: EvaluateParams) -> EvaluateReport:
     started = time.perf_counter()
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
