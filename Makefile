@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-## The main job: index the sample corpus, then answer the sample question set into Parquet.
+## The main job: index the sample corpus, answer the sample question set into Parquet, and score both.
 demo: $(STAMP)
 	$(BIN)/ragbatch ingest data/corpus --collection sample
 	$(BIN)/ragbatch answer data/questions.jsonl --collection sample
+	$(BIN)/ragbatch evaluate --collection sample --dataset data/questions.jsonl --answers .ragbatch/answers/sample.parquet
 
 ## The Prefect UI on http://127.0.0.1:4200 with every deployment of prefect.yaml and a worker; Ctrl-C stops it.
 ui: $(STAMP)

@@ -2,10 +2,11 @@
 
 Run: .venv/bin/python bench/bench_embed.py [--dataset ../shared/datasets/scifact] [--limit 5000] [--rounds 5]
 
-Both backends load once, then embed the same `title + text` passages of the dataset in
-interleaved rounds (a slice each, alternating which goes first), so machine noise hits both alike.
-Reports passages/s of each, the speed-up, and the lowest cosine between their vectors.
-Writes bench/results/embed.json.
+Each backend lives in its own process (a vLLM engine changes its host process's threading, which
+would slow sentence-transformers beside it) and loads once; then both embed the same `title + text`
+passages of the dataset in interleaved rounds (a slice each, alternating which goes first, one at a
+time), so machine noise hits both alike. Reports passages/s of each, the speed-up, and the lowest
+cosine between their vectors. Writes bench/results/embed.json.
 """
 
 from __future__ import annotations
@@ -37,32 +38,55 @@ def passages(dataset: Path, limit: int) -> list[str]:
     return texts
 
 
+def serve(backend_name: str, batch_size: int, texts: list[str], connection) -> None:
+    """Worker process: load one backend, then embed the slices asked for and send back (seconds, vectors)."""
+    from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder
+
+    if backend_name == "vllm":
+        backend = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=Path(tempfile.mkdtemp(prefix="ragbatch-embed-")))
+    else:
+        backend = SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2", batch_size=batch_size)
+    backend.embed(texts[:32])  # load and warm up outside the clock
+    connection.send("ready")
+    while (job := connection.recv()) is not None:
+        start, stop = job
+        clock = time.perf_counter()
+        vectors = backend.embed(texts[start:stop])
+        connection.send((time.perf_counter() - clock, vectors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact")
     parser.add_argument("--limit", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="sentence-transformers batch size.")
     args = parser.parse_args()
-
-    from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder
+    import multiprocessing
 
     texts = passages(args.dataset, args.limit)
-    st = SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2", batch_size=args.batch_size)
-    vllm = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=Path(tempfile.mkdtemp(prefix="ragbatch-embed-")))
-    for backend in (st, vllm):  # load and warm up outside the clock
-        backend.embed(texts[:32])
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in ("sentence-transformers", "vllm"):
+        ours, theirs = context.Pipe()
+        process = context.Process(target=serve, args=(name, args.batch_size, texts, theirs), daemon=True)
+        process.start()
+        assert ours.recv() == "ready"  # one at a time: loading is not measured, and must not overlap the clock
+        workers[name] = (process, ours)
 
-    seconds = {"sentence-transformers": 0.0, "vllm": 0.0}
-    vectors: dict[str, list[np.ndarray]] = {name: [] for name in seconds}
+    seconds = {name: 0.0 for name in workers}
+    vectors: dict[str, list[np.ndarray]] = {name: [] for name in workers}
     size = -(-len(texts) // args.rounds)
     for number, start in enumerate(range(0, len(texts), size)):
-        part = texts[start:start + size]
-        order = [("sentence-transformers", st), ("vllm", vllm)]
-        for name, backend in order if number % 2 == 0 else order[::-1]:
-            clock = time.perf_counter()
-            vectors[name].append(backend.embed(part))
-            seconds[name] += time.perf_counter() - clock
+        names = list(workers) if number % 2 == 0 else list(workers)[::-1]
+        for name in names:
+            workers[name][1].send((start, start + size))
+            spent, part = workers[name][1].recv()
+            seconds[name] += spent
+            vectors[name].append(part)
+    for process, connection in workers.values():
+        connection.send(None)
+        process.join()
 
     cosine = (np.concatenate(vectors["sentence-transformers"]) * np.concatenate(vectors["vllm"])).sum(axis=1)
     result = {

@@ -13,12 +13,12 @@ from prefect.runtime import flow_run
 from tasks import steps
 from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
-from tasks.embedding import open_embedder
 from tasks.generation import open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
 from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.retrieval import open_retriever
 from tasks.secrets import qdrant_api_key
 from tasks.settings import AnswerParams
 from tasks.sources import SourceRow, batched, count_rows, read_rows
@@ -46,9 +46,9 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
     logger = get_run_logger()
     store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
-        embedding_model = store.readable_collection(params.collection)["embedding_model"]
-        embedder = open_embedder(params.embedding_backend, model_name=embedding_model, data_dir=params.data_dir,
-                                 batch_size=params.embed_batch_size)
+        retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
+                                   embed_batch_size=params.embed_batch_size, backend=params.embedding_backend,
+                                   data_dir=params.data_dir)
         generator, tokenizer = open_generator(params)
         sampling = sampling_config(params)
         checkpoint = AnswerCheckpoint(params.out)
@@ -77,8 +77,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                 report.resumed += len(valid) - len(part)
                 if part:
                     clock = time.perf_counter()
-                    steps.retrieve(part, store, params.collection, embedder, top_k=params.top_k,
-                                   score_threshold=params.score_threshold)
+                    steps.retrieve(part, store, retriever, top_k=params.top_k, score_threshold=params.score_threshold)
                     retrieve_s = time.perf_counter() - clock
                     steps.prompts(part, prompt_builder())
                     clock = time.perf_counter()

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
 from tasks.errors import RagbatchError
-from tasks.settings import AnswerParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
+from tasks.settings import AnswerParams, EvaluateParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
 
 
 def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], positional: tuple[str, ...] = ()) -> None:
@@ -38,7 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if enum_type is not None:
             choices = [member.value for member in enum_type]
         default = field.get_default(call_default_factory=False)
-        shown = f" (default: {default.value if isinstance(default, Enum) else default})" if default not in (None, "") else ""
+        shown = "" if default in (None, "", PydanticUndefined) else f" (default: {default.value if isinstance(default, Enum) else default})"
         parser.add_argument(flag, dest=name, default=None, choices=choices, metavar=None if choices else name.upper(),
                             help=help_text + shown)
 
@@ -95,6 +96,21 @@ def _print_answer(result: dict[str, Any]) -> None:
         f"{result['prompts_per_s']} prompts/s, {result['output_tokens_per_s']} output tokens/s ({result['seconds']:.1f} s)"
     )
     print(f"answers: {result['output']}")
+
+
+def _print_evaluate(result: dict[str, Any]) -> None:
+    mode = result["retrieval"] + (f" ({result['fusion']})" if result.get("fusion") else "")
+    print(
+        f"{result['collection']}, {mode} retrieval, {result['queries']} queries: nDCG@10 {result['ndcg@10']:.4f}, "
+        f"recall@10 {result['recall@10']:.4f}, recall@100 {result['recall@100']:.4f}, MRR@10 {result['mrr@10']:.4f} "
+        f"({result['seconds']:.1f} s)"
+    )
+    if result.get("answers") is not None:
+        shares = ", ".join(f"{name} {result[name]:.4f}" for name in
+                           ("exact_match", "token_f1", "answers_citing", "citations_valid", "cited_relevant")
+                           if result.get(name) is not None)
+        print(f"{result['answers']} answers: {shares}")
+    print(f"per query: {result['per_query_path']}; summary: {result['summary_path']}")
 
 
 def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(answer, AnswerParams, positional=("questions",))
     answer.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
     answer.set_defaults(run=_flow_command(AnswerParams, "answer"), show=_print_answer)
+
+    evaluate = commands.add_parser("evaluate", help="Measure retrieval and answer quality on a BEIR dataset or question set.")
+    add_model_options(evaluate, EvaluateParams)
+    evaluate.add_argument("--json", action="store_true", help="End stdout with one JSON object of the metrics.")
+    evaluate.set_defaults(run=_flow_command(EvaluateParams, "evaluate"), show=_print_evaluate)
 
     serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
     add_model_options(serve, ServeParams)

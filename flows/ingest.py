@@ -49,8 +49,9 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
                                  device=params.device, batch_size=params.embed_batch_size)
         target = prepare_target(
             store, params.collection, rebuild=params.rebuild, embedder=embedder,
-            chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap,
+            chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap, retrieval=params.retrieval,
         )
+        bm25 = None
         fingerprint = index_fingerprint(
             embedding_model=params.embedding_model, chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap
         )
@@ -76,15 +77,18 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
                 quarantine.write(rejected)
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
                 chunks = steps.chunk(chunker(), plan) if plan.changed else []
-                vectors = steps.embed(embedder, chunks) if chunks else None
+                vectors = steps.embed(embedder, chunks) if chunks and target.layout.dense else None
+                if chunks and target.layout.sparse and bm25 is None:
+                    bm25 = steps.bm25_statistics(store, target.collection, chunks)
                 deleted = steps.upsert(store, target.collection, chunks, vectors, plan.previous_chunks,
-                                       embedding_model=params.embedding_model) if chunks else 0
+                                       embedding_model=params.embedding_model, layout=target.layout,
+                                       bm25=bm25) if chunks else 0
                 report.loaded += len(batch)
                 report.valid += len(valid)
                 report.quarantined += len(rejected)
                 report.unchanged += plan.unchanged
                 report.chunks += len(chunks)
-                report.embedded += len(chunks)
+                report.embedded += len(chunks) if target.layout.dense else 0
                 report.upserted += len(chunks)
                 report.deleted += deleted
                 progress.advance(len(batch))

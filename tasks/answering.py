@@ -6,14 +6,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
-from tasks.embedding import Embedder
 from tasks.llm import Completion, Generator, SamplingConfig
 from tasks.prompts import Prompt, PromptBuilder, PromptTooLong, find_citations
 from tasks.questions import Question
-from tasks.retrieval import Hit, InvalidFilter, build_filter, retrieve
+from tasks.retrieval import Hit, InvalidFilter, Retriever, build_filter
 from tasks.store import QdrantStore
 
 
@@ -54,10 +52,9 @@ class Pending:
 
 
 def retrieve_part(
-    part: list[Pending], store: QdrantStore, collection: str, embedder: Embedder, *, top_k: int,
-    score_threshold: float | None,
+    part: list[Pending], store: QdrantStore, retriever: Retriever, *, top_k: int, score_threshold: float | None,
 ) -> None:
-    """Embed the questions in one batch and fetch their passages in one batched query."""
+    """Fetch the passages of a part's questions in one batched query (questions embedded in one batch)."""
     queries: list[tuple[Pending, Any]] = []
     for item in part:
         try:
@@ -66,8 +63,8 @@ def retrieve_part(
             item.error = f"invalid filter: {exc}"
     if not queries:
         return
-    vectors: np.ndarray = embedder.embed([item.question.text for item, _ in queries])
-    results = retrieve(store, collection, vectors, [f for _, f in queries], top_k=top_k, score_threshold=score_threshold)
+    results = retriever.search(store, [item.question.text for item, _ in queries], [f for _, f in queries],
+                               top_k=top_k, score_threshold=score_threshold)
     for (item, _), hits in zip(queries, results, strict=True):
         item.hits = hits
 

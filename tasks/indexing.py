@@ -18,7 +18,8 @@ import numpy as np
 
 from tasks.chunking import Chunk
 from tasks.sources import SourceRow
-from tasks.store import QdrantStore
+from tasks.sparse import Bm25
+from tasks.store import QdrantStore, VectorLayout
 
 POINT_NAMESPACE = uuid.UUID("6f1c1d1e-5b7a-4c61-9a55-2f0e8f1f3a10")
 UPSERT_BATCH = 256
@@ -80,17 +81,32 @@ def plan_batch(rows: Sequence[SourceRow], markers: dict[str, Marker], fingerprin
     return BatchPlan(changed, previous, len(rows) - len(changed))
 
 
-def build_points(chunks: Sequence[Chunk], vectors: np.ndarray, *, embedding_model: str) -> list:
-    """Qdrant points for chunks; every payload names its document, position and model."""
+def build_points(
+    chunks: Sequence[Chunk], vectors: np.ndarray | None, *, embedding_model: str, layout: VectorLayout = VectorLayout(),
+    bm25: Bm25 | None = None,
+) -> list:
+    """Qdrant points for chunks in the collection's vector layout (dense vectors from `vectors`, BM25
+    sparse vectors of the same text the model embeds from `bm25`); every payload names its document,
+    position and model."""
     from qdrant_client import models
 
     n_chunks: dict[str, int] = {}
     for chunk in chunks:
         n_chunks[chunk.doc_id] = max(n_chunks.get(chunk.doc_id, 0), chunk.chunk_index + 1)
+
+    def vector(index: int, chunk: Chunk):
+        dense = vectors[index].tolist() if layout.dense else None
+        sparse = None
+        if layout.sparse:
+            assert bm25 is not None, "a sparse layout needs BM25 statistics"
+            encoded = bm25.document(chunk.embedding_text)
+            sparse = models.SparseVector(indices=encoded.indices, values=encoded.values)
+        return layout.point_vector(dense, sparse)
+
     return [
         models.PointStruct(
             id=point_id(chunk.doc_id, chunk.chunk_index),
-            vector=vector.tolist(),
+            vector=vector(index, chunk),
             payload={
                 "doc_id": chunk.doc_id,
                 "chunk_index": chunk.chunk_index,
@@ -106,7 +122,7 @@ def build_points(chunks: Sequence[Chunk], vectors: np.ndarray, *, embedding_mode
                 "embedding_model": embedding_model,
             },
         )
-        for chunk, vector in zip(chunks, vectors, strict=True)
+        for index, chunk in enumerate(chunks)
     ]
 
 

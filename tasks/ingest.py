@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from tasks.chunking import Chunk
 from tasks.embedding import Embedder
 from tasks.errors import QuarantineThresholdExceeded, StoreError
-from tasks.store import QdrantStore, new_physical_name
+from tasks.settings import RetrievalMode
+from tasks.sparse import B, K1, Bm25, mean_length
+from tasks.store import QdrantStore, VectorLayout, new_physical_name
 
 INDEX_FORMAT = 1
 
@@ -40,14 +44,29 @@ class Target:
     alias: str
     collection: str
     replaces: str | None = None
+    layout: VectorLayout = field(default_factory=VectorLayout)
 
     @property
     def is_rebuild(self) -> bool:
         return self.replaces is not None
 
 
-def collection_metadata(embedding_model: str, dimension: int, chunk_tokens: int, chunk_overlap: int) -> dict:
-    return {
+LAYOUTS = {
+    RetrievalMode.dense: VectorLayout(dense=True, sparse=False),
+    RetrievalMode.sparse: VectorLayout(dense=False, sparse=True),
+    RetrievalMode.hybrid: VectorLayout(dense=True, sparse=True),
+}
+BM25_AVGDL = "bm25_avgdl"
+
+
+def layout_mode(layout: VectorLayout) -> RetrievalMode:
+    return RetrievalMode.hybrid if layout.dense and layout.sparse else RetrievalMode.sparse if layout.sparse else RetrievalMode.dense
+
+
+def collection_metadata(
+    embedding_model: str, dimension: int, chunk_tokens: int, chunk_overlap: int, layout: VectorLayout = VectorLayout()
+) -> dict:
+    metadata = {
         "embedding_model": embedding_model,
         "dimension": dimension,
         "distance": "cosine",
@@ -55,33 +74,63 @@ def collection_metadata(embedding_model: str, dimension: int, chunk_tokens: int,
         "chunk_overlap": chunk_overlap,
         "ragbatch_index_format": INDEX_FORMAT,
     }
+    if layout.sparse:
+        metadata.update(bm25_k1=K1, bm25_b=B)
+    return metadata
 
 
 def prepare_target(
-    store: QdrantStore, alias: str, *, rebuild: bool, embedder: Embedder, chunk_tokens: int, chunk_overlap: int
+    store: QdrantStore, alias: str, *, rebuild: bool, embedder: Embedder, chunk_tokens: int, chunk_overlap: int,
+    retrieval: RetrievalMode | None = None,
 ) -> Target:
-    """Reuse the collection behind `alias`, or create a new physical one (first run or rebuild)."""
+    """Reuse the collection behind `alias`, or create a new physical one (first run or rebuild).
+
+    `retrieval` picks the vectors of a new collection (default hybrid); an existing collection keeps
+    its own, and asking for others needs a rebuild.
+    """
     current = store.resolve(alias)
     if current is not None and not rebuild:
-        built_with = store.collection_metadata(current).get("embedding_model")
+        metadata = store.collection_metadata(current)
+        built_with = metadata.get("embedding_model")
         if built_with and built_with != embedder.model_name:
             raise StoreError(
                 f"collection {alias!r} was built with embedding model {built_with!r}, not {embedder.model_name!r}; "
                 "use --rebuild to re-embed with the new model"
             )
-        return Target(alias, current)
+        layout = VectorLayout.from_metadata(metadata)
+        if retrieval is not None and layout_mode(layout) != retrieval:
+            raise StoreError(
+                f"collection {alias!r} stores {layout_mode(layout).value} vectors, not {retrieval.value}; "
+                f"use --rebuild to re-index it for {retrieval.value} retrieval"
+            )
+        return Target(alias, current, layout=layout)
     if current == alias:
         raise StoreError(f"{alias!r} is a plain collection, not a ragbatch alias; cannot rebuild it atomically")
+    layout = LAYOUTS[retrieval or RetrievalMode.hybrid]
+    dimension = embedder.dimension if layout.dense else 0
     physical = new_physical_name(alias)
     store.create_collection(
         physical,
-        dimension=embedder.dimension,
-        metadata=collection_metadata(embedder.model_name, embedder.dimension, chunk_tokens, chunk_overlap),
+        dimension=dimension,
+        metadata=collection_metadata(embedder.model_name, dimension, chunk_tokens, chunk_overlap, layout),
+        layout=layout,
     )
     if current is None:
         store.move_alias(alias, physical)
-        return Target(alias, physical)
-    return Target(alias, physical, replaces=current)
+        return Target(alias, physical, layout=layout)
+    return Target(alias, physical, replaces=current, layout=layout)
+
+
+def bm25_statistics(store: QdrantStore, collection: str, chunks: Sequence[Chunk]) -> Bm25:
+    """The collection's BM25 parameters. avgdl is a collection statistic fixed when the first chunks
+    are written (their mean length, recorded in the collection metadata before any sparse vector), so
+    incremental runs never leave stored vectors computed with a different avgdl."""
+    metadata = store.collection_metadata(collection)
+    avgdl = metadata.get(BM25_AVGDL)
+    if avgdl is None:
+        avgdl = round(mean_length([chunk.embedding_text for chunk in chunks]), 3)
+        store.update_metadata(collection, {BM25_AVGDL: avgdl})
+    return Bm25(avgdl=float(avgdl), k1=float(metadata.get("bm25_k1", K1)), b=float(metadata.get("bm25_b", B)))
 
 
 def finish_rebuild(store: QdrantStore, target: Target) -> list[str]:

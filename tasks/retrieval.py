@@ -1,14 +1,23 @@
-"""Retrieval: batched nearest-neighbour queries with optional payload filters, as ranked hits."""
+"""Retrieval inside Qdrant: dense, sparse (BM25) or hybrid (both prefetched, then fused), batched,
+with optional payload filters, as ranked hits."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tasks.embedding import Embedder, open_embedder
+from tasks.errors import StoreError
+from tasks.settings import EmbeddingBackend, FusionMethod, RetrievalMode, default_data_dir
+from tasks.sparse import Bm25
+from tasks.store import SPARSE, QdrantStore, VectorLayout
 
-from tasks.store import QdrantStore
+# Cormack, Clarke & Buettcher (2009): k = 60 for reciprocal rank fusion (Qdrant's own default is 2).
+RRF_K = 60
+# Each branch of a hybrid query contributes at least this many candidates to the fusion.
+MIN_PREFETCH = 100
 
 
 class InvalidFilter(ValueError):
@@ -48,20 +57,85 @@ def build_filter(spec: dict[str, Any] | None):
     return models.Filter(must=conditions)
 
 
-def retrieve(
-    store: QdrantStore, collection: str, vectors: np.ndarray, filters: Sequence[Any | None], *,
-    top_k: int, score_threshold: float | None = None,
-) -> list[list[Hit]]:
-    """Top-k hits per query vector, ranked from 1, in one batched request."""
-    results = store.query_batch(collection, vectors, limit=top_k, filters=filters, score_threshold=score_threshold)
+@dataclass
+class Retriever:
+    """Queries one collection in one retrieval mode; texts in, ranked hits out."""
+
+    collection: str
+    mode: RetrievalMode
+    layout: VectorLayout
+    embedder: Embedder | None = None
+    bm25: Bm25 | None = None
+    fusion: FusionMethod = FusionMethod.rrf
+
+    def requests(self, texts: Sequence[str], filters: Sequence[Any | None], *, top_k: int,
+                 score_threshold: float | None = None) -> list[Any]:
+        """One Query API request per text; hybrid prefetches max(top_k, 100) per branch and fuses them."""
+        from qdrant_client import models
+
+        dense = self.embedder.embed(list(texts)) if self.mode != RetrievalMode.sparse else None
+        sparse = [self.bm25.query(text) for text in texts] if self.mode != RetrievalMode.dense else None
+        if self.mode == RetrievalMode.hybrid:
+            fusion = (models.RrfQuery(rrf=models.Rrf(k=RRF_K)) if self.fusion == FusionMethod.rrf
+                      else models.FusionQuery(fusion=models.Fusion.DBSF))
+        requests = []
+        for index, query_filter in enumerate(filters):
+            branches = []
+            if dense is not None:
+                branches.append(dict(query=[float(x) for x in dense[index]], using=self.layout.dense_name))
+            if sparse is not None:
+                vector = models.SparseVector(indices=sparse[index].indices, values=sparse[index].values)
+                branches.append(dict(query=vector, using=SPARSE))
+            if len(branches) == 1:
+                request = models.QueryRequest(**branches[0], filter=query_filter, limit=top_k,
+                                              score_threshold=score_threshold, with_payload=True)
+            else:
+                prefetch = [models.Prefetch(**branch, filter=query_filter, limit=max(top_k, MIN_PREFETCH))
+                            for branch in branches]
+                request = models.QueryRequest(prefetch=prefetch, query=fusion, limit=top_k,
+                                              score_threshold=score_threshold, with_payload=True)
+            requests.append(request)
+        return requests
+
+    def search(self, store: QdrantStore, texts: Sequence[str], filters: Sequence[Any | None], *, top_k: int,
+               score_threshold: float | None = None) -> list[list[Hit]]:
+        """Top-k hits per text, ranked from 1, in one batched request."""
+        if not texts:
+            return []
+        requests = self.requests(texts, filters, top_k=top_k, score_threshold=score_threshold)
+        return [to_hits(points) for points in store.query_batch(self.collection, requests)]
+
+
+def open_retriever(store: QdrantStore, collection: str, mode: RetrievalMode, *, fusion: FusionMethod = FusionMethod.rrf,
+                   embed_batch_size: int = 64, backend: EmbeddingBackend = EmbeddingBackend.sentence_transformers,
+                   data_dir: Path | None = None) -> Retriever:
+    """A retriever for a ragbatch collection; one-line errors when it lacks the vectors `mode` needs."""
+    metadata = store.readable_collection(collection)
+    layout = VectorLayout.from_metadata(metadata)
+    needs = {"dense": mode != RetrievalMode.sparse, "sparse": mode != RetrievalMode.dense}
+    missing = [kind for kind, needed in needs.items() if needed and not getattr(layout, kind)]
+    if missing:
+        raise StoreError(
+            f"collection {collection!r} has no {' or '.join(missing)} vectors, so it cannot serve {mode.value} retrieval; "
+            f"use --retrieval {'sparse' if layout.sparse else 'dense'}, or re-ingest with --rebuild --retrieval {mode.value}"
+        )
+    embedder = None
+    if mode != RetrievalMode.sparse:
+        embedder = open_embedder(backend, model_name=metadata["embedding_model"], batch_size=embed_batch_size,
+                                 data_dir=data_dir or default_data_dir())
+    bm25 = None
+    if mode != RetrievalMode.dense:
+        # Queries need only the analyzer; avgdl matters for documents alone.
+        bm25 = Bm25(avgdl=float(metadata.get("bm25_avgdl", 1.0)))
+    return Retriever(collection, mode, layout, embedder=embedder, bm25=bm25, fusion=fusion)
+
+
+def to_hits(points: Sequence[Any]) -> list[Hit]:
     return [
-        [
-            Hit(
-                rank=rank, score=float(point.score), point_id=str(point.id),
-                doc_id=point.payload["doc_id"], chunk_index=int(point.payload["chunk_index"]),
-                text=point.payload["text"], source=point.payload.get("source", ""), title=point.payload.get("title"),
-            )
-            for rank, point in enumerate(points, start=1)
-        ]
-        for points in results
+        Hit(
+            rank=rank, score=float(point.score), point_id=str(point.id),
+            doc_id=point.payload["doc_id"], chunk_index=int(point.payload["chunk_index"]),
+            text=point.payload["text"], source=point.payload.get("source", ""), title=point.payload.get("title"),
+        )
+        for rank, point in enumerate(points, start=1)
     ]

@@ -31,6 +31,21 @@ class EmbeddingBackend(str, Enum):
     vllm = "vllm"
 
 
+class RetrievalMode(str, Enum):
+    """How passages are found: dense embeddings, BM25 sparse vectors, or both fused (all inside Qdrant)."""
+
+    dense = "dense"
+    sparse = "sparse"
+    hybrid = "hybrid"
+
+
+class FusionMethod(str, Enum):
+    """How hybrid retrieval merges the dense and sparse rankings: reciprocal rank or distribution-based score fusion."""
+
+    rrf = "rrf"
+    dbsf = "dbsf"
+
+
 def default_data_dir() -> Path:
     """Where ragbatch keeps its state unless told otherwise: `.ragbatch/` in the working directory."""
     return Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
@@ -90,7 +105,7 @@ class StoreParams(RagbatchSettings):
 class IngestParams(StoreParams):
     """Parameters of the ingest flow."""
 
-    form_first: ClassVar[tuple[str, ...]] = ("source", "collection", "rebuild")
+    form_first: ClassVar[tuple[str, ...]] = ("source", "collection", "rebuild", "retrieval")
 
     source: Path = Field(description="A directory of .txt/.md/.html files, a JSONL/CSV/Parquet table, or a BEIR directory.")
     format: SourceFormat = Field(SourceFormat.auto, description="Source format; auto detects it from the path.")
@@ -113,6 +128,10 @@ class IngestParams(StoreParams):
         0.2, ge=0.0, le=1.0, description="Fail the run (and delete nothing) when more of the input than this fails validation."
     )
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
+    retrieval: RetrievalMode | None = Field(
+        None, description="Vectors to store: dense, sparse (BM25) or hybrid (both). Fixed when the collection is created; "
+        "default: hybrid for a new collection or --rebuild, the collection's own otherwise.",
+    )
 
     @field_validator("chunk_overlap")
     @classmethod
@@ -144,7 +163,7 @@ class ServeParams(EngineParams):
 class AnswerParams(StoreParams, EngineParams):
     """Parameters of the answer flow."""
 
-    form_first: ClassVar[tuple[str, ...]] = ("questions", "collection", "out", "llm_model")
+    form_first: ClassVar[tuple[str, ...]] = ("questions", "collection", "out", "llm_model", "retrieval")
 
     questions: Path = Field(description="Question set: JSONL, CSV or Parquet with id, question, optional reference_answers and filter.")
     out: Path | None = Field(
@@ -153,7 +172,9 @@ class AnswerParams(StoreParams, EngineParams):
     )
     format: SourceFormat = Field(SourceFormat.auto, description="Question file format; auto detects it from the suffix.")
     top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
-    score_threshold: float | None = Field(None, description="Drop passages scoring below this cosine similarity.")
+    score_threshold: float | None = Field(
+        None, description="Drop passages scoring below this: cosine similarity for dense, BM25 for sparse, the fused score for hybrid."
+    )
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
     llm_url: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server (e.g. ragbatch serve) to use instead of the in-process engine. "
@@ -175,12 +196,37 @@ class AnswerParams(StoreParams, EngineParams):
     max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
     overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
+    retrieval: RetrievalMode = Field(RetrievalMode.hybrid, description="Retrieval: dense, sparse (BM25) or hybrid (both, fused).")
+    fusion: FusionMethod = Field(FusionMethod.rrf, description="Fusion for hybrid retrieval: rrf (reciprocal rank, k=60) or dbsf.")
 
     @model_validator(mode="after")
     def _default_out(self) -> "AnswerParams":
         if self.out is None:
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
         return self
+
+
+class EvaluateParams(StoreParams):
+    """Parameters of the evaluate flow."""
+
+    form_first: ClassVar[tuple[str, ...]] = ("dataset", "collection", "retrieval", "answers")
+
+    dataset: Path = Field(
+        description="A BEIR directory (corpus.jsonl, queries.jsonl, qrels/) or a question set (JSONL, CSV or Parquet) "
+        "with reference_answers and optionally the relevant documents in `source` or `relevant_doc_ids`."
+    )
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$", description="BEIR qrels split: qrels/<split>.tsv.")
+    retrieval: RetrievalMode = Field(RetrievalMode.hybrid, description="Retrieval: dense, sparse (BM25) or hybrid (both, fused).")
+    fusion: FusionMethod = Field(FusionMethod.rrf, description="Fusion for hybrid retrieval: rrf (reciprocal rank, k=60) or dbsf.")
+    depth: int = Field(
+        300, ge=100, le=2000,
+        description="Chunks retrieved per query (and per branch of hybrid) before they are mapped to documents, "
+        "enough for 100 distinct documents.",
+    )
+    answers: Path | None = Field(None, description="Answers Parquet of `ragbatch answer` on this dataset: adds answer metrics.")
+    out: Path | None = Field(None, description="Per-query Parquet output; the summary JSON goes beside it. Default: the run directory.")
+    embed_batch_size: int = Field(64, ge=1, description="Queries per forward pass of the embedding model.")
+    show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
 
 
 class PrefectServerParams(RagbatchSettings):

@@ -12,16 +12,19 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import indexing
+from tasks import indexing, ingest, metrics
 from tasks.answering import Pending, build_prompts, generate_part, retrieve_part
 from tasks.chunking import Chunk, TokenChunker
 from tasks.embedding import Embedder
+from tasks.evaluation import EvalQuery
 from tasks.errors import StoreUnavailable
 from tasks.llm import Generator, SamplingConfig
 from tasks.outputs import AnswerCheckpoint
 from tasks.prompts import PromptBuilder
+from tasks.retrieval import Retriever
 from tasks.sources import SourceRow
-from tasks.store import QdrantStore
+from tasks.sparse import Bm25
+from tasks.store import QdrantStore, VectorLayout
 from tasks.validation import DocumentValidator, QuarantinedRow
 
 
@@ -66,12 +69,17 @@ def embed(embedder: Embedder, chunks: Sequence[Chunk]) -> np.ndarray:
     return embedder.embed([c.embedding_text for c in chunks])
 
 
+@task(name="bm25-statistics", **STEP, **STORE_RETRIES)
+def bm25_statistics(store: QdrantStore, collection: str, chunks: list[Chunk]) -> Bm25:
+    return ingest.bm25_statistics(store, collection, chunks)
+
+
 @task(name="upsert", **STEP, **STORE_RETRIES)
-def upsert(store: QdrantStore, collection: str, chunks: list[Chunk], vectors: np.ndarray, previous_chunks: dict[str, int],
-           *, embedding_model: str) -> int:
-    """Points are built here, not passed in: Prefect inspects task inputs, and walking thousands of
-    384-float vectors in PointStructs cost about a second per batch."""
-    points = indexing.build_points(chunks, vectors, embedding_model=embedding_model)
+def upsert(store: QdrantStore, collection: str, chunks: list[Chunk], vectors: np.ndarray | None, previous_chunks: dict[str, int],
+           *, embedding_model: str, layout: VectorLayout, bm25: Bm25 | None) -> int:
+    """Points (with their sparse vectors) are built here, not passed in: Prefect inspects task inputs,
+    and walking thousands of 384-float vectors in PointStructs cost about a second per batch."""
+    points = indexing.build_points(chunks, vectors, embedding_model=embedding_model, layout=layout, bm25=bm25)
     return indexing.write_documents(store, collection, points, previous_chunks)
 
 
@@ -83,9 +91,9 @@ def delete_missing(store: QdrantStore, collection: str, present_doc_ids: set[str
 
 
 @task(name="retrieve", **STEP, **STORE_RETRIES)
-def retrieve(part: list[Pending], store: QdrantStore, collection: str, embedder: Embedder, *, top_k: int,
+def retrieve(part: list[Pending], store: QdrantStore, retriever: Retriever, *, top_k: int,
              score_threshold: float | None) -> None:
-    retrieve_part(part, store, collection, embedder, top_k=top_k, score_threshold=score_threshold)
+    retrieve_part(part, store, retriever, top_k=top_k, score_threshold=score_threshold)
 
 
 @task(name="build-prompts", **STEP)
@@ -105,3 +113,10 @@ def generate(part: list[Pending], generator: Generator, sampling: SamplingConfig
 def write(checkpoint: AnswerCheckpoint, rows: list[dict]) -> None:
     """Checkpoint a part of answer rows (atomically), so a re-run skips these questions."""
     checkpoint.write_part(rows)
+
+
+@task(name="rank-documents", **STEP, **STORE_RETRIES)
+def rank_documents(queries: list[EvalQuery], store: QdrantStore, retriever: Retriever, *, depth: int) -> dict[str, list[str]]:
+    """Documents per query, ranked by their best chunk among the top `depth` chunks."""
+    results = retriever.search(store, [query.text for query in queries], [None] * len(queries), top_k=depth)
+    return {query.id: metrics.rank_documents([hit.doc_id for hit in hits]) for query, hits in zip(queries, results, strict=True)}

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,6 +19,8 @@ from pydantic import SecretStr
 from tasks.errors import StoreError, StoreUnavailable
 
 API_KEY_ENV = ("RAGBATCH_QDRANT_API_KEY", "QDRANT_API_KEY")
+DENSE = "dense"
+SPARSE = "sparse"
 SCROLL_PAGE = 1000
 PHYSICAL_SEPARATOR = "--"
 
@@ -33,6 +36,46 @@ def qdrant_api_key() -> str | None:
 def new_physical_name(alias: str) -> str:
     """A fresh physical collection name for an alias: `<alias>--<UTC timestamp>`."""
     return f"{alias}{PHYSICAL_SEPARATOR}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """Which vectors a collection's points carry: named "dense" and/or "sparse" (BM25 with Qdrant's IDF).
+
+    Collections from before named vectors hold one unnamed dense vector (`named=False`); their
+    metadata has no "vectors" entry.
+    """
+
+    dense: bool = True
+    sparse: bool = False
+    named: bool = True
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> "VectorLayout":
+        if "vectors" not in metadata:
+            return cls(dense=True, sparse=False, named=False)
+        names = set(metadata["vectors"])
+        return cls(dense=DENSE in names, sparse=SPARSE in names)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, present in ((DENSE, self.dense), (SPARSE, self.sparse)) if present]
+
+    @property
+    def dense_name(self) -> str | None:
+        """The `using` of dense queries: None for the unnamed vector of older collections."""
+        return DENSE if self.named else None
+
+    def point_vector(self, dense: Any | None, sparse: Any | None) -> Any:
+        """The `vector` of a PointStruct in this layout."""
+        if not self.named:
+            return dense
+        vector = {}
+        if self.dense:
+            vector[DENSE] = dense
+        if self.sparse:
+            vector[SPARSE] = sparse
+        return vector
 
 
 @contextmanager
@@ -110,15 +153,18 @@ class QdrantStore:
             names = [c.name for c in self.client.get_collections().collections]
         return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
 
-    def create_collection(self, name: str, *, dimension: int, metadata: dict[str, Any]) -> None:
-        """A cosine collection of `dimension` with payload indexes on doc_id and source."""
+    def create_collection(
+        self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout()
+    ) -> None:
+        """A collection with the layout's named vectors (dense: cosine of `dimension`; sparse: IDF
+        modifier), its vector names recorded in the metadata, and payload indexes on doc_id and source."""
         from qdrant_client import models
 
+        dense = {DENSE: models.VectorParams(size=dimension, distance=models.Distance.COSINE)} if layout.dense else {}
+        sparse = {SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)} if layout.sparse else None
         with _translate_errors(self.location, f"creating collection {name}"):
             self.client.create_collection(
-                name,
-                vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
-                metadata=metadata,
+                name, vectors_config=dense, sparse_vectors_config=sparse, metadata={**metadata, "vectors": layout.names}
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Payload indexes have no effect")
@@ -128,6 +174,11 @@ class QdrantStore:
     def collection_metadata(self, name: str) -> dict[str, Any]:
         with _translate_errors(self.location, f"reading collection {name}"):
             return dict(self.client.get_collection(name).config.metadata or {})
+
+    def update_metadata(self, name: str, metadata: dict[str, Any]) -> None:
+        """Add or replace these metadata keys; the others stay."""
+        with _translate_errors(self.location, f"updating collection {name}"):
+            self.client.update_collection(name, metadata=metadata)
 
     def readable_collection(self, name: str) -> dict[str, Any]:
         """Metadata of a collection that exists and holds points; one-line errors otherwise."""
@@ -187,18 +238,8 @@ class QdrantStore:
         with _translate_errors(self.location, f"deleting points from {collection}"):
             self.client.delete(collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
-    def query_batch(
-        self, collection: str, vectors: Sequence[Sequence[float]], *, limit: int, filters: Sequence[Any | None],
-        score_threshold: float | None = None,
-    ) -> list[list[Any]]:
-        """Nearest points for many query vectors in one request; payloads included."""
-        from qdrant_client import models
-
-        requests = [
-            models.QueryRequest(query=list(map(float, vector)), filter=query_filter, limit=limit,
-                                score_threshold=score_threshold, with_payload=True)
-            for vector, query_filter in zip(vectors, filters, strict=True)
-        ]
+    def query_batch(self, collection: str, requests: Sequence[Any]) -> list[list[Any]]:
+        """Run many Query API requests (`models.QueryRequest`) in one call; the points of each."""
         if not requests:
             return []
         with _translate_errors(self.location, f"querying {collection}"):

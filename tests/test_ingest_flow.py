@@ -9,7 +9,7 @@ from flows.ingest import ingest
 from tasks.errors import QuarantineThresholdExceeded, StoreError
 from tasks.indexing import point_id
 from tasks.models import resolve_embedding_model
-from tasks.settings import IngestParams
+from tasks.settings import IngestParams, RetrievalMode
 from tasks.store import QdrantStore
 
 
@@ -46,7 +46,7 @@ def test_first_run_indexes_the_sample_corpus(params, embedder):
         for doc_id, ids in docs.items():
             assert ids == {point_id(doc_id, i) for i in range(len(ids))}
         question = embedder.embed(["What does error code E-219 mean?"])[0]
-        hits = store.client.query_points("kb", query=question.tolist(), limit=3, with_payload=True).points
+        hits = store.client.query_points("kb", query=question.tolist(), using="dense", limit=3, with_payload=True).points
         assert hits[0].payload["source"] == "troubleshooting-guide.txt"
         assert "E-219" in hits[0].payload["text"]
     finally:
@@ -143,3 +143,21 @@ def test_run_publishes_counts_and_validation_artifacts(params):
     assert artifacts["ingest-progress-kb"].type == "progress" and artifacts["ingest-progress-kb"].data == 100.0
     assert artifacts["ingest-kb"].type == "table" and f'"points": {report.points}' in str(artifacts["ingest-kb"].data)
     assert "36 rows checked: **36 valid**, **0 quarantined**" in artifacts["validation-kb"].data
+
+
+def test_vectors_are_chosen_when_the_collection_is_created(params):
+    sparse_only = ingest(params(retrieval=RetrievalMode.sparse))
+    assert sparse_only.embedded == 0 and sparse_only.upserted == sparse_only.points > 36
+    store = open_store(params())
+    try:
+        metadata = store.collection_metadata("kb")
+        assert metadata["vectors"] == ["sparse"] and metadata["bm25_avgdl"] > 10
+        [point] = store.client.retrieve("kb", [point_id("glossary.md", 0)], with_vectors=True)
+        assert set(point.vector) == {"sparse"} and point.vector["sparse"].indices
+    finally:
+        store.close()
+    assert ingest(params()).unchanged == 36  # an incremental run keeps the collection's vectors
+    with pytest.raises(StoreError, match="collection 'kb' stores sparse vectors, not hybrid; use --rebuild"):
+        ingest(params(retrieval=RetrievalMode.hybrid))
+    rebuilt = ingest(params(retrieval=RetrievalMode.hybrid, rebuild=True))
+    assert rebuilt.embedded == rebuilt.points == sparse_only.points

@@ -26,7 +26,7 @@ def test_entrypoint_imports_and_parameters_validate(deployment):
     flow = load_flow(deployment["entrypoint"])
     parameters = flow.validate_parameters(deployment.get("parameters", {}))
     for value in parameters.values():
-        for field in ("source", "questions"):
+        for field in ("source", "questions", "dataset"):
             path = getattr(value, field, None)
             if path is not None:
                 assert (ROOT / path).exists(), f"{deployment['name']}: {path} does not exist"
@@ -40,15 +40,16 @@ def test_per_environment_deployments_import_and_validate(file, deployment):
 
 def test_the_expected_deployments_exist_on_one_process_pool():
     by_name = {d["name"]: d for d in DEPLOYMENTS}
-    assert {"reindex", "rebuild", "answer"} <= set(by_name)
+    assert {"reindex", "rebuild", "answer", "evaluate"} <= set(by_name)
     assert by_name["reindex"]["schedules"][0]["cron"]
     assert by_name["rebuild"]["parameters"]["params"]["rebuild"] is True
-    assert "schedules" not in by_name["rebuild"] and "schedules" not in by_name["answer"]
+    assert not any("schedules" in by_name[name] for name in ("rebuild", "answer", "evaluate"))
     assert {d["work_pool"]["name"] for d in DEPLOYMENTS} == {"ragbatch"}
 
 
 @pytest.mark.parametrize(("entrypoint", "first"), [("flows/ingest.py:ingest", ["source", "collection", "rebuild"]),
-                                                  ("flows/answer.py:answer", ["questions", "collection", "out"])])
+                                                  ("flows/answer.py:answer", ["questions", "collection", "out"]),
+                                                  ("flows/evaluate.py:evaluate", ["dataset", "collection", "retrieval"])])
 def test_ui_form_starts_with_what_a_person_fills_in_and_describes_every_field(entrypoint, first):
     schema = parameter_schema(load_flow(entrypoint).fn).model_dump()
     (model,) = [d for d in schema["definitions"].values() if d.get("title", "").endswith("Params")]

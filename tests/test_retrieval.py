@@ -1,24 +1,93 @@
 import numpy as np
+import pytest
 
 from tasks.chunking import Chunk
+from tasks.errors import StoreError
 from tasks.indexing import build_points, write_documents
-from tasks.retrieval import build_filter, retrieve
-from tasks.store import QdrantStore
+from tasks.ingest import LAYOUTS
+from tasks.retrieval import Retriever, build_filter, open_retriever
+from tasks.settings import FusionMethod, RetrievalMode
+from tasks.sparse import Bm25
+from tasks.store import QdrantStore, VectorLayout
 
 
-def test_retrieve_ranks_filters_and_thresholds():
+class FixedEmbedder:
+    """Maps each known text to a fixed unit vector (the real model is tested on the sample corpus)."""
+
+    model_name = "fixed"
+    dimension = 4
+
+    def embed(self, texts):
+        return np.array([np.eye(4, dtype=np.float32)[int(t[-1])] + 0.05 for t in texts])
+
+
+def test_dense_retrieval_ranks_filters_and_thresholds():
     store = QdrantStore.connect(":memory:")
     store.create_collection("c", dimension=4, metadata={})
-    vectors = np.eye(4, dtype=np.float32) + 0.05
+    vectors = FixedEmbedder().embed([f"text {i}" for i in range(4)])
     chunks = [Chunk(f"d{i}", 0, f"text {i}", 0, 6, None, f"s{i % 2}.md", {}, "h") for i in range(4)]
     write_documents(store, "c", build_points(chunks, vectors, embedding_model="m"), {})
+    retriever = Retriever("c", RetrievalMode.dense, VectorLayout(), embedder=FixedEmbedder())
 
-    [hits] = retrieve(store, "c", vectors[:1], [None], top_k=3)
+    [hits] = retriever.search(store, ["text 0"], [None], top_k=3)
     assert [h.rank for h in hits] == [1, 2, 3] and hits[0].doc_id == "d0" and hits[0].text == "text 0"
     assert hits[0].score > hits[1].score >= hits[2].score
 
-    [only_close] = retrieve(store, "c", vectors[:1], [None], top_k=3, score_threshold=0.99)
+    [only_close] = retriever.search(store, ["text 0"], [None], top_k=3, score_threshold=0.99)
     assert [h.doc_id for h in only_close] == ["d0"]
 
-    [odd] = retrieve(store, "c", vectors[:1], [build_filter({"source": "s1.md"})], top_k=3)
+    [odd] = retriever.search(store, ["text 0"], [build_filter({"source": "s1.md"})], top_k=3)
     assert {h.doc_id for h in odd} == {"d1", "d3"} and {h.source for h in odd} == {"s1.md"}
+
+
+@pytest.fixture
+def hybrid_store():
+    """Four one-chunk documents with dense and BM25 vectors."""
+    store = QdrantStore.connect(":memory:")
+    store.create_collection("c", dimension=4, metadata={"embedding_model": "fixed"}, layout=LAYOUTS[RetrievalMode.hybrid])
+    texts = ["calibrating soil probes 0", "rain gauge buckets 1", "the E-219 error code 2", "solar panels 3"]
+    chunks = [Chunk(f"d{i}", 0, text, 0, len(text), None, "s.md", {}, "h") for i, text in enumerate(texts)]
+    bm25 = Bm25(avgdl=3.0)
+    points = build_points(chunks, FixedEmbedder().embed(texts), embedding_model="fixed",
+                          layout=LAYOUTS[RetrievalMode.hybrid], bm25=bm25)
+    write_documents(store, "c", points, {})
+    yield store, bm25
+    store.close()
+
+
+def test_sparse_retrieval_is_bm25_with_qdrant_idf(hybrid_store):
+    store, bm25 = hybrid_store
+    retriever = Retriever("c", RetrievalMode.sparse, LAYOUTS[RetrievalMode.hybrid], bm25=bm25)
+    [hits, none] = retriever.search(store, ["What does E-219 mean? 0", "unrelated words 0"], [None, None], top_k=4)
+    assert [h.doc_id for h in hits] == ["d2"]  # the one document sharing a term ("219") with the query
+    # Qdrant's idf of a term in 1 of 4 points, ln(1 + (4 - 1 + 0.5) / (1 + 0.5)), times the stored tf
+    # part, which is 1 for tf = 1 in a document of average length.
+    assert bm25.document("the E-219 error code 2").values == [1.0, 1.0, 1.0]
+    assert hits[0].score == pytest.approx(np.log(1 + 3.5 / 1.5), rel=1e-5)
+    assert none == []
+
+
+@pytest.mark.parametrize("fusion", list(FusionMethod))
+def test_hybrid_fuses_both_rankings(hybrid_store, fusion):
+    store, bm25 = hybrid_store
+    retriever = Retriever("c", RetrievalMode.hybrid, LAYOUTS[RetrievalMode.hybrid], embedder=FixedEmbedder(), bm25=bm25,
+                          fusion=fusion)
+    # Dense points at d0 (the text ends in 0); BM25 points at d1 ("rain gauge").
+    [hits] = retriever.search(store, ["rain gauge 0"], [None], top_k=4)
+    assert {h.doc_id for h in hits[:2]} == {"d0", "d1"}
+
+
+def test_collections_without_the_needed_vectors_are_refused_in_one_line():
+    store = QdrantStore.connect(":memory:")
+    store.create_collection("dense--1", dimension=4, metadata={"embedding_model": "fixed"})
+    store.move_alias("dense", "dense--1")
+    write_documents(store, "dense", build_points([Chunk("d", 0, "t 0", 0, 3, None, "s", {}, "h")], FixedEmbedder().embed(["0"]),
+                                                 embedding_model="fixed"), {})
+    for mode in (RetrievalMode.sparse, RetrievalMode.hybrid):
+        with pytest.raises(StoreError) as error:
+            open_retriever(store, "dense", mode)
+        assert str(error.value) == (
+            f"collection 'dense' has no sparse vectors, so it cannot serve {mode.value} retrieval; "
+            f"use --retrieval dense, or re-ingest with --rebuild --retrieval {mode.value}"
+        )
+    assert open_retriever(store, "dense", RetrievalMode.dense).layout == VectorLayout()

@@ -3,7 +3,9 @@ import socket
 import pytest
 
 from tasks.errors import StoreError, StoreUnavailable
-from tasks.store import QdrantStore
+from qdrant_client import models
+
+from tasks.store import QdrantStore, VectorLayout
 
 
 def closed_port() -> int:
@@ -42,7 +44,7 @@ def test_alias_moves_atomically_between_physical_collections():
     assert store.resolve("docs") == "docs--1"
     store.move_alias("docs", "docs--2")
     assert store.resolve("docs") == "docs--2"
-    assert store.collection_metadata("docs") == {"name": "docs--2"}
+    assert store.collection_metadata("docs") == {"name": "docs--2", "vectors": ["dense"]}
     assert store.physical_collections("docs") == ["docs--1", "docs--2"]
     store.create_collection("plain", dimension=4, metadata={})
     with pytest.raises(StoreError, match="is a collection, not an alias"):
@@ -57,3 +59,15 @@ def test_readable_collection_names_missing_and_empty_collections():
     store.move_alias("docs", "docs--1")
     with pytest.raises(StoreError, match="collection 'docs' in :memory: is empty"):
         store.readable_collection("docs")
+
+
+def test_collections_record_their_vector_layout():
+    store = QdrantStore.connect(":memory:")
+    for name, layout in (("both", VectorLayout(dense=True, sparse=True)), ("bm25", VectorLayout(dense=False, sparse=True))):
+        store.create_collection(name, dimension=4, metadata={}, layout=layout)
+        assert VectorLayout.from_metadata(store.collection_metadata(name)) == layout
+    config = store.client.get_collection("bm25").config.params
+    assert config.vectors == {} and config.sparse_vectors["sparse"].modifier == models.Modifier.IDF
+    assert VectorLayout.from_metadata({"embedding_model": "m"}) == VectorLayout(dense=True, sparse=False, named=False)
+    store.update_metadata("bm25", {"bm25_avgdl": 12.5})
+    assert store.collection_metadata("bm25") == {"vectors": ["sparse"], "bm25_avgdl": 12.5}

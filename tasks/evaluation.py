@@ -1,0 +1,191 @@
+"""Evaluation datasets, per-query rows and the run summary.
+
+Datasets: a BEIR directory (queries.jsonl and qrels/<split>.tsv; the queries judged in that split)
+or a question set with reference answers, whose `relevant_doc_ids` or `source` column names the
+relevant documents. Retrieval is scored on documents: a document ranks where its best chunk ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import SourceError
+from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
+from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.settings import SourceFormat
+from tasks.sources import read_rows
+
+RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
+RANKING_KEPT = 100  # documents per query kept in the per-query output
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """One query with its relevance judgements (doc_id -> grade) and reference answers."""
+
+    id: str
+    text: str
+    relevant: dict[str, int] = field(default_factory=dict)
+    references: list[str] = field(default_factory=list)
+
+
+def load_dataset(path: Path, split: str = "test") -> list[EvalQuery]:
+    """The queries of a BEIR split, or of a question set; SourceError when unusable."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_beir(path, split)
+    queries = []
+    for row in read_rows(path, SourceFormat.auto, text_column=QUESTION_COLUMN):
+        if row.error or row.doc_id is None or not (row.text or "").strip():
+            raise SourceError(f"{row.locator}: not a usable question ({row.error or 'no id or text'})")
+        question = to_question(row)
+        relevant = next((row.metadata[name] for name in RELEVANT_COLUMNS if row.metadata.get(name)), None)
+        relevant = [relevant] if isinstance(relevant, str) else relevant or []
+        queries.append(EvalQuery(question.id, question.text, {str(d): 1 for d in relevant}, question.reference_answers))
+    if not queries:
+        raise SourceError(f"{path}: no questions")
+    return queries
+
+
+def _load_beir(path: Path, split: str) -> list[EvalQuery]:
+    queries_path, qrels_path = path / "queries.jsonl", path / "qrels" / f"{split}.tsv"
+    for required in (queries_path, qrels_path):
+        if not required.is_file():
+            raise SourceError(f"{path}: not a BEIR dataset with split {split!r} (missing {required.relative_to(path)})")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+            if number == 1 and row and not row[-1].lstrip("-").isdigit():
+                continue  # header
+            try:
+                query_id, doc_id, grade = row[0], row[1], int(row[2])
+            except (IndexError, ValueError):
+                raise SourceError(f"{qrels_path}:{number}: expected query-id, corpus-id and an integer score") from None
+            if grade > 0:
+                qrels.setdefault(query_id, {})[doc_id] = grade
+    queries = []
+    with open(queries_path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                query_id, text = str(record["_id"]), record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id and text") from None
+            if query_id in qrels:
+                queries.append(EvalQuery(query_id, text, qrels[query_id]))
+    if not queries:
+        raise SourceError(f"{path}: no query of {queries_path.name} is judged in qrels/{split}.tsv")
+    return queries
+
+
+def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+    """One row per query: its ranked documents and, when it has judgements, every retrieval metric."""
+    judged = {query.id: query.relevant for query in queries if query.relevant}
+    metrics = retrieval_metrics(judged, rankings)
+    return [
+        {
+            "query_id": query.id, "query": query.text,
+            "ranked_doc_ids": list(rankings.get(query.id, []))[:RANKING_KEPT],
+            "relevant_doc_ids": sorted(query.relevant),
+            **(metrics.get(query.id) or dict.fromkeys(RETRIEVAL_MEASURES)),
+        }
+        for query in queries
+    ]
+
+
+def add_answer_metrics(rows: list[dict[str, Any]], queries: Sequence[EvalQuery], answers_path: Path) -> int:
+    """Join an answers Parquet on query id and add answer metrics to the rows; returns answers matched."""
+    try:
+        table = pq.read_table(answers_path, columns=["question_id", "answer", "error", "contexts", "citations", "reference_answers"])
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{answers_path}: not an answers Parquet of `ragbatch answer` ({exc})") from None
+    answers = {row["question_id"]: row for row in table.to_pylist()}
+    by_id = {query.id: query for query in queries}
+    matched = 0
+    for row in rows:
+        answer = answers.get(row["query_id"])
+        if answer is None:
+            continue
+        matched += 1
+        query = by_id[row["query_id"]]
+        text = answer["answer"] or ""
+        references = query.references or answer["reference_answers"] or []
+        checks = citation_checks(answer["citations"] or [], [c["doc_id"] for c in answer["contexts"] or []],
+                                 query.relevant or None)
+        row.update(
+            answered=answer["error"] is None,
+            exact_match=exact_match(text, references) if references else None,
+            token_f1=token_f1(text, references) if references else None,
+            cites=checks["citations"] > 0,
+            **checks,
+        )
+    return matched
+
+
+class EvaluateReport(BaseModel):
+    """The summary of an evaluation run; metric names as in the literature (`ndcg@10`)."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    collection: str
+    dataset: str
+    retrieval: str
+    fusion: str | None = None
+    queries: int = 0
+    ndcg_at_10: float = Field(0.0, alias="ndcg@10")
+    recall_at_10: float = Field(0.0, alias="recall@10")
+    recall_at_100: float = Field(0.0, alias="recall@100")
+    mrr_at_10: float = Field(0.0, alias="mrr@10")
+    answers: int | None = None
+    exact_match: float | None = None
+    token_f1: float | None = None
+    answers_citing: float | None = Field(None, description="Share of answers that cite a passage.")
+    citations_valid: float | None = Field(None, description="Share of citations that point at a passage that was given.")
+    cited_relevant: float | None = Field(None, description="Share of citing answers whose cited passage comes from a relevant document.")
+    per_query_path: str = ""
+    summary_path: str = ""
+    seconds: float = 0.0
+    run_id: str = ""
+
+
+def _mean(values: list) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def summarize(rows: Sequence[dict[str, Any]], **fields: Any) -> EvaluateReport:
+    """Means over the judged queries (retrieval) and over the answered queries (answers)."""
+    judged = [row for row in rows if row["ndcg@10"] is not None]
+    report = EvaluateReport(queries=len(judged), **fields,
+                            **{name: _mean([row[name] for row in judged]) or 0.0 for name in RETRIEVAL_MEASURES})
+    answered = [row for row in rows if "cites" in row]
+    if answered:
+        citations = sum(row["citations"] for row in answered)
+        report.answers = len(answered)
+        report.exact_match = _mean([row["exact_match"] for row in answered])
+        report.token_f1 = _mean([row["token_f1"] for row in answered])
+        report.answers_citing = _mean([row["cites"] for row in answered])
+        report.citations_valid = round(sum(row["valid_citations"] for row in answered) / citations, 4) if citations else None
+        report.cited_relevant = _mean([row["cited_relevant"] for row in answered])
+    return report
+
+
+def write_outputs(rows: Sequence[dict[str, Any]], report: EvaluateReport, per_query_path: Path) -> None:
+    """The per-query Parquet and, beside it, the summary JSON (`<name>.summary.json`)."""
+    per_query_path = Path(per_query_path)
+    per_query_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path = per_query_path.with_name(per_query_path.stem + ".summary.json")
+    report.per_query_path, report.summary_path = str(per_query_path), str(summary_path)
+    pq.write_table(pa.Table.from_pylist(list(rows)), per_query_path)
+    summary_path.write_text(json.dumps(report.model_dump(), indent=2) + "\n", encoding="utf-8")

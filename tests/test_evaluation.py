@@ -1,0 +1,105 @@
+"""Evaluation datasets and per-query rows, without Prefect."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.errors import SourceError
+from tasks.evaluation import EvalQuery, add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
+from tasks.outputs import ANSWER_SCHEMA
+
+from .conftest import ROOT
+
+CORPUS = [
+    {"_id": "d1", "title": "Soil probes", "text": "Calibrating the SM-40 soil moisture probe takes ten minutes in a bucket of wet sand."},
+    {"_id": "d2", "title": "Rain gauges", "text": "The tipping bucket of a rain gauge must be cleaned of leaves every spring."},
+    {"_id": "d3", "title": "Error codes", "text": "Error Q-7731 means the anemometer cable is unplugged."},
+    {"_id": "d4", "title": "Solar power", "text": "A twenty watt solar panel keeps the station charged through winter."},
+    {"_id": "d5", "title": "Holidays", "text": "Staff receive twenty-five days of paid annual leave."},
+    {"_id": "d6", "title": "Travel", "text": "Train travel is preferred over flights for trips under five hours."},
+]
+QUERIES = [
+    {"_id": "1", "text": "What does Q-7731 mean?"},
+    {"_id": "2", "text": "How many vacation days do employees get per year?"},
+    {"_id": "3", "text": "How do I clean a rain gauge?"},
+    {"_id": "4", "text": "An unjudged query about solar panels"},
+]
+QRELS = "query-id\tcorpus-id\tscore\n1\td3\t1\n2\td5\t1\n3\td2\t2\n3\td1\t0\n"
+
+
+def write_beir(root):
+    """A BEIR-format dataset: corpus.jsonl, queries.jsonl, qrels/test.tsv (query 4 is not judged)."""
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in CORPUS))
+    (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUERIES))
+    (root / "qrels" / "test.tsv").write_text(QRELS)
+    return root
+
+
+@pytest.fixture
+def beir(tmp_path):
+    return write_beir(tmp_path / "tiny-beir")
+
+
+def test_beir_queries_are_those_judged_in_the_split(beir):
+    queries = load_dataset(beir, "test")
+    assert [q.id for q in queries] == ["1", "2", "3"]
+    assert queries[2].relevant == {"d2": 2}  # grade 0 is not relevant
+    with pytest.raises(SourceError, match=r"not a BEIR dataset with split 'dev' \(missing qrels/dev.tsv\)"):
+        load_dataset(beir, "dev")
+
+
+def test_question_sets_name_relevant_documents_and_references():
+    queries = load_dataset(ROOT / "data" / "questions.jsonl")
+    first = queries[0]
+    assert (first.id, first.relevant, first.references) == ("q01", {"troubleshooting-guide.txt": 1}, ["wind sensor bus timeout"])
+
+
+def test_rows_summary_and_outputs(tmp_path):
+    queries = [EvalQuery("a", "qa", {"x": 1}), EvalQuery("b", "qb", {"y": 1}), EvalQuery("c", "unjudged")]
+    rows = query_rows(queries, {"a": ["x", "z"], "b": ["z", "y"], "c": ["x"]})
+    assert [r["mrr@10"] for r in rows] == [1.0, 0.5, None]
+    report = summarize(rows, collection="kb", dataset="d", retrieval="dense")
+    assert report.queries == 2 and report.model_dump()["mrr@10"] == 0.75
+    write_outputs(rows, report, tmp_path / "out" / "eval.parquet")
+    assert pq.read_table(tmp_path / "out" / "eval.parquet").num_rows == 3
+    assert json.loads((tmp_path / "out" / "eval.summary.json").read_text()) == report.model_dump()
+
+
+def answers_parquet(path, answers):
+    rows = [
+        {"question_id": qid, "question": "?", "answer": text, "error": None if text is not None else "failed",
+         "contexts": [{"rank": i + 1, "score": 1.0, "point_id": "p", "doc_id": doc, "chunk_index": 0, "text": "t", "source": doc}
+                      for i, doc in enumerate(docs)],
+         "citations": cites, "reference_answers": [], "model": "m",
+         "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "seed": 0, "stop": []},
+         "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop", "dropped_passages": 0,
+         "timings": {"batch_questions": 1, "retrieve_s": 0.0, "generate_s": 0.0}, "run_id": "r",
+         "created_at": __import__("datetime").datetime.now(__import__("datetime").timezone.utc)}
+        for qid, text, docs, cites in answers
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), path)
+    return path
+
+
+def test_answer_metrics(tmp_path):
+    queries = [EvalQuery("a", "qa", {"x": 1}, ["wind sensor bus timeout"]), EvalQuery("b", "qb", {"y": 1}, ["clock drift"]),
+               EvalQuery("c", "qc", {"y": 1}, ["tipping bucket"])]
+    path = answers_parquet(tmp_path / "answers.parquet", [
+        ("a", "Wind sensor bus timeout [1].", ["x", "z"], [1]),      # exact, cites the relevant passage
+        ("b", "It is clock drift [2] [5].", ["y", "z"], [2, 5]),     # F1 below; [5] was never given
+        ("c", None, [], []),                                          # failed: no answer
+    ])
+    rows = query_rows(queries, {})
+    assert add_answer_metrics(rows, queries, path) == 3
+    report = summarize(rows, collection="kb", dataset="d", retrieval="dense")
+    # "it is clock drift" vs "clock drift": 2 common tokens, P = 2/4, R = 1, F1 = 2/3.
+    assert report.exact_match == pytest.approx(1 / 3, abs=1e-4)
+    assert report.token_f1 == pytest.approx((1 + 2 / 3 + 0) / 3, abs=1e-4)
+    assert report.answers == 3 and report.answers_citing == pytest.approx(2 / 3, abs=1e-4)
+    assert report.citations_valid == pytest.approx(2 / 3, abs=1e-4)  # [1], [2] valid; [5] not
+    assert report.cited_relevant == 0.5  # a cites x (relevant); b cites z (not)
+    with pytest.raises(SourceError, match="not an answers Parquet"):
+        add_answer_metrics(rows, queries, ROOT / "data" / "questions.jsonl")
