@@ -18,9 +18,10 @@ from tasks import indexing
 from tasks.chunking import TokenChunker
 from tasks.ingest import finish_rebuild, prepare_target
 from tasks.locks import CollectionBusy, CollectionLock
-from tasks.settings import IngestParams
+from tasks.retrieval import Retriever
+from tasks.settings import IngestParams, RetrievalMode
 from tasks.sources import batched, read_rows
-from tasks.store import QdrantStore
+from tasks.store import QdrantStore, VectorLayout
 
 TOPICS = ["wind speed", "rain gauge", "solar panel", "battery", "firmware", "humidity", "mounting pole", "data logger"]
 
@@ -149,14 +150,16 @@ def test_a_reader_of_the_alias_never_sees_an_error_or_an_empty_result_during_a_r
 
     first = build(rebuild=False)
     expected = store.count("kb")
-    query = embedder.embed(["How often should the rain gauge be checked?"])[0]
+    layout = VectorLayout.from_metadata(store.readable_collection("kb"))
+    retriever = Retriever("kb", RetrievalMode.dense, layout, embedder=embedder)
+    requests = retriever.requests(["How often should the rain gauge be checked?"], [None], top_k=3)
     outcomes: list[tuple[str, int | str]] = []
     stop = threading.Event()
 
     def reader() -> None:
         while not stop.is_set():
             try:
-                [hits] = store.query_batch("kb", [query], limit=3, filters=[None])
+                [hits] = store.query_batch("kb", requests)
                 outcomes.append((store.resolve("kb"), len(hits)))
             except Exception as exc:  # the assertion below reports it
                 outcomes.append(("error", f"{type(exc).__name__}: {exc}"))
