@@ -98,6 +98,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids)
+        store.optimize(target.collection)
         if target.is_rebuild:
             dropped = finish_rebuild(store, target)
             get_run_logger().info("alias %s now points at %s; dropped %s", target.alias, target.collection, ", ".join(dropped))

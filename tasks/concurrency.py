@@ -1,10 +1,10 @@
 """Runs from deployments that touch the same index queue for each other (Prefect global concurrency limits).
 
 Ingest runs of one collection must not overlap (an incremental reindex and a rebuild would both
-write it). The embedded store allows one process at a time whatever the collection, so with it
-every run that opens the store takes the same slot. Ad-hoc CLI runs do not queue: the embedded
-store refuses a second process with a clear message, and a crashed ad-hoc run must not hold a slot
-that the next one waits on.
+write it). An embedded store (local: or edge:) allows one process at a time whatever the
+collection, so with it every run that opens the store takes the same slot. Ad-hoc CLI runs do not
+queue: the embedded store refuses a second process with a clear message, and a crashed ad-hoc run
+must not hold a slot that the next one waits on.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def slot_names(store: str, collection: str, *, writes: bool) -> list[str]:
     """Concurrency-limit names a run must hold: the embedded store's path, or the written collection."""
     if store == ":memory:":
         return []
-    if store.startswith("local:"):
-        return [f"ragbatch-local-store-{_digest(str(Path(store.removeprefix('local:')).resolve()))}"]
+    if store.startswith(("local:", "edge:")):
+        return [f"ragbatch-local-store-{_digest(str(Path(store.split(':', 1)[1]).resolve()))}"]
     return [f"ragbatch-write-{collection}-{_digest(store)}"] if writes else []
 
 

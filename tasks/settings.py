@@ -89,7 +89,7 @@ class StoreParams(RagbatchSettings):
     store: str = Field(
         "",
         description="http(s)://host:port for a Qdrant server, local:PATH for the embedded local mode, "
-        "or :memory:. Empty: local mode under the data directory.",
+        "edge:PATH for Qdrant's engine in-process (qdrant-edge), or :memory:. Empty: local mode under the data directory.",
     )
     qdrant_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the Qdrant API key; default: RAGBATCH_QDRANT_API_KEY."

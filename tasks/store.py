@@ -1,4 +1,5 @@
-"""The vector store: Qdrant through qdrant-client (server, embedded local mode or in-memory).
+"""The vector store: Qdrant through qdrant-client (server, embedded local mode or in-memory), or
+qdrant-edge in-process (`edge:PATH`, see tasks/edge_store.py).
 
 All client calls go through `QdrantStore`, which turns transport failures into `StoreUnavailable`
 (retryable) and other failures into one-line `StoreError`s.
@@ -108,8 +109,14 @@ class QdrantStore:
 
     @classmethod
     def connect(cls, spec: str, *, timeout: int = 60, api_key: SecretStr | None = None) -> "QdrantStore":
-        """Open `http(s)://host:port` (with `api_key`, else the one from the environment), `local:PATH` or `:memory:`."""
+        """Open `http(s)://host:port` (with `api_key`, else the one from the environment), `local:PATH`,
+        `edge:PATH` (an `EdgeStore`, same operations) or `:memory:`."""
         from qdrant_client import QdrantClient
+
+        if spec.startswith("edge:"):
+            from tasks.edge_store import EdgeStore
+
+            return EdgeStore.open(spec)
 
         if spec.startswith(("http://", "https://")):
             key = api_key.get_secret_value() if api_key is not None else qdrant_api_key()
@@ -132,7 +139,7 @@ class QdrantStore:
                     ) from None
                 raise
             return cls(client, location=spec)
-        raise StoreError(f"unknown store {spec!r}: use http(s)://host:port, local:PATH or :memory:")
+        raise StoreError(f"unknown store {spec!r}: use http(s)://host:port, local:PATH, edge:PATH or :memory:")
 
     def close(self) -> None:
         self.client.close()
@@ -213,6 +220,10 @@ class QdrantStore:
     def drop_collection(self, name: str) -> None:
         with _translate_errors(self.location, f"dropping collection {name}"):
             self.client.delete_collection(name)
+
+    def optimize(self, collection: str) -> None:
+        """Called once after the last write of an ingest; Qdrant servers index in the background and
+        local mode has no index, so only the edge store has work to do here."""
 
     # -- points -------------------------------------------------------------------------------------
 

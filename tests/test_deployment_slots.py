@@ -8,6 +8,7 @@ def test_embedded_store_is_one_slot_per_path_for_readers_and_writers(tmp_path):
     writer = slot_names(store, "a", writes=True)
     assert writer == slot_names(store, "b", writes=False) == slot_names(f"local:{tmp_path}/./qdrant", "c", writes=True)
     assert writer != slot_names(f"local:{tmp_path / 'other'}", "a", writes=True)
+    assert slot_names(f"edge:{tmp_path / 'edge'}", "a", writes=False) == slot_names(f"edge:{tmp_path}/edge", "b", writes=True)
 
 
 def test_server_store_serialises_writers_of_one_collection_only():

@@ -161,3 +161,24 @@ def test_vectors_are_chosen_when_the_collection_is_created(params):
         ingest(params(retrieval=RetrievalMode.hybrid))
     rebuilt = ingest(params(retrieval=RetrievalMode.hybrid, rebuild=True))
     assert rebuilt.embedded == rebuilt.points == sparse_only.points
+
+
+def test_edge_store_indexes_rebuilds_and_answers_queries(params, data_dir):
+    """The whole flow on qdrant-edge: first run, no-op re-run, rebuild with an alias swap, then hybrid retrieval."""
+    from tasks.retrieval import open_retriever
+
+    edge = params(store=f"edge:{data_dir / 'edge'}")
+    first = ingest(edge)
+    assert first.loaded == first.valid == 36 and first.points == first.upserted > 36
+    assert ingest(edge).unchanged == 36
+    rebuilt = ingest(params(store=edge.store, rebuild=True))
+    assert rebuilt.points == first.points and rebuilt.physical_collection != first.physical_collection
+    store = open_store(edge)
+    try:
+        assert store.resolve("kb") == rebuilt.physical_collection
+        assert store.physical_collections("kb") == [rebuilt.physical_collection]
+        retriever = open_retriever(store, "kb", RetrievalMode.hybrid, data_dir=data_dir)
+        [hits] = retriever.search(store, ["What does error code E-219 mean?"], [None], top_k=3)
+        assert hits[0].source == "troubleshooting-guide.txt" and "E-219" in hits[0].text
+    finally:
+        store.close()

@@ -1,0 +1,218 @@
+"""One contract for every embedded store backend: qdrant-client local mode (path and in-memory) and
+qdrant-edge. The same operations, through the real indexing and retrieval code, with hand-made
+vectors so the suite runs in seconds."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.chunking import Chunk
+from tasks.edge_store import EdgeStore
+from tasks.errors import StoreError
+from tasks.indexing import build_points, point_id, write_documents
+from tasks.ingest import LAYOUTS
+from tasks.retrieval import Retriever, build_filter
+from tasks.settings import FusionMethod, RetrievalMode
+from tasks.sparse import Bm25
+from tasks.store import QdrantStore, VectorLayout
+
+HYBRID = LAYOUTS[RetrievalMode.hybrid]
+TEXTS = ["calibrating soil probes 0", "rain gauge buckets 1", "the E-219 error code 2", "solar panels 3"]
+SOURCES = ["a.md", "b.md", "b.md", "c.md"]
+BM25 = Bm25(avgdl=3.0)
+OFFSET = np.array([0.08, 0.06, 0.04, 0.02], dtype=np.float32)
+
+
+class FixedEmbedder:
+    """The text's last character picks a unit axis, plus a small common part without ties, so rankings are known."""
+
+    model_name = "fixed"
+    dimension = 4
+
+    def embed(self, texts):
+        return np.array([np.eye(4, dtype=np.float32)[int(t[-1])] + OFFSET for t in texts])
+
+
+def spec_for(backend: str, tmp_path) -> str:
+    return {"local": f"local:{tmp_path / 'local'}", "memory": ":memory:", "edge": f"edge:{tmp_path / 'edge'}"}[backend]
+
+
+@pytest.fixture(params=["local", "memory", "edge"])
+def spec(request, tmp_path) -> str:
+    return spec_for(request.param, tmp_path)
+
+
+@pytest.fixture(params=["local", "edge"])
+def disk_spec(request, tmp_path) -> str:
+    return spec_for(request.param, tmp_path)
+
+
+def chunks_of(texts, sources=SOURCES, doc_hash="h1"):
+    return [Chunk(f"d{i}", 0, text, 0, len(text), None, source, {}, doc_hash)
+            for i, (text, source) in enumerate(zip(texts, sources))]
+
+
+def fill(store: QdrantStore, collection: str = "kb--1", alias: str = "kb") -> None:
+    """A hybrid collection of four one-chunk documents behind `alias`."""
+    store.create_collection(collection, dimension=4, metadata={"embedding_model": "fixed"}, layout=HYBRID)
+    points = build_points(chunks_of(TEXTS), FixedEmbedder().embed(TEXTS), embedding_model="fixed", layout=HYBRID, bm25=BM25)
+    write_documents(store, collection, points, {})
+    store.move_alias(alias, collection)
+    store.optimize(collection)
+
+
+@pytest.fixture
+def store(spec):
+    store = QdrantStore.connect(spec)
+    fill(store)
+    yield store
+    store.close()
+
+
+def search(store, mode, texts, filters=None, *, fusion=FusionMethod.rrf, top_k=4, score_threshold=None):
+    retriever = Retriever("kb", mode, HYBRID, embedder=FixedEmbedder(), bm25=BM25, fusion=fusion)
+    return retriever.search(store, texts, filters or [None] * len(texts), top_k=top_k, score_threshold=score_threshold)
+
+
+def test_edge_store_implements_every_store_operation():
+    shared = {"readable_collection"}  # built on the other operations
+    operations = {name for name, value in vars(QdrantStore).items() if callable(value) and not name.startswith("_")}
+    assert operations - shared - {"connect"} <= set(vars(EdgeStore))
+
+
+def test_collection_with_layout_metadata_and_payload_reads(store):
+    assert store.resolve("kb") == "kb--1" and store.resolve("kb--1") == "kb--1" and store.resolve("nope") is None
+    assert store.count("kb") == 4
+    assert store.collection_metadata("kb") == {"embedding_model": "fixed", "vectors": ["dense", "sparse"]}
+    assert VectorLayout.from_metadata(store.readable_collection("kb")) == HYBRID
+    store.update_metadata("kb", {"bm25_avgdl": 3.0})
+    assert store.collection_metadata("kb--1") == {"embedding_model": "fixed", "vectors": ["dense", "sparse"], "bm25_avgdl": 3.0}
+    ids = [point_id("d0", 0), point_id("d3", 0), point_id("missing", 0)]
+    payloads = store.retrieve_payloads("kb", ids, ["doc_id", "n_chunks"])
+    assert payloads == {ids[0]: {"doc_id": "d0", "n_chunks": 1}, ids[1]: {"doc_id": "d3", "n_chunks": 1}}
+    assert sorted(store.iter_payload_field("kb", "source")) == sorted(
+        (point_id(f"d{i}", 0), source) for i, source in enumerate(SOURCES))
+
+
+def test_incremental_rewrite_and_delete(store):
+    longer = chunks_of(TEXTS[:1], doc_hash="h2") + [Chunk("d0", 1, "more soil 0", 0, 11, None, "a.md", {}, "h2")]
+    write_documents(store, "kb", build_points(longer, FixedEmbedder().embed([c.text for c in longer]),
+                                              embedding_model="fixed", layout=HYBRID, bm25=BM25), {"d0": 1})
+    assert store.count("kb") == 5
+    assert store.retrieve_payloads("kb", [point_id("d0", 0)], ["doc_hash", "n_chunks"]) == {
+        point_id("d0", 0): {"doc_hash": "h2", "n_chunks": 2}}
+    store.delete("kb", [point_id("d0", 1), point_id("d3", 0)])
+    assert store.count("kb") == 3
+    assert {doc for _, doc in store.iter_payload_field("kb", "doc_id")} == {"d0", "d1", "d2"}
+
+
+def test_alias_swap_and_drop(store):
+    store.create_collection("kb--2", dimension=4, metadata={"embedding_model": "fixed", "generation": 2}, layout=HYBRID)
+    assert store.physical_collections("kb") == ["kb--1", "kb--2"]
+    store.move_alias("kb", "kb--2")
+    assert store.resolve("kb") == "kb--2" and store.count("kb") == 0
+    assert store.collection_metadata("kb")["generation"] == 2
+    store.drop_collection("kb--1")
+    assert store.physical_collections("kb") == ["kb--2"] and store.resolve("kb--1") is None
+    with pytest.raises(StoreError, match="is a collection, not an alias"):
+        store.move_alias("kb--2", "kb--2")
+    store.drop_collection("kb--2")
+    assert store.resolve("kb") is None  # dropping a collection drops its aliases
+    with pytest.raises(StoreError, match="does not exist"):
+        store.readable_collection("kb")
+
+
+def test_dense_query_ranks_thresholds_and_filters(store):
+    [hits] = search(store, RetrievalMode.dense, ["soil 0"])
+    assert [h.doc_id for h in hits][0] == "d0" and [h.rank for h in hits] == [1, 2, 3, 4]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5) and hits[0].score > hits[1].score >= hits[3].score
+    assert hits[0].point_id == point_id("d0", 0) and hits[0].text == TEXTS[0] and hits[0].source == "a.md"
+    [close] = search(store, RetrievalMode.dense, ["soil 0"], score_threshold=0.99)
+    assert [h.doc_id for h in close] == ["d0"]
+    [by_value, by_any] = search(store, RetrievalMode.dense, ["soil 0", "soil 0"],
+                                [build_filter({"source": "b.md"}), build_filter({"source": ["a.md", "c.md"]})])
+    assert {h.doc_id for h in by_value} == {"d1", "d2"}
+    assert [h.doc_id for h in by_any] == ["d0", "d3"]
+
+
+def test_sparse_query_is_bm25_with_idf(store):
+    [hits, none] = search(store, RetrievalMode.sparse, ["What does E-219 mean? 0", "unrelated words 0"])
+    assert [h.doc_id for h in hits] == ["d2"] and none == []
+    # Qdrant's idf of a term in 1 of 4 points, ln(1 + (4 - 1 + 0.5) / (1 + 0.5)), times the tf part (1 here).
+    assert hits[0].score == pytest.approx(np.log(1 + 3.5 / 1.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("fusion", list(FusionMethod))
+def test_hybrid_query_fuses_both_rankings(store, fusion):
+    # Dense points at d0 (the text ends in 0); BM25 points at d1 ("rain gauge").
+    [hits, filtered] = search(store, RetrievalMode.hybrid, ["rain gauge 0", "rain gauge 0"],
+                              [None, build_filter({"source": ["b.md", "c.md"]})], fusion=fusion)
+    assert {h.doc_id for h in hits[:2]} == {"d0", "d1"} and len(hits) == 4
+    assert filtered[0].doc_id == "d1" and {h.doc_id for h in filtered} <= {"d1", "d2", "d3"}
+
+
+def test_edge_ranks_and_scores_like_qdrant_client(tmp_path):
+    """The same data and queries give the same rankings and scores in qdrant-edge and local mode."""
+    results = {}
+    for backend in ("memory", "edge"):
+        store = QdrantStore.connect(spec_for(backend, tmp_path))
+        fill(store)
+        results[backend] = [
+            [(h.doc_id, round(h.score, 4)) for h in hits]
+            for mode in RetrievalMode for fusion in FusionMethod
+            for hits in search(store, mode, ["rain gauge 0", "E-219 code 3"], fusion=fusion)
+        ]
+        store.close()
+    assert results["edge"] == results["memory"]
+
+
+def test_reopen_keeps_points_aliases_and_metadata(disk_spec):
+    store = QdrantStore.connect(disk_spec)
+    fill(store)
+    store.create_collection("kb--2", dimension=4, metadata={"embedding_model": "fixed"}, layout=HYBRID)
+    store.update_metadata("kb", {"bm25_avgdl": 3.0})
+    store.close()
+    store = QdrantStore.connect(disk_spec)
+    try:
+        assert store.resolve("kb") == "kb--1" and store.count("kb") == 4 and store.count("kb--2") == 0
+        assert store.collection_metadata("kb")["bm25_avgdl"] == 3.0
+        assert store.physical_collections("kb") == ["kb--1", "kb--2"]
+        [hits] = search(store, RetrievalMode.hybrid, ["rain gauge 1"])
+        assert hits[0].doc_id == "d1"
+    finally:
+        store.close()
+
+
+def test_second_process_gets_one_line_error(disk_spec):
+    store = QdrantStore.connect(disk_spec)
+    try:
+        code = f"from tasks.store import QdrantStore\nQdrantStore.connect({disk_spec!r})"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                cwd=Path(__file__).parents[1])
+        assert result.returncode != 0
+        assert "is in use by another process" in result.stderr.strip().splitlines()[-1]
+    finally:
+        store.close()
+
+
+def test_edge_store_errors_are_one_line(tmp_path):
+    store = QdrantStore.connect(f"edge:{tmp_path}")
+    try:
+        with pytest.raises(StoreError, match="collection 'nope' not found"):
+            store.count("nope")
+        store.create_collection("c", dimension=4, metadata={})
+        with pytest.raises(StoreError, match="already exists"):
+            store.create_collection("c", dimension=4, metadata={})
+        with pytest.raises(StoreError, match="invalid collection name"):
+            store.create_collection("../c", dimension=4, metadata={})
+        points = build_points(chunks_of(TEXTS[:1]), np.ones((1, 3)), embedding_model="fixed", layout=VectorLayout())
+        with pytest.raises(StoreError) as error:
+            store.upsert("c", points)
+        assert "writing points to c failed" in str(error.value) and "\n" not in str(error.value)
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="edge: needs a path"):
+        QdrantStore.connect("edge:")
