@@ -25,7 +25,7 @@ from tasks.chunking import Chunk, TokenChunker
 from tasks.errors import StoreUnavailable
 from tasks.settings import IngestParams
 from tasks.sources import SourceRow
-from tasks.store import QdrantStore
+from tasks.store import QdrantStore, VectorLayout
 
 from .test_concurrency import small_corpus, snapshot
 
@@ -156,7 +156,8 @@ def test_store_steps_back_off_between_retries_and_then_succeed(prefect_api_url, 
     store = FlakyStore.connect(":memory:")
     chunks, vectors, previous = changed_chunks(store, embedder, tokenizer, {"note": "Grease the anemometer bearings yearly."})
     store.failures = 2
-    state = steps.upsert(store, "kb", chunks, vectors, previous, embedding_model="m", return_state=True)
+    state = steps.upsert(store, "kb", chunks, vectors, previous, embedding_model="m", layout=VectorLayout(), bm25=None,
+                         return_state=True)
     assert state.is_completed() and store.count("kb") == len(chunks)
     with get_client(sync_client=True) as client:
         run = client.read_task_run(state.state_details.task_run_id)

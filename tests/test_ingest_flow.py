@@ -179,6 +179,9 @@ def test_edge_store_indexes_rebuilds_and_answers_queries(params, data_dir):
         assert store.physical_collections("kb") == [rebuilt.physical_collection]
         retriever = open_retriever(store, "kb", RetrievalMode.hybrid, data_dir=data_dir)
         [hits] = retriever.search(store, ["What does error code E-219 mean?"], [None], top_k=3)
-        assert hits[0].source == "troubleshooting-guide.txt" and "E-219" in hits[0].text
+        # The E-219 chunk is first for dense and second for BM25, its neighbour the reverse: an exact RRF
+        # tie (1/61 + 1/62), which qdrant-client and edge break in different orders.
+        assert hits[0].source == hits[1].source == "troubleshooting-guide.txt"
+        assert any("E-219" in hit.text for hit in hits[:2])
     finally:
         store.close()
