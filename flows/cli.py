@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError

@@ -11,8 +11,6 @@ import pytest
 
 from flows.evaluate import evaluate
 from flows.ingest import ingest
-from tasks.errors import StoreError
-from tasks.evaluation import load_dataset
 from tasks.metrics import rank_documents
 from tasks.retrieval import open_retriever
 from tasks.settings import EvaluateParams, FusionMethod, IngestParams, RetrievalMode
