@@ -89,21 +89,20 @@ class VLLMEmbedder:
         return resolve_embedding_model(self.model_name)
 
     @cached_property
-    def max_tokens(self) -> int:
-        """sentence-transformers' `max_seq_length` (256 for MiniLM, whose positions go to 512)."""
+    def max_seq_length(self) -> int | None:
+        """sentence-transformers' `max_seq_length` (256 for MiniLM, whose positions go to 512), if configured."""
         config = Path(self.path) / "sentence_bert_config.json"
-        if config.is_file():
-            return int(json.loads(config.read_text())["max_seq_length"])
-        return int(self.llm.model_config.max_model_len)
+        return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_seq_length or int(self.llm.model_config.max_model_len)
 
     @cached_property
     def llm(self):
         from tasks.llm import ModelError, cpu_environment, first_line
 
-        kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0)
-        config = Path(self.path) / "sentence_bert_config.json"
-        if config.is_file():
-            kwargs["max_model_len"] = int(json.loads(config.read_text())["max_seq_length"])
+        kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0, max_model_len=self.max_seq_length)
         if (self.device or default_device()).startswith("cpu"):
             os.environ.update(cpu_environment(self.cache_dir, kv_cache_gib=1))
             kwargs.update(dtype="float32", distributed_executor_backend="uni")
