@@ -1,6 +1,6 @@
 """Ingest cost growth: 2,000 vs 20,000 short documents (one or two sentences each).
 
-Run: .venv/bin/python bench/bench_scale.py [--dataset ../shared/datasets/scifact] [--sizes 2000 20000] [--store local]
+Run: .venv/bin/python bench/bench_scale.py [--dataset ../shared/datasets/scifact] [--sizes 2000 20000] [--store edge]
 
 Each size is a fresh `ragbatch ingest --json` process on a fresh data directory, so its peak
 resident memory (from wait4) is its own. Documents are sentences of the dataset's abstracts, one
@@ -42,9 +42,8 @@ def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, float]:
     """The report of one ingest process and its peak RSS in MiB."""
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--collection", "scale", "--json"]
-    if store != "local":
-        command += ["--store", store]
+    spec = f"{store}:{data_dir / store}" if store in ("local", "edge") else store
+    command = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--collection", "scale", "--json", "--store", spec]
     with tempfile.TemporaryFile() as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(process.pid, 0)
@@ -59,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
-    parser.add_argument("--store", default="local", help="local (default), or a store URL/prefix as --store takes it.")
+    parser.add_argument("--store", default="edge", help="edge (default) or local, under each run's data directory; or a --store value.")
     args = parser.parse_args()
 
     rows = []
@@ -72,6 +71,7 @@ def main() -> None:
                      "ms_per_document": round(1000 * report["seconds"] / size, 2), "peak_rss_mib": round(peak_mib)})
     out = ROOT / "bench" / "results" / "scale.json"
     out.parent.mkdir(exist_ok=True)
+    out = out.with_name(f"scale-{args.store}.json") if args.store in ("local", "edge") else out
     out.write_text(json.dumps({"store": args.store, "runs": rows}, indent=2) + "\n")
     print(f"store: {args.store}\n\n| documents | points | flow s | ms/document | peak RSS MiB |\n| ---: | ---: | ---: | ---: | ---: |")
     for row in rows:

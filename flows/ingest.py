@@ -9,20 +9,22 @@ from functools import cache
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner
 
 from tasks import steps
 from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.concurrency import exclusive
-from tasks.embedding import open_embedder
 from tasks.indexing import index_fingerprint
-from tasks.ingest import IngestReport, check_quarantine_share, finish_rebuild, prepare_target
+from tasks.ingest import IngestReport, Target, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.locks import CollectionLock
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
+from tasks.sharding import EmbedderSpec, ServerSpec, Shard, is_server, split_shards, task_runner
 from tasks.sources import SourceRow, batched, count_rows, read_rows
+from tasks.sparse import Bm25
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator
 
@@ -45,11 +47,12 @@ def ingest(params: IngestParams) -> IngestReport:
 def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> IngestReport:
     store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
-        embedder = open_embedder(params.embedding_backend, model_name=params.embedding_model, data_dir=params.data_dir,
-                                 device=params.device, batch_size=params.embed_batch_size)
+        embedder = EmbedderSpec(params.embedding_backend, params.embedding_model, params.data_dir, params.device,
+                                params.embed_batch_size)
         target = prepare_target(
-            store, params.collection, rebuild=params.rebuild, embedder=embedder,
+            store, params.collection, rebuild=params.rebuild, embedder=embedder.open(),
             chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap, retrieval=params.retrieval,
+            shard_number=params.shard_number, replication_factor=params.replication_factor,
         )
         bm25 = None
         fingerprint = index_fingerprint(
@@ -70,19 +73,18 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
         progress = RunProgress(key=artifact_key("ingest-progress", params.collection), label=f"ingest {params.collection}",
                                total=count_rows(params.source, params.format), terminal=params.show_progress)
         batches = batched(rows, params.batch_docs)
-        with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
+        runner = task_runner(params.task_runner, workers=params.shards, address=params.cluster_address)
+        with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine, runner:
             while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
                 chunks = steps.chunk(chunker(), plan) if plan.changed else []
-                vectors = steps.embed(embedder, chunks) if chunks and target.layout.dense else None
                 if chunks and target.layout.sparse and bm25 is None:
                     bm25 = steps.bm25_statistics(store, target.collection, chunks)
-                deleted = steps.upsert(store, target.collection, chunks, vectors, plan.previous_chunks,
-                                       embedding_model=params.embedding_model, layout=target.layout,
-                                       bm25=bm25) if chunks else 0
+                shards = split_shards(chunks, plan.previous_chunks, params.shards)
+                deleted = _embed_and_upsert(runner, params, store, target, shards, embedder, bm25)
                 report.loaded += len(batch)
                 report.valid += len(valid)
                 report.quarantined += len(rejected)
@@ -106,3 +108,19 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
     finally:
         store.close()
     return report
+
+
+def _embed_and_upsert(runner: TaskRunner, params: IngestParams, store: QdrantStore, target: Target, shards: list[Shard],
+                      embedder: EmbedderSpec, bm25: Bm25 | None) -> int:
+    """Run a batch's shards in parallel on the task runner; returns the points deleted. With a Qdrant
+    server each shard embeds and writes; an embedded store is written here, shard by shard."""
+    written = dict(embedding_model=params.embedding_model, layout=target.layout, bm25=bm25)
+    if is_server(params.store):
+        server = ServerSpec(params.store, qdrant_api_key(params.qdrant_api_key_block))
+        futures = [runner.submit(steps.embed_upsert, dict(embedder=embedder, server=server, collection=target.collection,
+                                                          shard=shard, **written)) for shard in shards]
+        return sum(future.result() for future in futures)
+    futures = [runner.submit(steps.embed, dict(embedder=embedder, chunks=shard.chunks)) if target.layout.dense else None
+               for shard in shards]
+    return sum(steps.upsert(store, target.collection, shard.chunks, future.result() if future else None,
+                            shard.previous_chunks, **written) for shard, future in zip(shards, futures, strict=True))

@@ -82,7 +82,7 @@ def _edge_vector(vector: Any) -> Any:
         return {name: _edge_vector(value) for name, value in vector.items()}
     if isinstance(vector, models.SparseVector):
         return edge.SparseVector(indices=list(vector.indices), values=list(vector.values))
-    return [float(x) for x in vector]
+    return vector.tolist() if hasattr(vector, "tolist") else list(vector)
 
 
 def edge_point(point: Any) -> Any:
@@ -279,12 +279,15 @@ class EdgeStore(QdrantStore):
         return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
 
     def create_collection(
-        self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout()
+        self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout(),
+        shard_number: int | None = None, replication_factor: int | None = None,
     ) -> None:
         """A shard with the layout's named vectors and keyword indexes on doc_id and source; the
         metadata file is written last, so a half-created collection does not exist."""
         import qdrant_edge as edge
 
+        if shard_number or replication_factor:
+            raise StoreError(f"{self.location} is one shard in this process: shard_number and replication_factor need a Qdrant server")
         directory = self._collection_dir(name)
         if self._exists(name) or name in self._aliases():
             raise StoreError(f"Qdrant edge at {self.location}: collection {name!r} already exists")

@@ -19,3 +19,7 @@ class StoreUnavailable(StoreError):
 
 class QuarantineThresholdExceeded(RagbatchError):
     """Too large a share of the input failed validation; the index is left untouched."""
+
+
+class SetupError(RagbatchError):
+    """An optional component the configuration asks for is not installed."""

@@ -37,6 +37,7 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], Any]]:
             base_url=params.llm_url, model=params.llm_model,
             max_model_len=params.max_model_len or model_max_len(model_path),
             api_key=resolve_secret(params.llm_api_key_block, LLM_API_KEY_ENV, "LLM endpoint key"),
+            concurrency=params.llm_concurrency,
         ), tokenizer
     return VLLMGenerator(
         model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,

@@ -81,12 +81,13 @@ def collection_metadata(
 
 def prepare_target(
     store: QdrantStore, alias: str, *, rebuild: bool, embedder: Embedder, chunk_tokens: int, chunk_overlap: int,
-    retrieval: RetrievalMode | None = None,
+    retrieval: RetrievalMode | None = None, shard_number: int | None = None, replication_factor: int | None = None,
 ) -> Target:
     """Reuse the collection behind `alias`, or create a new physical one (first run or rebuild).
 
     `retrieval` picks the vectors of a new collection (default hybrid); an existing collection keeps
-    its own, and asking for others needs a rebuild.
+    its own, and asking for others needs a rebuild. `shard_number` and `replication_factor` place a
+    new collection on a Qdrant cluster.
     """
     current = store.resolve(alias)
     if current is not None and not rebuild:
@@ -114,6 +115,8 @@ def prepare_target(
         dimension=dimension,
         metadata=collection_metadata(embedder.model_name, dimension, chunk_tokens, chunk_overlap, layout),
         layout=layout,
+        shard_number=shard_number,
+        replication_factor=replication_factor,
     )
     if current is None:
         store.move_alias(alias, physical)

@@ -29,6 +29,8 @@ def vllm_server_command(
     dtype: str,
     enforce_eager: bool,
     kv_cache_gib: float,
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
 ) -> list[str]:
     """vLLM's OpenAI-compatible server (what `vllm serve` runs) for one model, with this interpreter.
 
@@ -37,7 +39,9 @@ def vllm_server_command(
     `VLLMGenerator`, and `--generation-config vllm` keeps the model's `generation_config.json` (a
     repetition penalty, say) out of the request defaults: the server then computes exactly what the
     in-process engine does. On CPU, `VLLM_CPU_KVCACHE_SPACE` from `cpu_environment` overrides
-    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB.
+    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs the server uses
+    `tensor_parallel_size` x `data_parallel_size` of them: each model copy split over TP GPUs, DP
+    copies answering requests side by side.
     """
     command = [
         sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
@@ -54,6 +58,10 @@ def vllm_server_command(
         command += ["--max-model-len", str(max_model_len)]
     if enforce_eager:
         command.append("--enforce-eager")
+    if tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if data_parallel_size > 1:
+        command += ["--data-parallel-size", str(data_parallel_size)]
     return command
 
 

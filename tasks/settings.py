@@ -31,6 +31,14 @@ class EmbeddingBackend(str, Enum):
     vllm = "vllm"
 
 
+class TaskRunnerKind(str, Enum):
+    """What runs the embed/upsert shards: threads in the flow's process, or Dask / Ray worker processes."""
+
+    threads = "threads"
+    dask = "dask"
+    ray = "ray"
+
+
 class RetrievalMode(str, Enum):
     """How passages are found: dense embeddings, BM25 sparse vectors, or both fused (all inside Qdrant)."""
 
@@ -132,6 +140,27 @@ class IngestParams(StoreParams):
         None, description="Vectors to store: dense, sparse (BM25) or hybrid (both). Fixed when the collection is created; "
         "default: hybrid for a new collection or --rebuild, the collection's own otherwise.",
     )
+    task_runner: TaskRunnerKind = Field(
+        TaskRunnerKind.threads, description="Prefect task runner for the embed/upsert shards: threads in this process, "
+        "dask (prefect-dask) or ray (prefect-ray, pip install 'ragbatch[ray]').",
+    )
+    shards: int = Field(1, ge=1, le=1024, description="Embed/upsert shards per batch, run in parallel: threads, or the "
+                        "worker processes of a local Dask/Ray cluster.")
+    cluster_address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001) to run the shards on; "
+        "empty: a local cluster on 127.0.0.1.",
+    )
+    shard_number: int | None = Field(None, ge=1, description="Qdrant server only: shards of a new collection, spread over the cluster's nodes.")
+    replication_factor: int | None = Field(
+        None, ge=1, description="Qdrant server only: copies of each shard of a new collection (on different nodes)."
+    )
+
+    @model_validator(mode="after")
+    def _cluster_options_need_a_server(self) -> "IngestParams":
+        if (self.shard_number or self.replication_factor) and not self.store.startswith(("http://", "https://")):
+            raise ValueError("shard_number and replication_factor apply to a Qdrant server (--store http://...), "
+                             f"not to {self.store}")
+        return self
 
     @field_validator("chunk_overlap")
     @classmethod
@@ -158,6 +187,10 @@ class ServeParams(EngineParams):
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Model copies serving side by side, each on tensor_parallel_size GPUs (GPU only); "
+        "point answer runs at the server with llm_concurrency high enough to keep them busy.",
+    )
 
 
 class AnswerParams(StoreParams, EngineParams):
@@ -182,6 +215,9 @@ class AnswerParams(StoreParams, EngineParams):
     )
     llm_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the LLM endpoint's key; default: RAGBATCH_LLM_API_KEY."
+    )
+    llm_concurrency: int = Field(
+        8, ge=1, le=1024, description="Requests in flight to llm_url; raise it for a server with several GPUs (data parallel)."
     )
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")

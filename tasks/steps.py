@@ -15,13 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks import indexing, ingest, metrics
 from tasks.answering import Pending, build_prompts, generate_part, retrieve_part
 from tasks.chunking import Chunk, TokenChunker
-from tasks.embedding import Embedder
 from tasks.evaluation import EvalQuery
 from tasks.errors import StoreUnavailable
 from tasks.llm import Generator, SamplingConfig
 from tasks.outputs import AnswerCheckpoint
 from tasks.prompts import PromptBuilder
 from tasks.retrieval import Retriever
+from tasks.sharding import EmbedderSpec, ServerSpec, Shard
 from tasks.sources import SourceRow
 from tasks.sparse import Bm25
 from tasks.store import QdrantStore, VectorLayout
@@ -65,8 +65,18 @@ def chunk(chunker: TokenChunker, plan: indexing.BatchPlan) -> list[Chunk]:
 
 
 @task(name="embed", **STEP)
-def embed(embedder: Embedder, chunks: Sequence[Chunk]) -> np.ndarray:
-    return embedder.embed([c.embedding_text for c in chunks])
+def embed(embedder: EmbedderSpec, chunks: Sequence[Chunk]) -> np.ndarray:
+    """Runs on the shard task runner (a thread or a worker process), which opens the model once."""
+    return embedder.open().embed([c.embedding_text for c in chunks])
+
+
+@task(name="embed-upsert", **STEP, **STORE_RETRIES)
+def embed_upsert(embedder: EmbedderSpec, server: ServerSpec, collection: str, shard: Shard, *, embedding_model: str,
+                 layout: VectorLayout, bm25: Bm25 | None) -> int:
+    """A shard for a Qdrant server, done wholly where it runs: embed, build the points, write them."""
+    vectors = embedder.open().embed([c.embedding_text for c in shard.chunks]) if layout.dense else None
+    points = indexing.build_points(shard.chunks, vectors, embedding_model=embedding_model, layout=layout, bm25=bm25)
+    return indexing.write_documents(server.open(), collection, points, shard.previous_chunks)
 
 
 @task(name="bm25-statistics", **STEP, **STORE_RETRIES)

@@ -161,17 +161,20 @@ class QdrantStore:
         return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
 
     def create_collection(
-        self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout()
+        self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout(),
+        shard_number: int | None = None, replication_factor: int | None = None,
     ) -> None:
         """A collection with the layout's named vectors (dense: cosine of `dimension`; sparse: IDF
-        modifier), its vector names recorded in the metadata, and payload indexes on doc_id and source."""
+        modifier), its vector names recorded in the metadata, and payload indexes on doc_id and source.
+        On a Qdrant cluster, `shard_number` and `replication_factor` place it over the nodes."""
         from qdrant_client import models
 
         dense = {DENSE: models.VectorParams(size=dimension, distance=models.Distance.COSINE)} if layout.dense else {}
         sparse = {SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)} if layout.sparse else None
         with _translate_errors(self.location, f"creating collection {name}"):
             self.client.create_collection(
-                name, vectors_config=dense, sparse_vectors_config=sparse, metadata={**metadata, "vectors": layout.names}
+                name, vectors_config=dense, sparse_vectors_config=sparse, metadata={**metadata, "vectors": layout.names},
+                shard_number=shard_number, replication_factor=replication_factor,
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Payload indexes have no effect")

@@ -102,6 +102,15 @@ def test_resolve_llm_model_keeps_local_paths_and_hub_ids(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+def test_server_command_spreads_the_model_over_gpus_only_when_asked():
+    common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
+    single = vllm_server_command(**common)
+    assert "--tensor-parallel-size" not in single and "--data-parallel-size" not in single
+    spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4)
+    assert spread[spread.index("--tensor-parallel-size") + 1] == "2"
+    assert spread[spread.index("--data-parallel-size") + 1] == "4"
+
+
 @pytest.mark.slow
 def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, tmp_path):
     port = free_port()

@@ -1,0 +1,112 @@
+"""Embedding and upsert work split into shards that a Prefect task runner executes: threads in this
+process (the default), or Dask / Ray worker processes, started on loopback or an existing cluster.
+
+A shard holds whole documents, so a document's chunks and its marker stay together and the write
+order of tasks/indexing.py holds per document. Workers in other processes cannot share this
+process's model or store: they get specs and open each once per process. Points for an embedded
+store (local:, edge:, :memory:) are written by the flow's own process, since those stores admit one
+process; with a Qdrant server each shard writes its own points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from tasks.chunking import Chunk
+from tasks.embedding import Embedder, open_embedder
+from tasks.errors import SetupError
+from tasks.settings import EmbeddingBackend, TaskRunnerKind
+from tasks.store import QdrantStore
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Whole documents' chunks, and how many chunks each of those documents had before."""
+
+    chunks: list[Chunk]
+    previous_chunks: dict[str, int]
+
+
+def split_shards(chunks: Sequence[Chunk], previous_chunks: dict[str, int], count: int) -> list[Shard]:
+    """At most `count` shards of whole documents, about equally many chunks each, in input order."""
+    target = math.ceil(len(chunks) / max(count, 1)) if chunks else 0
+    groups: list[list[Chunk]] = []
+    for chunk in chunks:
+        starts_document = not groups or groups[-1][-1].doc_id != chunk.doc_id
+        if starts_document and (not groups or len(groups[-1]) >= target):
+            groups.append([])
+        groups[-1].append(chunk)
+    return [
+        Shard(group, {doc_id: previous_chunks[doc_id] for doc_id in dict.fromkeys(c.doc_id for c in group)
+                      if doc_id in previous_chunks})
+        for group in groups
+    ]
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """How to open the embedding model; `open()` loads it once per process (flow process or worker)."""
+
+    backend: EmbeddingBackend
+    model_name: str
+    data_dir: Path
+    device: str | None = None
+    batch_size: int = 64
+
+    def open(self) -> Embedder:
+        return _open_embedder(self)
+
+
+@cache
+def _open_embedder(spec: EmbedderSpec) -> Embedder:
+    return open_embedder(spec.backend, model_name=spec.model_name, data_dir=spec.data_dir, device=spec.device,
+                         batch_size=spec.batch_size)
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A Qdrant server that every worker connects to by itself; `open()` connects once per process."""
+
+    url: str
+    api_key: SecretStr | None = None
+
+    def open(self) -> QdrantStore:
+        return _connect(self)
+
+
+@cache
+def _connect(spec: ServerSpec) -> QdrantStore:
+    return QdrantStore.connect(spec.url, api_key=spec.api_key)
+
+
+def is_server(store: str) -> bool:
+    return store.startswith(("http://", "https://"))
+
+
+def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None):
+    """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
+    `workers` single-threaded processes on loopback, or the Dask scheduler / Ray cluster at `address`."""
+    if kind == TaskRunnerKind.threads:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == TaskRunnerKind.dask:
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "host": "127.0.0.1", "dashboard_address": None})
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise SetupError("task_runner ray needs prefect-ray: pip install 'ragbatch[ray]'") from None
+    if address:
+        return RayTaskRunner(address=address)
+    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False})

@@ -1,0 +1,80 @@
+"""Embed/upsert shards: how a batch splits, and the ingest on a local Dask cluster against one process."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from flows.ingest import ingest
+from tasks.chunking import Chunk
+from tasks.settings import IngestParams, TaskRunnerKind
+from tasks.sharding import split_shards
+from tasks.store import QdrantStore
+
+
+def chunks_of(*sizes: int) -> list[Chunk]:
+    return [Chunk(f"d{doc}", index, "text", 0, 4, None, "s", {}, "h") for doc, size in enumerate(sizes) for index in range(size)]
+
+
+def test_shards_hold_whole_documents_in_order():
+    chunks = chunks_of(3, 1, 4, 2, 2)
+    shards = split_shards(chunks, {"d2": 6, "d4": 1}, 3)
+    assert [c for shard in shards for c in shard.chunks] == chunks
+    assert len(shards) <= 3
+    for shard in shards:
+        assert {c.doc_id for c in shard.chunks}.isdisjoint({c.doc_id for other in shards if other is not shard for c in other.chunks})
+    assert sorted(p for shard in shards for p in shard.previous_chunks.items()) == [("d2", 6), ("d4", 1)]
+    assert [len(shard.chunks) for shard in shards] == [4, 4, 4]
+
+
+def test_one_shard_or_no_chunks():
+    chunks = chunks_of(2, 2)
+    assert [s.chunks for s in split_shards(chunks, {}, 1)] == [chunks]
+    assert split_shards([], {}, 4) == []
+    assert len(split_shards(chunks_of(9), {}, 4)) == 1  # a document is never split
+
+
+def test_cluster_placement_needs_a_qdrant_server(tmp_path: Path):
+    with pytest.raises(ValidationError, match="apply to a Qdrant server"):
+        IngestParams(source=tmp_path, data_dir=tmp_path, replication_factor=2)
+    assert IngestParams(source=tmp_path, data_dir=tmp_path, store="http://127.0.0.1:6333", shard_number=6,
+                        replication_factor=2).shard_number == 6
+
+
+def snapshot(store_spec: str, collection: str) -> dict[str, tuple[dict, np.ndarray]]:
+    store = QdrantStore.connect(store_spec)
+    try:
+        records, _ = store.client.scroll(collection, limit=100_000, with_payload=True, with_vectors=True)
+        return {str(r.id): (r.payload, np.asarray(r.vector["dense"])) for r in records}
+    finally:
+        store.close()
+
+
+def assert_same_index(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for point_id, (payload, vector) in one.items():
+        assert other[point_id][0] == payload
+        np.testing.assert_allclose(other[point_id][1], vector, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ingest_on_a_local_dask_cluster_equals_one_process(prefect_api_url, corpus: Path, tmp_path: Path):
+    def run(name: str, **execution) -> tuple:
+        params = IngestParams(source=corpus, collection="kb", data_dir=tmp_path / name, batch_docs=8,
+                              retrieval="dense", **execution)
+        return ingest(params), snapshot(params.store, "kb")
+
+    single, single_index = run("single")
+    sharded, sharded_index = run("dask", task_runner=TaskRunnerKind.dask, shards=2)
+    assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
+    assert_same_index(single_index, sharded_index)
+
+    # Incremental: a shorter document (leftover chunks deleted) and a removed one, on the cluster.
+    guide = corpus / "troubleshooting-guide.txt"
+    guide.write_text(guide.read_text()[:400])
+    (corpus / "glossary.md").unlink()
+    single, single_index = run("single")
+    sharded, sharded_index = run("dask", task_runner=TaskRunnerKind.dask, shards=2)
+    assert sharded.deleted == single.deleted > 0 and sharded.embedded == single.embedded > 0
+    assert_same_index(single_index, sharded_index)
