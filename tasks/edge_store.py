@@ -185,6 +185,24 @@ def client_scored_point(point: Any) -> Any:
     return models.ScoredPoint(id=_client_id(point.id), version=point.version, score=point.score, payload=point.payload)
 
 
+def _client_vector(vector: Any) -> Any:
+    from qdrant_client import models
+
+    if isinstance(vector, dict):
+        return {name: _client_vector(value) for name, value in vector.items()}
+    if hasattr(vector, "indices"):
+        return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
+    return vector
+
+
+def client_record(record: Any) -> Any:
+    """`qdrant_edge.Record` -> `models.Record` (ids as qdrant-client gives them, sparse vectors as models)."""
+    from qdrant_client import models
+
+    vector = _client_vector(record.vector) if record.vector is not None else None
+    return models.Record(id=_client_id(record.id), payload=record.payload, vector=vector)
+
+
 # -- the store ---------------------------------------------------------------------------------------
 
 
@@ -386,18 +404,18 @@ class EdgeStore(QdrantStore):
             responses = shard.query_batch(batch)
         return [[client_scored_point(point) for point in points] for points in responses]
 
-    def iter_payload_field(self, collection: str, field: str) -> Iterator[tuple[str, Any]]:
+    def iter_points(self, collection: str, *, fields: list[str] | None = None, with_vectors: bool = False) -> Iterator[Any]:
         import qdrant_edge as edge
 
         shard = self._shard(collection)
+        payload = edge.PayloadSelector.Include(fields) if fields is not None else True
         offset = None
         while True:
             with _translate_errors(self.location, f"scrolling {collection}"):
                 records, offset = shard.scroll(
-                    edge.ScrollRequest(offset=offset, limit=SCROLL_PAGE, with_payload=edge.PayloadSelector.Include([field]),
-                                       with_vector=False)
+                    edge.ScrollRequest(offset=offset, limit=SCROLL_PAGE, with_payload=payload, with_vector=with_vectors)
                 )
             for record in records:
-                yield str(record.id), (record.payload or {}).get(field)
+                yield client_record(record)
             if offset is None:
                 return

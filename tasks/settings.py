@@ -96,8 +96,9 @@ class StoreParams(RagbatchSettings):
     )
     store: str = Field(
         "",
-        description="http(s)://host:port for a Qdrant server, local:PATH for the embedded local mode, "
-        "edge:PATH for Qdrant's engine in-process (qdrant-edge), or :memory:. Empty: local mode under the data directory.",
+        description="http(s)://host:port for a Qdrant server, edge:PATH for Qdrant's engine in-process (qdrant-edge), "
+        "local:PATH for qdrant-client's local mode, or :memory:. Empty: edge under the data directory "
+        "(or the local-mode store an earlier version created there).",
     )
     qdrant_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the Qdrant API key; default: RAGBATCH_QDRANT_API_KEY."
@@ -106,7 +107,8 @@ class StoreParams(RagbatchSettings):
     @model_validator(mode="after")
     def _default_store(self) -> "StoreParams":
         if not self.store:
-            self.store = f"local:{self.data_dir / 'qdrant'}"
+            earlier = self.data_dir / "qdrant"
+            self.store = f"local:{earlier}" if earlier.is_dir() else f"edge:{self.data_dir / 'edge'}"
         return self
 
 

@@ -262,13 +262,18 @@ class QdrantStore:
 
     def iter_payload_field(self, collection: str, field: str) -> Iterator[tuple[str, Any]]:
         """(point id, payload[field]) for every point, paging through the collection."""
+        for record in self.iter_points(collection, fields=[field]):
+            yield str(record.id), (record.payload or {}).get(field)
+
+    def iter_points(self, collection: str, *, fields: list[str] | None = None, with_vectors: bool = False) -> Iterator[Any]:
+        """Every point as a `models.Record` (payload: all or `fields`; named vectors if asked), page by page."""
         offset = None
         while True:
             with _translate_errors(self.location, f"scrolling {collection}"):
                 records, offset = self.client.scroll(
-                    collection, limit=SCROLL_PAGE, offset=offset, with_payload=[field], with_vectors=False
+                    collection, limit=SCROLL_PAGE, offset=offset, with_payload=fields if fields is not None else True,
+                    with_vectors=with_vectors,
                 )
-            for record in records:
-                yield str(record.id), (record.payload or {}).get(field)
+            yield from records
             if offset is None:
                 return

@@ -27,7 +27,7 @@ def test_ingest_json_ends_stdout_with_the_counts(corpus, subprocess_env, data_di
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert REQUIRED_KEYS <= counts.keys()
     assert counts["collection"] == "cli" and counts["loaded"] == 36 and counts["embedded"] > 36
-    assert (data_dir / "qdrant").is_dir()
+    assert (data_dir / "edge" / "collections").is_dir()  # the default store: edge under the data directory
 
 
 ERROR_CASES = [

@@ -40,12 +40,7 @@ def snapshot(spec: str, alias: str) -> dict[str, tuple]:
     store = QdrantStore.connect(spec)
     try:
         fields = ["doc_id", "chunk_index", "doc_hash", "content_hash"]
-        records, offset = [], None
-        while True:
-            page, offset = store.client.scroll(alias, limit=1000, offset=offset, with_payload=fields)
-            records += page
-            if offset is None:
-                return {str(r.id): tuple(r.payload[f] for f in fields) for r in records}
+        return {str(r.id): tuple(r.payload[f] for f in fields) for r in store.iter_points(alias, fields=fields)}
     finally:
         store.close()
 
@@ -100,14 +95,14 @@ def test_two_runs_started_together_are_serialised_and_the_index_is_consistent(tm
 
     clean_dir = tmp_path / "clean"
     ingest(IngestParams(source=corpus, collection="kb", data_dir=clean_dir))
-    clean = snapshot(f"local:{clean_dir / 'qdrant'}", "kb")
-    assert snapshot(f"local:{data_dir / 'qdrant'}", "kb") == clean and len(clean) == 16
+    clean = snapshot(f"edge:{clean_dir / 'edge'}", "kb")
+    assert snapshot(f"edge:{data_dir / 'edge'}", "kb") == clean and len(clean) == 16
 
 
 @pytest.mark.slow
 def test_a_second_process_on_the_embedded_store_gets_one_clear_line(tmp_path, subprocess_env, data_dir):
     corpus = small_corpus(tmp_path / "corpus", 2)
-    store = QdrantStore.connect(f"local:{data_dir / 'qdrant'}")  # this test process holds the embedded store
+    store = QdrantStore.connect(f"edge:{data_dir / 'edge'}")  # this test process holds the default embedded store
     try:
         code = run_cli("ingest", str(corpus), "--collection", "other", env=subprocess_env)
         _, err = code.communicate(timeout=600)
@@ -115,7 +110,7 @@ def test_a_second_process_on_the_embedded_store_gets_one_clear_line(tmp_path, su
         store.close()
     assert code.returncode == 1 and "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.startswith("ragbatch: error: ")]
-    assert f"the embedded store {data_dir / 'qdrant'} is in use by another process" in line
+    assert f"the embedded store {data_dir / 'edge'} is in use by another process" in line
     assert "one process at a time" in line
 
 

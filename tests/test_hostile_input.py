@@ -39,12 +39,7 @@ def index_contents(params: IngestParams) -> dict[str, dict]:
     """doc_id -> {"text": the document's chunk texts joined, "chunks": count} as stored in the index."""
     store = QdrantStore.connect(params.store)
     try:
-        records, offset = [], None
-        while True:
-            page, offset = store.client.scroll(params.collection, limit=1000, offset=offset, with_payload=True)
-            records += page
-            if offset is None:
-                break
+        records = list(store.iter_points(params.collection))
     finally:
         store.close()
     docs: dict[str, dict] = {}

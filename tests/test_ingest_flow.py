@@ -1,9 +1,10 @@
-"""The ingest flow end to end: real Prefect server, real model, real embedded Qdrant."""
+"""The ingest flow end to end: real Prefect server, real model, real embedded Qdrant (edge by default)."""
 
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from qdrant_client import models
 
 from flows.ingest import ingest
 from tasks.errors import QuarantineThresholdExceeded, StoreError
@@ -46,7 +47,7 @@ def test_first_run_indexes_the_sample_corpus(params, embedder):
         for doc_id, ids in docs.items():
             assert ids == {point_id(doc_id, i) for i in range(len(ids))}
         question = embedder.embed(["What does error code E-219 mean?"])[0]
-        hits = store.client.query_points("kb", query=question.tolist(), using="dense", limit=3, with_payload=True).points
+        [hits] = store.query_batch("kb", [models.QueryRequest(query=question.tolist(), using="dense", limit=3, with_payload=True)])
         assert hits[0].payload["source"] == "troubleshooting-guide.txt"
         assert "E-219" in hits[0].payload["text"]
     finally:
@@ -81,8 +82,8 @@ def test_re_runs_embed_only_what_changed(params, corpus):
         assert {d: ids for d, ids in after.items() if d not in (long_doc, "new-note.txt")} == {
             d: ids for d, ids in before.items() if d not in (long_doc, "glossary.md")
         }
-        [marker] = store.client.retrieve("kb", [point_id(long_doc, 0)])
-        assert "E-219" in marker.payload["text"] and marker.payload["n_chunks"] == 1
+        marker = store.retrieve_payloads("kb", [point_id(long_doc, 0)], ["text", "n_chunks"])[point_id(long_doc, 0)]
+        assert "E-219" in marker["text"] and marker["n_chunks"] == 1
     finally:
         store.close()
 
@@ -152,7 +153,7 @@ def test_vectors_are_chosen_when_the_collection_is_created(params):
     try:
         metadata = store.collection_metadata("kb")
         assert metadata["vectors"] == ["sparse"] and metadata["bm25_avgdl"] > 10
-        [point] = store.client.retrieve("kb", [point_id("glossary.md", 0)], with_vectors=True)
+        [point] = [p for p in store.iter_points("kb", fields=[], with_vectors=True) if str(p.id) == point_id("glossary.md", 0)]
         assert set(point.vector) == {"sparse"} and point.vector["sparse"].indices
     finally:
         store.close()
@@ -163,17 +164,20 @@ def test_vectors_are_chosen_when_the_collection_is_created(params):
     assert rebuilt.embedded == rebuilt.points == sparse_only.points
 
 
-def test_edge_store_indexes_rebuilds_and_answers_queries(params, data_dir):
-    """The whole flow on qdrant-edge: first run, no-op re-run, rebuild with an alias swap, then hybrid retrieval."""
+def test_the_local_mode_store_still_indexes_rebuilds_and_answers_queries(params, data_dir):
+    """The whole flow on qdrant-client's local mode (the default before edge, and the default still
+    when a data directory holds one): first run, no-op re-run, rebuild with an alias swap, hybrid retrieval."""
     from tasks.retrieval import open_retriever
 
-    edge = params(store=f"edge:{data_dir / 'edge'}")
-    first = ingest(edge)
+    (data_dir / "qdrant").mkdir()
+    local = params()
+    assert local.store == f"local:{data_dir / 'qdrant'}"
+    first = ingest(local)
     assert first.loaded == first.valid == 36 and first.points == first.upserted > 36
-    assert ingest(edge).unchanged == 36
-    rebuilt = ingest(params(store=edge.store, rebuild=True))
+    assert ingest(local).unchanged == 36
+    rebuilt = ingest(params(rebuild=True))
     assert rebuilt.points == first.points and rebuilt.physical_collection != first.physical_collection
-    store = open_store(edge)
+    store = open_store(local)
     try:
         assert store.resolve("kb") == rebuilt.physical_collection
         assert store.physical_collections("kb") == [rebuilt.physical_collection]

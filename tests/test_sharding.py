@@ -45,8 +45,7 @@ def test_cluster_placement_needs_a_qdrant_server(tmp_path: Path):
 def snapshot(store_spec: str, collection: str) -> dict[str, tuple[dict, np.ndarray]]:
     store = QdrantStore.connect(store_spec)
     try:
-        records, _ = store.client.scroll(collection, limit=100_000, with_payload=True, with_vectors=True)
-        return {str(r.id): (r.payload, np.asarray(r.vector["dense"])) for r in records}
+        return {str(r.id): (r.payload, np.asarray(r.vector["dense"])) for r in store.iter_points(collection, with_vectors=True)}
     finally:
         store.close()
 

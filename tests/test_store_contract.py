@@ -78,7 +78,7 @@ def search(store, mode, texts, filters=None, *, fusion=FusionMethod.rrf, top_k=4
 
 
 def test_edge_store_implements_every_store_operation():
-    shared = {"readable_collection"}  # built on the other operations
+    shared = {"readable_collection", "iter_payload_field"}  # built on the other operations
     operations = {name for name, value in vars(QdrantStore).items() if callable(value) and not name.startswith("_")}
     assert operations - shared - {"connect"} <= set(vars(EdgeStore))
 
@@ -95,6 +95,21 @@ def test_collection_with_layout_metadata_and_payload_reads(store):
     assert payloads == {ids[0]: {"doc_id": "d0", "n_chunks": 1}, ids[1]: {"doc_id": "d3", "n_chunks": 1}}
     assert sorted(store.iter_payload_field("kb", "source")) == sorted(
         (point_id(f"d{i}", 0), source) for i, source in enumerate(SOURCES))
+
+
+def test_points_read_back_with_payload_and_both_vectors(store):
+    points = {str(r.id): r for r in store.iter_points("kb", with_vectors=True)}
+    assert set(points) == {point_id(f"d{i}", 0) for i in range(4)}
+    d2 = points[point_id("d2", 0)]
+    assert d2.payload["text"] == TEXTS[2] and d2.payload["source"] == "b.md"
+    [vector] = FixedEmbedder().embed(TEXTS[2:3])
+    np.testing.assert_allclose(d2.vector["dense"], vector / np.linalg.norm(vector), atol=1e-6)  # cosine: stored normalized
+    expected = BM25.document(TEXTS[2])
+    stored = dict(zip(d2.vector["sparse"].indices, d2.vector["sparse"].values))
+    assert stored == pytest.approx(dict(zip(expected.indices, expected.values)))
+    [only_source] = [r.payload for r in store.iter_points("kb", fields=["source"]) if str(r.id) == point_id("d0", 0)]
+    assert only_source == {"source": "a.md"}
+    assert all(r.vector is None for r in store.iter_points("kb"))
 
 
 def test_incremental_rewrite_and_delete(store):
