@@ -44,13 +44,15 @@ def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, float]:
     env.pop("PREFECT_API_URL", None)
     spec = f"{store}:{data_dir / store}" if store in ("local", "edge") else store
     command = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--collection", "scale", "--json", "--store", spec]
-    with tempfile.TemporaryFile() as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         out.seek(0)
+        err.seek(0)
         lines = out.read().decode().strip().splitlines()
+        errors = err.read().decode(errors="replace").strip().splitlines()
     if status != 0:
-        raise SystemExit(f"ingest failed: {lines[-1:]}")
+        raise SystemExit(f"ingest failed (wait status {status}): {errors[-5:]}")
     return json.loads(lines[-1]), usage.ru_maxrss / 1024
 
 

@@ -11,6 +11,9 @@ if "PREFECT_HOME" not in os.environ:
 for _name, _value in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The temporary server of a run without PREFECT_API_URL migrates a fresh database first: on a
+    # busy 2-core machine that can exceed Prefect's 20 s default.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

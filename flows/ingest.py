@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from functools import cache
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
@@ -73,7 +73,8 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
         progress = RunProgress(key=artifact_key("ingest-progress", params.collection), label=f"ingest {params.collection}",
                                total=count_rows(params.source, params.format), terminal=params.show_progress)
         batches = batched(rows, params.batch_docs)
-        runner = task_runner(params.task_runner, workers=params.shards, address=params.cluster_address)
+        runner = task_runner(params.task_runner, workers=params.shards, address=params.cluster_address,
+                             api_url=str(get_client(sync_client=True).api_url))
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine, runner:
             while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)

@@ -89,24 +89,30 @@ def is_server(store: str) -> bool:
     return store.startswith(("http://", "https://"))
 
 
-def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None):
+def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None):
     """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
-    `workers` single-threaded processes on loopback, or the Dask scheduler / Ray cluster at `address`."""
+    `workers` single-threaded processes on loopback, or the Dask scheduler / Ray cluster at `address`.
+
+    Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
+    beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
+    (otherwise each worker would start a temporary server of its own).
+    """
     if kind == TaskRunnerKind.threads:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=workers)
+    env = {"PREFECT_API_URL": api_url} if api_url else {}
     if kind == TaskRunnerKind.dask:
         from prefect_dask import DaskTaskRunner
 
         if address:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "host": "127.0.0.1", "dashboard_address": None})
+                                              "host": "127.0.0.1", "dashboard_address": None, "env": env})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
         raise SetupError("task_runner ray needs prefect-ray: pip install 'ragbatch[ray]'") from None
     if address:
         return RayTaskRunner(address=address)
-    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False})
+    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False, "runtime_env": {"env_vars": env}})
