@@ -113,7 +113,9 @@ def test_cli_json_and_a_collection_without_sparse_vectors(beir_index, prefect_ap
 
 
 @pytest.mark.scifact
-@pytest.mark.skipif(not SCIFACT.is_dir(), reason="needs ../shared/datasets/scifact")
+@pytest.mark.skipif(not (SCIFACT.is_dir() and os.environ.get("RAGBATCH_SCIFACT_FULL")),
+                    reason="needs ../shared/datasets/scifact and RAGBATCH_SCIFACT_FULL=1 (about a minute; "
+                    "bench/bench_retrieval.py measures every mode)")
 def test_scifact_bm25_reaches_the_published_score(prefect_api_url, tmp_path):
     """BM25 alone needs no embedding, so this runs in a few minutes; published: 0.679 (Anserini), 0.687 (bm25s)."""
     ingest(IngestParams(source=SCIFACT, collection="scifact", data_dir=tmp_path, retrieval=RetrievalMode.sparse))
