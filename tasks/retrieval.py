@@ -131,11 +131,15 @@ def open_retriever(store: QdrantStore, collection: str, mode: RetrievalMode, *, 
 
 
 def to_hits(points: Sequence[Any]) -> list[Hit]:
+    """Ranked hits; equal scores (exact RRF ties are common) ordered by document and chunk, since the
+    engines break them differently, and the edge engine not even the same way on every open. Which
+    of several tied points makes the top-k cut stays the engine's choice."""
+    ordered = sorted(points, key=lambda p: (-float(p.score), p.payload["doc_id"], int(p.payload["chunk_index"])))
     return [
         Hit(
             rank=rank, score=float(point.score), point_id=str(point.id),
             doc_id=point.payload["doc_id"], chunk_index=int(point.payload["chunk_index"]),
             text=point.payload["text"], source=point.payload.get("source", ""), title=point.payload.get("title"),
         )
-        for rank, point in enumerate(points, start=1)
+        for rank, point in enumerate(ordered, start=1)
     ]

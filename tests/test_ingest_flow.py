@@ -184,8 +184,9 @@ def test_the_local_mode_store_still_indexes_rebuilds_and_answers_queries(params,
         retriever = open_retriever(store, "kb", RetrievalMode.hybrid, data_dir=data_dir)
         [hits] = retriever.search(store, ["What does error code E-219 mean?"], [None], top_k=3)
         # The E-219 chunk is first for dense and second for BM25, its neighbour the reverse: an exact RRF
-        # tie (1/61 + 1/62), which qdrant-client and edge break in different orders.
+        # tie (1/61 + 1/62), ordered by chunk index.
         assert hits[0].source == hits[1].source == "troubleshooting-guide.txt"
+        assert hits[0].score == hits[1].score and hits[0].chunk_index < hits[1].chunk_index
         assert any("E-219" in hit.text for hit in hits[:2])
     finally:
         store.close()

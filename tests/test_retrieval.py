@@ -5,7 +5,7 @@ from tasks.chunking import Chunk
 from tasks.errors import StoreError
 from tasks.indexing import build_points, write_documents
 from tasks.ingest import LAYOUTS
-from tasks.retrieval import Retriever, build_filter, open_retriever
+from tasks.retrieval import Retriever, build_filter, open_retriever, to_hits
 from tasks.settings import FusionMethod, RetrievalMode
 from tasks.sparse import Bm25
 from tasks.store import QdrantStore, VectorLayout
@@ -91,3 +91,18 @@ def test_collections_without_the_needed_vectors_are_refused_in_one_line():
             f"use --retrieval dense, or re-ingest with --rebuild --retrieval {mode.value}"
         )
     assert open_retriever(store, "dense", RetrievalMode.dense).layout == VectorLayout()
+
+
+def test_equal_scores_rank_by_document_and_chunk_whatever_order_the_engine_returns():
+    from qdrant_client import models
+
+    def point(doc_id: str, chunk_index: int, score: float):
+        return models.ScoredPoint(id=f"{doc_id}-{chunk_index}", version=0, score=score,
+                                  payload={"doc_id": doc_id, "chunk_index": chunk_index, "text": "t"})
+
+    tie = 1 / 61 + 1 / 62
+    engine_order = [point("b", 2, tie), point("b", 1, tie), point("a", 9, tie), point("c", 0, 0.5), point("a", 0, 0.01)]
+    hits = to_hits(engine_order)
+    assert [(h.rank, h.doc_id, h.chunk_index) for h in hits] == [
+        (1, "c", 0), (2, "a", 9), (3, "b", 1), (4, "b", 2), (5, "a", 0)]
+    assert to_hits(list(reversed(engine_order))) == hits
