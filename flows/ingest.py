@@ -22,10 +22,10 @@ from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
-from tasks.sharding import EmbedderSpec, ServerSpec, Shard, is_server, split_shards, task_runner
+from tasks.sharding import EmbedderSpec, ServerSpec, Shard, split_shards, task_runner
 from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.sparse import Bm25
-from tasks.store import QdrantStore
+from tasks.store import QdrantStore, is_server
 from tasks.validation import DocumentValidator
 
 

@@ -301,11 +301,10 @@ class EdgeStore(QdrantStore):
         shard_number: int | None = None, replication_factor: int | None = None,
     ) -> None:
         """A shard with the layout's named vectors and keyword indexes on doc_id and source; the
-        metadata file is written last, so a half-created collection does not exist."""
+        metadata file is written last, so a half-created collection does not exist. One shard in this
+        process: `shard_number` and `replication_factor` (refused by IngestParams) do not apply."""
         import qdrant_edge as edge
 
-        if shard_number or replication_factor:
-            raise StoreError(f"{self.location} is one shard in this process: shard_number and replication_factor need a Qdrant server")
         directory = self._collection_dir(name)
         if self._exists(name) or name in self._aliases():
             raise StoreError(f"Qdrant edge at {self.location}: collection {name!r} already exists")

@@ -149,6 +149,15 @@ def write_documents(store: QdrantStore, collection: str, points: Sequence, previ
     return len(leftovers)
 
 
+def write_chunks(
+    store: QdrantStore, collection: str, chunks: Sequence[Chunk], vectors: np.ndarray | None, previous_chunks: dict[str, int],
+    *, embedding_model: str, layout: VectorLayout, bm25: Bm25 | None,
+) -> int:
+    """Build the chunks' points and write them in the safe order; returns points deleted."""
+    points = build_points(chunks, vectors, embedding_model=embedding_model, layout=layout, bm25=bm25)
+    return write_documents(store, collection, points, previous_chunks)
+
+
 def delete_missing_documents(store: QdrantStore, collection: str, keep_doc_ids: set[str]) -> int:
     """Delete every point whose document was not seen in this run; markers go last. Returns points deleted."""
     stale: list[tuple[str, str]] = [

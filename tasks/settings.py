@@ -10,6 +10,8 @@ from typing import ClassVar
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.store import is_server
+
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -159,7 +161,7 @@ class IngestParams(StoreParams):
 
     @model_validator(mode="after")
     def _cluster_options_need_a_server(self) -> "IngestParams":
-        if (self.shard_number or self.replication_factor) and not self.store.startswith(("http://", "https://")):
+        if (self.shard_number or self.replication_factor) and not is_server(self.store):
             raise ValueError("shard_number and replication_factor apply to a Qdrant server (--store http://...), "
                              f"not to {self.store}")
         return self

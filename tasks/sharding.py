@@ -85,10 +85,6 @@ def _connect(spec: ServerSpec) -> QdrantStore:
     return QdrantStore.connect(spec.url, api_key=spec.api_key)
 
 
-def is_server(store: str) -> bool:
-    return store.startswith(("http://", "https://"))
-
-
 def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None):
     """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
     `workers` single-threaded processes on loopback, or the Dask scheduler / Ray cluster at `address`.

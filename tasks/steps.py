@@ -74,9 +74,9 @@ def embed(embedder: EmbedderSpec, chunks: Sequence[Chunk]) -> np.ndarray:
 def embed_upsert(embedder: EmbedderSpec, server: ServerSpec, collection: str, shard: Shard, *, embedding_model: str,
                  layout: VectorLayout, bm25: Bm25 | None) -> int:
     """A shard for a Qdrant server, done wholly where it runs: embed, build the points, write them."""
-    vectors = embedder.open().embed([c.embedding_text for c in shard.chunks]) if layout.dense else None
-    points = indexing.build_points(shard.chunks, vectors, embedding_model=embedding_model, layout=layout, bm25=bm25)
-    return indexing.write_documents(server.open(), collection, points, shard.previous_chunks)
+    vectors = embed.fn(embedder, shard.chunks) if layout.dense else None
+    return indexing.write_chunks(server.open(), collection, shard.chunks, vectors, shard.previous_chunks,
+                                 embedding_model=embedding_model, layout=layout, bm25=bm25)
 
 
 @task(name="bm25-statistics", **STEP, **STORE_RETRIES)
@@ -89,8 +89,8 @@ def upsert(store: QdrantStore, collection: str, chunks: list[Chunk], vectors: np
            *, embedding_model: str, layout: VectorLayout, bm25: Bm25 | None) -> int:
     """Points (with their sparse vectors) are built here, not passed in: Prefect inspects task inputs,
     and walking thousands of 384-float vectors in PointStructs cost about a second per batch."""
-    points = indexing.build_points(chunks, vectors, embedding_model=embedding_model, layout=layout, bm25=bm25)
-    return indexing.write_documents(store, collection, points, previous_chunks)
+    return indexing.write_chunks(store, collection, chunks, vectors, previous_chunks,
+                                 embedding_model=embedding_model, layout=layout, bm25=bm25)
 
 
 @task(name="delete-missing", **STEP, **STORE_RETRIES)

@@ -34,6 +34,11 @@ def qdrant_api_key() -> str | None:
     return None
 
 
+def is_server(spec: str) -> bool:
+    """Whether a store spec names a Qdrant server (rather than an in-process store)."""
+    return spec.startswith(("http://", "https://"))
+
+
 def new_physical_name(alias: str) -> str:
     """A fresh physical collection name for an alias: `<alias>--<UTC timestamp>`."""
     return f"{alias}{PHYSICAL_SEPARATOR}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}"
@@ -105,7 +110,7 @@ class QdrantStore:
     def __init__(self, client, *, location: str) -> None:
         self.client = client
         self.location = location
-        self.is_local = not location.startswith(("http://", "https://"))
+        self.is_local = not is_server(location)
 
     @classmethod
     def connect(cls, spec: str, *, timeout: int = 60, api_key: SecretStr | None = None) -> "QdrantStore":
@@ -118,7 +123,7 @@ class QdrantStore:
 
             return EdgeStore.open(spec)
 
-        if spec.startswith(("http://", "https://")):
+        if is_server(spec):
             key = api_key.get_secret_value() if api_key is not None else qdrant_api_key()
             client = QdrantClient(url=spec, api_key=key, timeout=timeout, check_compatibility=False)
             return cls(client, location=spec)
