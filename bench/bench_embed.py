@@ -1,12 +1,17 @@
 """Embedding benchmark: sentence-transformers `encode` vs vLLM's pooling runner on the same passages.
 
-Run: .venv/bin/python bench/bench_embed.py [--dataset ../shared/datasets/scifact] [--limit 5000] [--rounds 5]
+Run: .venv/bin/python bench/bench_embed.py [--dataset ../shared/datasets/scifact] [--limit 5000] [--rounds 6]
+                                           [--texts passages|chunks|sentences]
 
 Each backend lives in its own process (a vLLM engine changes its host process's threading, which
 would slow sentence-transformers beside it) and loads once; then both embed the same `title + text`
 passages of the dataset in interleaved rounds (a slice each, alternating which goes first, one at a
-time), so machine noise hits both alike. Reports passages/s of each, the speed-up, and the lowest
-cosine between their vectors. Writes bench/results/embed.json.
+time), so machine noise hits both alike. Reports texts/s of each, the speed-up, and the lowest
+cosine between their vectors. Writes bench/results/embed.json (embed-<texts>.json for other texts).
+
+`--texts` picks what is embedded: `passages` (the issue's measure: title + text, mostly filling the
+256-token window), `chunks` (those passages cut by ragbatch's chunker at its default size, what an
+ingest embeds) or `sentences` (documents of one or two sentences, as in bench_scale.py).
 """
 
 from __future__ import annotations
@@ -38,6 +43,32 @@ def passages(dataset: Path, limit: int) -> list[str]:
     return texts
 
 
+def chunks(dataset: Path, limit: int) -> list[str]:
+    """The first `limit` chunks of the passages, cut as an ingest with default settings cuts them."""
+    from tasks.chunking import TokenChunker, load_tokenizer
+    from tasks.models import resolve_embedding_model
+    from tasks.settings import IngestParams
+
+    defaults = IngestParams(source=dataset / "corpus.jsonl")
+    chunker = TokenChunker(tokenizer=load_tokenizer(resolve_embedding_model(defaults.embedding_model)),
+                           chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap)
+    texts: list[str] = []
+    for passage in passages(dataset, limit):
+        texts.extend(text for _, _, text in chunker.split(passage))
+        if len(texts) >= limit:
+            return texts[:limit]
+    return texts
+
+
+def sentences(dataset: Path, limit: int) -> list[str]:
+    from bench_scale import short_documents
+
+    return [doc["text"] for doc in short_documents(dataset, limit)]
+
+
+TEXTS = {"passages": passages, "chunks": chunks, "sentences": sentences}
+
+
 def serve(backend_name: str, batch_size: int, texts: list[str], connection) -> None:
     """Worker process: load one backend, then embed the slices asked for and send back (seconds, vectors)."""
     from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder
@@ -61,10 +92,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="sentence-transformers batch size.")
+    parser.add_argument("--texts", choices=sorted(TEXTS), default="passages", help="What to embed (see above).")
     args = parser.parse_args()
     import multiprocessing
 
-    texts = passages(args.dataset, args.limit)
+    texts = TEXTS[args.texts](args.dataset, args.limit)
     context = multiprocessing.get_context("spawn")
     workers = {}
     for name in ("sentence-transformers", "vllm"):
@@ -90,7 +122,9 @@ def main() -> None:
 
     cosine = (np.concatenate(vectors["sentence-transformers"]) * np.concatenate(vectors["vllm"])).sum(axis=1)
     result = {
-        "passages": len(texts),
+        "texts": args.texts,
+        "count": len(texts),
+        "mean_chars": round(sum(map(len, texts)) / len(texts)),
         "st_passages_per_s": round(len(texts) / seconds["sentence-transformers"], 1),
         "vllm_passages_per_s": round(len(texts) / seconds["vllm"], 1),
         "speedup": round(seconds["sentence-transformers"] / seconds["vllm"], 2),
@@ -98,13 +132,14 @@ def main() -> None:
         "seconds": {name: round(value, 2) for name, value in seconds.items()},
         "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
     }
-    out = ROOT / "bench" / "results" / "embed.json"
+    out = ROOT / "bench" / "results" / ("embed.json" if args.texts == "passages" else f"embed-{args.texts}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| backend | passages/s |\n| --- | ---: |")
+    print(f"{len(texts)} {args.texts}, {result['mean_chars']} characters on average\n")
+    print(f"| backend | {args.texts}/s |\n| --- | ---: |")
     print(f"| sentence-transformers (batch {args.batch_size}) | {result['st_passages_per_s']} |")
     print(f"| vLLM pooling | {result['vllm_passages_per_s']} |")
-    print(f"\nspeed-up {result['speedup']}x, lowest cosine {result['min_cosine']} over {len(texts)} passages")
+    print(f"\nspeed-up {result['speedup']}x, lowest cosine {result['min_cosine']} over {len(texts)} {args.texts}")
 
 
 if __name__ == "__main__":

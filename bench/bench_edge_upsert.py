@@ -1,0 +1,85 @@
+"""Where the edge store's upsert time goes: the binding building `qdrant_edge.Point`s vs the engine's update.
+
+Run: .venv/bin/python bench/bench_edge_upsert.py [--points 200000]
+
+One fresh edge shard per payload shape (no payload; the 4 keys bench_store.py writes; the 12 keys an
+ingest writes), 384-dimension vectors already as Python lists (as `QdrantStore.upsert` receives
+them), batches of 1,000. Per point it reports the time spent constructing `Point`s and the
+upsert operation in the binding (Python objects -> Rust, under the GIL) and the time in
+`EdgeShard.update` (the engine: WAL, segment, payload indexes). The conversion alone sets a ceiling
+on points/s that no engine setting can lift. Writes bench/results/edge_upsert.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 384
+BATCH = 1000
+
+
+def store_payload(i: int) -> dict:
+    """The payload bench_store.py writes."""
+    return {"doc_id": f"d{i // 4}", "chunk_index": i % 4, "source": f"s{i % 20}.md", "text": f"passage {i}"}
+
+
+def ingest_payload(i: int) -> dict:
+    """The keys tasks/indexing.py writes for every chunk, with typical sizes."""
+    return {"doc_id": f"d{i // 4}", "chunk_index": i % 4, "text": "x" * 500, "title": f"Title {i // 4}",
+            "source": f"s{i % 20}.md", "start": 0, "end": 500, "metadata": {}, "content_hash": "ab" * 32,
+            "doc_hash": "cd" * 32, "n_chunks": 4, "embedding_model": "all-MiniLM-L6-v2"}
+
+
+PAYLOADS = {"none": lambda i: None, "bench_store (4 keys)": store_payload, "ingest (12 keys)": ingest_payload}
+
+
+def one_shape(name: str, points: int) -> dict:
+    import qdrant_edge as edge
+
+    rng = np.random.default_rng(0)
+    shard = edge.EdgeShard.create(tempfile.mkdtemp(prefix="ragbatch-edge-upsert-") + "/shard",
+                                  edge.EdgeConfig(vectors={"dense": edge.EdgeVectorParams(size=DIM, distance=edge.Distance.Cosine)}))
+    for field in ("doc_id", "source"):  # as EdgeStore.create_collection
+        shard.update(edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword))
+    payload = PAYLOADS[name]
+    convert_s = update_s = 0.0
+    for start in range(0, points, BATCH):
+        vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()
+        payloads = [payload(start + i) for i in range(BATCH)]
+        clock = time.perf_counter()
+        operation = edge.UpdateOperation.upsert_points(
+            [edge.Point(start + i, {"dense": vectors[i]}, payloads[i]) for i in range(BATCH)])
+        converted = time.perf_counter()
+        shard.update(operation)
+        convert_s += converted - clock
+        update_s += time.perf_counter() - converted
+    shard.close()
+    return {"payload": name, "points": points, "convert_us_per_point": round(1e6 * convert_s / points, 1),
+            "update_us_per_point": round(1e6 * update_s / points, 1),
+            "points_per_s": round(points / (convert_s + update_s)), "conversion_ceiling_points_per_s": round(points / convert_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=200_000)
+    args = parser.parse_args()
+    rows = [one_shape(name, args.points) for name in PAYLOADS]
+    out = ROOT / "bench" / "results" / "edge_upsert.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print("| payload | convert us/point | update us/point | points/s | ceiling from conversion alone |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['payload']} | {row['convert_us_per_point']} | {row['update_us_per_point']} | {row['points_per_s']:,} "
+              f"| {row['conversion_ceiling_points_per_s']:,} |")
+
+
+if __name__ == "__main__":
+    main()
