@@ -7,6 +7,13 @@ resident memory (from wait4) is its own. Documents are sentences of the dataset'
 or two per document. Time per document comes from the flow's own `seconds` (process start-up and
 Prefect's temporary server excluded); it should stay flat, and peak memory should not grow with the
 corpus (rows stream in batches). Writes bench/results/scale.json.
+
+An embedded store lives inside the ingest process, so its own memory (segments, payload indexes,
+the HNSW build of `optimize`) is part of that peak. To separate it, each size also runs a
+store-only process: the same number of points, shaped like an ingest's (dense and sparse vectors,
+the same payload keys and sizes), written in the same batches to a fresh store of the same kind,
+then optimized, with no model, Prefect or pipeline. Its peak is the store's share; the ingest's
+peak minus it is the pipeline's.
 """
 
 from __future__ import annotations
@@ -38,11 +45,16 @@ def short_documents(dataset: Path, count: int) -> list[dict]:
     raise SystemExit(f"{dataset} has too few sentences for {count} documents")
 
 
+def spec_for(store: str, data_dir: Path) -> str:
+    """`--store` for `edge`/`local` under `data_dir`, or the given spec."""
+    return f"{store}:{data_dir / store}" if store in ("local", "edge") else store
+
+
 def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, float]:
     """The report of one ingest process and its peak RSS in MiB."""
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}
     env.pop("PREFECT_API_URL", None)
-    spec = f"{store}:{data_dir / store}" if store in ("local", "edge") else store
+    spec = spec_for(store, data_dir)
     command = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--collection", "scale", "--json", "--store", spec]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -56,7 +68,49 @@ def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, float]:
     return json.loads(lines[-1]), usage.ru_maxrss / 1024
 
 
+def write_store_only(spec: str, points: int, text_chars: int) -> None:
+    """Child process: `points` ingest-shaped points into a fresh store, in ingest-sized batches, then optimize."""
+    import numpy as np
+    from qdrant_client import models
+
+    sys.path.insert(0, str(ROOT))
+    from tasks.indexing import point_id
+    from tasks.store import QdrantStore, VectorLayout
+
+    rng = np.random.default_rng(0)
+    store = QdrantStore.connect(spec)
+    store.create_collection("scale", dimension=384, metadata={}, layout=VectorLayout(dense=True, sparse=True))
+    for start in range(0, points, 64):
+        batch = []
+        for i in range(start, min(points, start + 64)):
+            vector = rng.normal(size=384).astype(np.float32)
+            terms = sorted(rng.choice(30_000, 20, replace=False).tolist())
+            batch.append(models.PointStruct(
+                id=point_id(f"d{i}", 0),
+                vector={"dense": (vector / np.linalg.norm(vector)).tolist(),
+                        "sparse": models.SparseVector(indices=terms, values=[1.0] * len(terms))},
+                payload={"doc_id": f"d{i}", "chunk_index": 0, "text": "x" * text_chars, "title": "", "source": "docs.jsonl",
+                         "start": 0, "end": text_chars, "metadata": {}, "content_hash": "ab" * 32, "doc_hash": "cd" * 32,
+                         "n_chunks": 1, "embedding_model": "all-MiniLM-L6-v2"}))
+        store.upsert("scale", batch)
+    store.optimize("scale")
+    store.close()
+
+
+def store_only_peak(spec: str, points: int, text_chars: int) -> float:
+    """Peak RSS in MiB of a `write_store_only` process."""
+    command = [sys.executable, str(Path(__file__)), "--store-only", spec, str(points), str(text_chars)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"store-only run failed (wait status {status}): {process.stderr.read().decode()[-500:]}")
+    return usage.ru_maxrss / 1024
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--store-only"]:
+        spec, points, text_chars = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        return write_store_only(spec, points, text_chars)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
@@ -67,17 +121,23 @@ def main() -> None:
     for size in args.sizes:
         work = Path(tempfile.mkdtemp(prefix=f"ragbatch-scale-{size}-"))
         source = work / "docs.jsonl"
-        source.write_text("".join(json.dumps(doc) + "\n" for doc in short_documents(args.dataset, size)))
+        documents = short_documents(args.dataset, size)
+        source.write_text("".join(json.dumps(doc) + "\n" for doc in documents))
         report, peak_mib = run_ingest(source, work / "state", args.store)
+        text_chars = round(sum(len(doc["text"]) for doc in documents) / size)
+        store_mib = store_only_peak(spec_for(args.store, work / "store-only"), report["points"], text_chars)
         rows.append({"documents": size, "points": report["points"], "seconds": report["seconds"],
-                     "ms_per_document": round(1000 * report["seconds"] / size, 2), "peak_rss_mib": round(peak_mib)})
+                     "ms_per_document": round(1000 * report["seconds"] / size, 2), "peak_rss_mib": round(peak_mib),
+                     "store_only_peak_rss_mib": round(store_mib), "pipeline_share_mib": round(peak_mib - store_mib)})
     out = ROOT / "bench" / "results" / "scale.json"
     out.parent.mkdir(exist_ok=True)
     out = out.with_name(f"scale-{args.store}.json") if args.store in ("local", "edge") else out
     out.write_text(json.dumps({"store": args.store, "runs": rows}, indent=2) + "\n")
-    print(f"store: {args.store}\n\n| documents | points | flow s | ms/document | peak RSS MiB |\n| ---: | ---: | ---: | ---: | ---: |")
+    print(f"store: {args.store}\n\n| documents | points | flow s | ms/document | peak RSS MiB | store-only peak MiB | pipeline share MiB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['documents']} | {row['points']} | {row['seconds']} | {row['ms_per_document']} | {row['peak_rss_mib']} |")
+        print(f"| {row['documents']} | {row['points']} | {row['seconds']} | {row['ms_per_document']} | {row['peak_rss_mib']} "
+              f"| {row['store_only_peak_rss_mib']} | {row['pipeline_share_mib']} |")
 
 
 if __name__ == "__main__":
