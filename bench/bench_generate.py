@@ -1,12 +1,14 @@
 """Generation benchmark: the answer flow's vLLM step vs Hugging Face transformers `generate`.
 
-Run: .venv/bin/python bench/bench_generate.py [--prompts 72] [--max-tokens 64]
+Run: .venv/bin/python bench/bench_generate.py [--prompts 72] [--max-tokens 64] [--vllm-only] [--malloc fixed|glibc]
 
 Same model (the bundled SmolLM2-135M-Instruct, in the dtype the answer flow picks: bfloat16 where
 the CPU has native bf16, else float32), same RAG prompts (the sample question set
 retrieved against the sample corpus, chat template applied), same max_tokens, greedy decoding, one
 process, one run. Baselines: `model.generate` one prompt at a time, and in left-padded batches of
-16. Prints a Markdown table and writes bench/results/generate.json.
+16. Prints a Markdown table and writes bench/results/generate.json (generate-<malloc>.json with
+--vllm-only). `--malloc glibc` keeps glibc's dynamic mmap threshold, which `flows` otherwise fixes
+on import (tasks/memory.py), to measure what that fix costs generation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -22,7 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flows  # noqa: E402,F401  (offline defaults)
 
 
 def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str]]:
@@ -81,8 +83,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=72)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="Let vLLM use torch.compile (slower start, faster decode).")
+    parser.add_argument("--vllm-only", action="store_true", help="Skip the transformers baselines.")
+    parser.add_argument("--malloc", choices=["fixed", "glibc"], default="fixed",
+                        help="fixed: the mmap threshold `flows` sets on import; glibc: the allocator's dynamic default.")
     args = parser.parse_args()
+    if args.malloc == "glibc":
+        import tasks.memory
 
+        tasks.memory.fix_mmap_threshold = lambda *_: False  # before `flows` calls it on import
+    import flows  # noqa: F401  (offline defaults, then the mmap threshold)
     from tasks.llm import SamplingConfig, VLLMGenerator, engine_dtype
 
     work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-gen-"))
@@ -98,34 +107,42 @@ def main() -> None:
     vllm_s = time.perf_counter() - started
     vllm_tokens = sum(c.completion_tokens for c in completions)
 
-    single_s, single_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, 1, dtype)
-    batched_s, batched_tokens = transformers_baseline(model_dir, prompts, args.max_tokens, 16, dtype)
-
-    rates = {
-        "vllm": vllm_tokens / vllm_s,
-        "transformers_single": single_tokens / single_s,
-        "transformers_batch16": batched_tokens / batched_s,
-    }
     results = {
         "prompts": len(prompts),
         "mean_prompt_tokens": round(sum(c.prompt_tokens for c in completions) / len(completions), 1),
         "max_tokens": args.max_tokens,
         "dtype": dtype,
         "vllm_mode": "compiled" if args.compile else "eager",
-        "vllm_s": round(vllm_s, 2), "vllm_output_tokens": vllm_tokens,
-        "transformers_single_s": round(single_s, 2), "transformers_single_output_tokens": single_tokens,
-        "transformers_batch16_s": round(batched_s, 2), "transformers_batch16_output_tokens": batched_tokens,
-        **{f"{name}_tok_per_s": round(rate, 1) for name, rate in rates.items()},
-        "ratio_vllm_over_single": round(rates["vllm"] / rates["transformers_single"], 2),
-        "ratio_vllm_over_batch16": round(rates["vllm"] / rates["transformers_batch16"], 2),
+        "malloc": args.malloc,
+        "vllm_s": round(vllm_s, 2), "vllm_output_tokens": vllm_tokens, "vllm_tok_per_s": round(vllm_tokens / vllm_s, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+    if not args.vllm_only:
+        results |= baselines(model_dir, prompts, args.max_tokens, dtype, results)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(results, indent=2))
+    (out / (f"generate-{args.malloc}.json" if args.vllm_only else "generate.json")).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     print("\n| measure | value |\n| --- | ---: |")
     for key, value in results.items():
         print(f"| {key} | {value} |")
+
+
+def baselines(model_dir: str, prompts: list[str], max_tokens: int, dtype: str, vllm: dict) -> dict:
+    """transformers one prompt at a time and in batches of 16, and vLLM's speed-up over each."""
+    single_s, single_tokens = transformers_baseline(model_dir, prompts, max_tokens, 1, dtype)
+    batched_s, batched_tokens = transformers_baseline(model_dir, prompts, max_tokens, 16, dtype)
+    rates = {
+        "transformers_single": single_tokens / single_s,
+        "transformers_batch16": batched_tokens / batched_s,
+    }
+    return {
+        "transformers_single_s": round(single_s, 2), "transformers_single_output_tokens": single_tokens,
+        "transformers_batch16_s": round(batched_s, 2), "transformers_batch16_output_tokens": batched_tokens,
+        **{f"{name}_tok_per_s": round(rate, 1) for name, rate in rates.items()},
+        "ratio_vllm_over_single": round(vllm["vllm_tok_per_s"] / rates["transformers_single"], 2),
+        "ratio_vllm_over_batch16": round(vllm["vllm_tok_per_s"] / rates["transformers_batch16"], 2),
+    }
 
 
 if __name__ == "__main__":

@@ -71,13 +71,8 @@ def main() -> None:
     full_wall = time.perf_counter() - started
 
     store = QdrantStore.connect(params.store)
-    texts = []
-    offset = None
-    while True:
-        records, offset = store.client.scroll("bench", limit=1000, offset=offset, with_payload=["text", "title"])
-        texts += [f"{r.payload['title']}\n{r.payload['text']}" if r.payload.get("title") else r.payload["text"] for r in records]
-        if offset is None:
-            break
+    texts = [f"{r.payload['title']}\n{r.payload['text']}" if r.payload.get("title") else r.payload["text"]
+             for r in store.iter_points("bench", fields=["text", "title"])]
     store.close()
     assert len(texts) == full.embedded, (len(texts), full.embedded)
 

@@ -16,6 +16,7 @@ if "PREFECT_HOME" not in os.environ:
 for _name, _value in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
     # The temporary server of a run without PREFECT_API_URL migrates a fresh database first: on a
     # busy 2-core machine that can exceed Prefect's 20 s default.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",

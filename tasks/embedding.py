@@ -71,7 +71,9 @@ class SentenceTransformerEmbedder:
 
 class VLLMEmbedder:
     """vLLM's pooling runner in this process: the same vectors as sentence-transformers (cosine >= 0.9999,
-    tested) at about twice the throughput on CPU, because vLLM packs texts by tokens, not padded batches.
+    tested), faster on texts of unequal, short lengths because vLLM packs texts by tokens instead of
+    padding batches (on this CPU 1.8x on one- or two-sentence texts, 1.06x on full 256-token passages;
+    BENCHMARKS.md), at the cost of an engine start of 20-30 s.
 
     Texts are truncated to the model's sentence-transformers `max_seq_length`, as sentence-transformers
     does. On CPU it uses float32 and the single-process settings of `tasks.llm.cpu_environment`; on a

@@ -24,6 +24,8 @@ from tasks.errors import SetupError
 from tasks.settings import EmbeddingBackend, TaskRunnerKind
 from tasks.store import QdrantStore
 
+RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards carry chunks and vectors, not corpora; Ray's default is 30 % of RAM
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -87,7 +89,7 @@ def _connect(spec: ServerSpec) -> QdrantStore:
 
 def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None):
     """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
-    `workers` single-threaded processes on loopback, or the Dask scheduler / Ray cluster at `address`.
+    `workers` single-threaded processes (Dask's on loopback), or the Dask scheduler / Ray cluster at `address`.
 
     Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
     beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
@@ -111,4 +113,7 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
         raise SetupError("task_runner ray needs prefect-ray: pip install 'ragbatch[ray]'") from None
     if address:
         return RayTaskRunner(address=address)
-    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False, "runtime_env": {"env_vars": env}})
+    # Unlike Dask's, a local Ray instance cannot be held to loopback: Ray swaps 127.0.0.1 for the
+    # machine's address and its gRPC services listen on every interface, behind Ray's token auth.
+    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False,
+                                      "object_store_memory": RAY_OBJECT_STORE_BYTES, "runtime_env": {"env_vars": env}})

@@ -1,4 +1,4 @@
-"""Embed/upsert shards: how a batch splits, and the ingest on a local Dask cluster against one process."""
+"""Embed/upsert shards: how a batch splits, and the ingest on local Dask and Ray clusters against one process."""
 
 from pathlib import Path
 
@@ -11,6 +11,8 @@ from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import split_shards
 from tasks.store import QdrantStore
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
 
 
 def chunks_of(*sizes: int) -> list[Chunk]:
@@ -57,15 +59,21 @@ def assert_same_index(one: dict, other: dict) -> None:
         np.testing.assert_allclose(other[point_id][1], vector, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_ingest_on_a_local_dask_cluster_equals_one_process(prefect_api_url, corpus: Path, tmp_path: Path):
-    def run(name: str, **execution) -> tuple:
-        params = IngestParams(source=corpus, collection="kb", data_dir=tmp_path / name, batch_docs=8,
-                              retrieval="dense", **execution)
-        return ingest(params), snapshot(params.store, "kb")
+def sharded_run(corpus: Path, data_dir: Path, **execution) -> tuple:
+    params = IngestParams(source=corpus, collection="kb", data_dir=data_dir, batch_docs=8, retrieval="dense", **execution)
+    return ingest(params), snapshot(params.store, "kb")
 
-    single, single_index = run("single")
-    sharded, sharded_index = run("dask", task_runner=TaskRunnerKind.dask, shards=2)
+
+@pytest.fixture(scope="module")
+def one_process(prefect_api_url, tmp_path_factory) -> tuple:
+    """The sample corpus indexed in the flow's own process: what every cluster run must reproduce."""
+    return sharded_run(SAMPLE_CORPUS, tmp_path_factory.mktemp("one-process"))
+
+
+@pytest.mark.slow
+def test_ingest_on_a_local_dask_cluster_equals_one_process(one_process, corpus: Path, tmp_path: Path):
+    single, single_index = one_process
+    sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
     assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
 
@@ -73,7 +81,16 @@ def test_ingest_on_a_local_dask_cluster_equals_one_process(prefect_api_url, corp
     guide = corpus / "troubleshooting-guide.txt"
     guide.write_text(guide.read_text()[:400])
     (corpus / "glossary.md").unlink()
-    single, single_index = run("single")
-    sharded, sharded_index = run("dask", task_runner=TaskRunnerKind.dask, shards=2)
-    assert sharded.deleted == single.deleted > 0 and sharded.embedded == single.embedded > 0
+    single, single_index = sharded_run(corpus, tmp_path / "single")
+    sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
+    assert sharded.deleted > 0 and 0 < sharded.embedded < single.embedded  # only the changed document
+    assert sharded.points == single.points
+    assert_same_index(single_index, sharded_index)
+
+
+@pytest.mark.slow
+def test_ingest_on_a_local_ray_cluster_equals_one_process(one_process, tmp_path: Path):
+    single, single_index = one_process
+    sharded, sharded_index = sharded_run(SAMPLE_CORPUS, tmp_path / "ray", task_runner=TaskRunnerKind.ray, shards=2)
+    assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
