@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DIM = 384
 BATCH = 1000
 
@@ -31,10 +33,12 @@ def store_payload(i: int) -> dict:
 
 
 def ingest_payload(i: int) -> dict:
-    """The keys tasks/indexing.py writes for every chunk, with typical sizes."""
-    return {"doc_id": f"d{i // 4}", "chunk_index": i % 4, "text": "x" * 500, "title": f"Title {i // 4}",
-            "source": f"s{i % 20}.md", "start": 0, "end": 500, "metadata": {}, "content_hash": "ab" * 32,
-            "doc_hash": "cd" * 32, "n_chunks": 4, "embedding_model": "all-MiniLM-L6-v2"}
+    """The payload an ingest writes (tasks/indexing.py), for a 500-character chunk of a 4-chunk document."""
+    from tasks.chunking import Chunk
+    from tasks.indexing import chunk_payload
+
+    chunk = Chunk(f"d{i // 4}", i % 4, "x" * 500, 0, 500, f"Title {i // 4}", f"s{i % 20}.md", {}, "cd" * 32)
+    return chunk_payload(chunk, n_chunks=4, embedding_model="all-MiniLM-L6-v2")
 
 
 PAYLOADS = {"none": lambda i: None, "bench_store (4 keys)": store_payload, "ingest (12 keys)": ingest_payload}

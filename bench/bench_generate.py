@@ -7,8 +7,8 @@ the CPU has native bf16, else float32), same RAG prompts (the sample question se
 retrieved against the sample corpus, chat template applied), same max_tokens, greedy decoding, one
 process, one run. Baselines: `model.generate` one prompt at a time, and in left-padded batches of
 16. Prints a Markdown table and writes bench/results/generate.json (generate-<malloc>.json with
---vllm-only). `--malloc glibc` keeps glibc's dynamic mmap threshold, which `flows` otherwise fixes
-on import (tasks/memory.py), to measure what that fix costs generation.
+--vllm-only). `--malloc fixed` sets the mmap threshold the ingest flow sets (tasks/memory.py), to
+measure what it would cost generation.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
     """Distinct chat-templated RAG prompts: every sample question with 4, 3, 2 and 1 passages."""
     from flows.ingest import ingest
     from tasks.answering import Pending, build_prompts, retrieve_part
-    from tasks.embedding import SentenceTransformerEmbedder
     from tasks.llm import load_chat_tokenizer
     from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
     from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder
     from tasks.questions import QUESTION_COLUMN, to_question
-    from tasks.settings import IngestParams
+    from tasks.retrieval import open_retriever
+    from tasks.settings import AnswerParams, IngestParams
     from tasks.sources import read_rows
     from tasks.store import QdrantStore
 
@@ -46,10 +46,11 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
     builder = PromptBuilder(tokenizer=load_chat_tokenizer(model_dir), template=DEFAULT_TEMPLATE, max_model_len=2048, max_tokens=128)
     questions = [to_question(r) for r in read_rows(ROOT / "data" / "questions.jsonl", text_column=QUESTION_COLUMN)]
     store = QdrantStore.connect(params.store)
+    retriever = open_retriever(store, "bench", AnswerParams.model_fields["retrieval"].default)  # the answer flow's default
     prompts: list[str] = []
     for top_k in (4, 3, 2, 1):
         part = [Pending(q) for q in questions]
-        retrieve_part(part, store, "bench", SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2"), top_k=top_k, score_threshold=None)
+        retrieve_part(part, store, retriever, top_k=top_k, score_threshold=None)
         build_prompts(part, builder)
         prompts += [item.prompt.text for item in part]
     store.close()
@@ -84,14 +85,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="Let vLLM use torch.compile (slower start, faster decode).")
     parser.add_argument("--vllm-only", action="store_true", help="Skip the transformers baselines.")
-    parser.add_argument("--malloc", choices=["fixed", "glibc"], default="fixed",
-                        help="fixed: the mmap threshold `flows` sets on import; glibc: the allocator's dynamic default.")
+    parser.add_argument("--malloc", choices=["fixed", "glibc"], default="glibc",
+                        help="glibc: the allocator's dynamic default (the answer flow's); fixed: the ingest flow's mmap threshold.")
     args = parser.parse_args()
-    if args.malloc == "glibc":
-        import tasks.memory
+    import flows  # noqa: F401  (offline defaults)
+    from tasks.memory import fix_mmap_threshold
 
-        tasks.memory.fix_mmap_threshold = lambda *_: False  # before `flows` calls it on import
-    import flows  # noqa: F401  (offline defaults, then the mmap threshold)
+    if args.malloc == "fixed":
+        fix_mmap_threshold()
     from tasks.llm import SamplingConfig, VLLMGenerator, engine_dtype
 
     work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-gen-"))

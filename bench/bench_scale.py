@@ -74,7 +74,8 @@ def write_store_only(spec: str, points: int, text_chars: int) -> None:
     from qdrant_client import models
 
     sys.path.insert(0, str(ROOT))
-    from tasks.indexing import point_id
+    from tasks.chunking import Chunk
+    from tasks.indexing import chunk_payload, point_id
     from tasks.store import QdrantStore, VectorLayout
 
     rng = np.random.default_rng(0)
@@ -89,9 +90,8 @@ def write_store_only(spec: str, points: int, text_chars: int) -> None:
                 id=point_id(f"d{i}", 0),
                 vector={"dense": (vector / np.linalg.norm(vector)).tolist(),
                         "sparse": models.SparseVector(indices=terms, values=[1.0] * len(terms))},
-                payload={"doc_id": f"d{i}", "chunk_index": 0, "text": "x" * text_chars, "title": "", "source": "docs.jsonl",
-                         "start": 0, "end": text_chars, "metadata": {}, "content_hash": "ab" * 32, "doc_hash": "cd" * 32,
-                         "n_chunks": 1, "embedding_model": "all-MiniLM-L6-v2"}))
+                payload=chunk_payload(Chunk(f"d{i}", 0, "x" * text_chars, 0, text_chars, "", "docs.jsonl", {}, "cd" * 32),
+                                      n_chunks=1, embedding_model="all-MiniLM-L6-v2")))
         store.upsert("scale", batch)
     store.optimize("scale")
     store.close()

@@ -3,11 +3,6 @@
 import os
 from pathlib import Path
 
-from tasks.memory import fix_mmap_threshold
-
-# Batch-sized arrays go back to the OS when freed, so resident memory does not creep up per batch.
-fix_mmap_threshold()
-
 # Offline, no telemetry, state under the data directory: set before Prefect or Hugging Face load.
 if "PREFECT_HOME" not in os.environ:
     _prefect_home = Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute() / "prefect"

@@ -17,6 +17,7 @@ from tasks.concurrency import exclusive
 from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, Target, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.locks import CollectionLock
+from tasks.memory import fix_mmap_threshold
 from tasks.models import resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
@@ -32,6 +33,7 @@ from tasks.validation import DocumentValidator
 @flow(name="ingest", description="Index a document collection into Qdrant, incrementally or as a full rebuild.")
 def ingest(params: IngestParams) -> IngestReport:
     started = time.perf_counter()
+    fix_mmap_threshold()  # batch-sized arrays go back to the OS when freed: memory stays flat over batches
     run_id = str(flow_run.get_id() or "local")
     # Fails here, before any store work, if the source is unusable.
     rows = read_rows(params.source, params.format, max_chars=params.max_chars)

@@ -104,26 +104,29 @@ def build_points(
         return layout.point_vector(dense, sparse)
 
     return [
-        models.PointStruct(
-            id=point_id(chunk.doc_id, chunk.chunk_index),
-            vector=vector(index, chunk),
-            payload={
-                "doc_id": chunk.doc_id,
-                "chunk_index": chunk.chunk_index,
-                "text": chunk.text,
-                "title": chunk.title,
-                "source": chunk.source,
-                "start": chunk.start,
-                "end": chunk.end,
-                "metadata": chunk.metadata,
-                "content_hash": content_hash(chunk.text),
-                "doc_hash": chunk.doc_hash,
-                "n_chunks": n_chunks[chunk.doc_id],
-                "embedding_model": embedding_model,
-            },
-        )
+        models.PointStruct(id=point_id(chunk.doc_id, chunk.chunk_index), vector=vector(index, chunk),
+                           payload=chunk_payload(chunk, n_chunks=n_chunks[chunk.doc_id], embedding_model=embedding_model))
         for index, chunk in enumerate(chunks)
     ]
+
+
+def chunk_payload(chunk: Chunk, *, n_chunks: int, embedding_model: str) -> dict:
+    """A point's payload: the chunk and its place in the document, the document's hash and chunk
+    count (read from chunk 0, the marker) and the model that embedded it."""
+    return {
+        "doc_id": chunk.doc_id,
+        "chunk_index": chunk.chunk_index,
+        "text": chunk.text,
+        "title": chunk.title,
+        "source": chunk.source,
+        "start": chunk.start,
+        "end": chunk.end,
+        "metadata": chunk.metadata,
+        "content_hash": content_hash(chunk.text),
+        "doc_hash": chunk.doc_hash,
+        "n_chunks": n_chunks,
+        "embedding_model": embedding_model,
+    }
 
 
 def _in_batches(items: Sequence, size: int = UPSERT_BATCH) -> Iterator[Sequence]:

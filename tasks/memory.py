@@ -16,7 +16,9 @@ def fix_mmap_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     glibc raises its mmap threshold each time such a block is freed (up to 32 MiB); from then on
     batch-sized arrays and tensors come from the heap, which keeps freed space, so an ingest's
     resident memory grew with the number of batches (BENCHMARKS.md, "Ingest cost growth"). Setting
-    the threshold turns that adjustment off. Returns whether it was set: False off Linux/glibc.
+    the threshold turns that adjustment off, process-wide. The ingest flow sets it; the answer flow
+    does not, since vLLM generation ran 18 % slower with it (every large tensor becomes an mmap).
+    Returns whether it was set: False off Linux/glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import flows  # noqa: F401  (offline and telemetry defaults before Prefect is im
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = ROOT / "data" / "corpus"
 SHARED = ROOT.parent / "shared"
+SERVED_KEY = "test-key"
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +96,17 @@ def smollm2_models_dir(tmp_path_factory) -> Path:
     models_dir = tmp_path_factory.mktemp("models")
     resolve_llm_model(DEFAULT_LLM, models_dir)
     return models_dir
+
+
+@pytest.fixture(scope="session")
+def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
+    """`ragbatch serve` on the tiny model, requiring SERVED_KEY, for the whole session (one server start
+    of about 45 s); its OpenAI base URL. The model is served under the name `str(tiny_llm_dir)`."""
+    from tasks.serving import free_port, running_server
+
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),
+               "--max-model-len", "1024", "--kv-cache-gib", "1"]
+    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "VLLM_API_KEY": SERVED_KEY}
+    with running_server(command, env, host="127.0.0.1", port=port) as base_url:
+        yield base_url

@@ -12,7 +12,7 @@ from tasks.errors import RagbatchError, SourceError, StoreError
 from tasks.outputs import ANSWER_SCHEMA
 from tasks.settings import AnswerParams, IngestParams
 
-from .conftest import ROOT, SAMPLE_CORPUS
+from .conftest import ROOT, SAMPLE_CORPUS, SERVED_KEY
 
 MAX_MODEL_LEN = 1024
 MAX_TOKENS = 16
@@ -182,22 +182,13 @@ def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, s
 
 
 @pytest.mark.slow
-def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, tiny_llm_dir, sample_index, prefect_api_url):
-    import os
-    import sys
-
-    from tasks.serving import free_port, running_server
-
+def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, monkeypatch,
+                                                                       prefect_api_url):
     lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
     questions = write(tmp_path / "six.jsonl", "\n".join(lines[:6]) + "\n")
     local = answer(params(questions, out=tmp_path / "local.parquet"))
-
-    port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),
-               "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "1"]
-    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path / "serve-state")}
-    with running_server(command, env, host="127.0.0.1", port=port) as base_url:
-        remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=base_url))
+    monkeypatch.setenv("RAGBATCH_LLM_API_KEY", SERVED_KEY)
+    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm))
     assert remote.answered == local.answered == 6
 
     def answers(path):

