@@ -70,7 +70,7 @@ def subprocess_env(prefect_api_url: str, data_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> Path:
     """A random two-layer Llama with a ChatML tokenizer, built locally (a second or two)."""
-    from tasks.llm_models import build_tiny_llama
+    from .tiny_llm import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama")
 
