@@ -37,38 +37,42 @@ class Stack:
     def __init__(self, process: subprocess.Popen, port: int, data_dir: Path) -> None:
         self.process = process
         self.ui = f"http://127.0.0.1:{port}"
-        self.api = httpx.Client(base_url=f"{self.ui}/api", timeout=30)
+        self._client = httpx.Client(base_url=f"{self.ui}/api", timeout=30)
         self.data_dir = data_dir
 
-    def deployment(self, flow: str, name: str) -> dict:
-        response = self.api.get(f"/deployments/name/{flow}/{name}")
+    def call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One API request, retried as Prefect's own client does while the server answers 503 (its SQLite
+        database busy, e.g. with the worker and a deployment writing at the same moment)."""
+        for attempt in range(8):
+            response = self._client.request(method, path, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(min(0.5 * 2**attempt, 5))
         response.raise_for_status()
-        return response.json()
+        return response
+
+    def deployment(self, flow: str, name: str) -> dict:
+        return self.call("GET", f"/deployments/name/{flow}/{name}").json()
 
     def trigger(self, flow: str, name: str, parameters: dict | None = None) -> str:
         body = {"parameters": parameters} if parameters is not None else {}
-        response = self.api.post(f"/deployments/{self.deployment(flow, name)['id']}/create_flow_run", json=body)
-        response.raise_for_status()
-        return response.json()["id"]
+        return self.call("POST", f"/deployments/{self.deployment(flow, name)['id']}/create_flow_run", json=body).json()["id"]
 
     def wait(self, run_id: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            run = self.api.get(f"/flow_runs/{run_id}").json()
+            run = self.call("GET", f"/flow_runs/{run_id}").json()
             if run["state_type"] in FINAL_STATES:
                 return run
             time.sleep(1)
         raise AssertionError(f"flow run {run_id} still {run['state_type']} after {timeout} s")
 
     def artifacts(self, run_id: str) -> dict[str, dict]:
-        response = self.api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
-        response.raise_for_status()
+        response = self.call("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
         return {artifact["key"]: artifact for artifact in response.json()}
 
     def task_runs(self, run_id: str) -> list[dict]:
-        response = self.api.post("/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [run_id]}}})
-        response.raise_for_status()
-        return response.json()
+        return self.call("POST", "/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [run_id]}}}).json()
 
     def work_span(self, run_id: str) -> tuple[datetime, datetime]:
         """From the first task's start to the last task's end."""
@@ -77,7 +81,7 @@ class Stack:
                 max(datetime.fromisoformat(t["end_time"]) for t in tasks))
 
     def logs(self, run_id: str) -> str:
-        response = self.api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        response = self.call("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
         return "\n".join(entry["message"] for entry in response.json())
 
 
@@ -125,7 +129,7 @@ def runs(stack: Stack, smollm2_models_dir: Path) -> dict[str, dict]:
 
 
 def test_server_deploys_prefect_yaml_with_typed_forms_and_schedule(stack: Stack):
-    pool = stack.api.get("/work_pools/ragbatch").json()
+    pool = stack.call("GET", "/work_pools/ragbatch").json()
     assert pool["type"] == "process"
     reindex = stack.deployment("ingest", "reindex")
     assert reindex["schedules"][0]["schedule"]["cron"] == "0 2 * * *"

@@ -3,13 +3,14 @@
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from pydantic import ValidationError
 
 from flows.ingest import ingest
 from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
-from tasks.sharding import split_shards
+from tasks.sharding import split_shards, task_runner
 from tasks.store import QdrantStore
 
 from .conftest import SAMPLE_CORPUS
@@ -86,6 +87,29 @@ def test_ingest_on_a_local_dask_cluster_equals_one_process(one_process, corpus: 
     assert sharded.deleted > 0 and 0 < sharded.embedded < single.embedded  # only the changed document
     assert sharded.points == single.points
     assert_same_index(single_index, sharded_index)
+
+
+def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket that `process` or a descendant listens on."""
+    found = set()
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            found |= {(member.pid, c.laddr.ip, c.laddr.port) for c in member.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_listens_on_loopback_only(prefect_api_url):
+    me = psutil.Process()
+    before = listening(me)
+    with task_runner(TaskRunnerKind.dask, workers=2, api_url=prefect_api_url) as runner:
+        runner.client.wait_for_workers(2)  # the cluster starts with the runner's client, on first use
+        started = listening(me) - before
+    assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # at least the two worker processes
+    assert {address for _, address, _ in started} == {"127.0.0.1"}, started
 
 
 @pytest.mark.slow
