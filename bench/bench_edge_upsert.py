@@ -45,14 +45,22 @@ def ingest_payload(i: int) -> dict:
 PAYLOADS = {"none": lambda i: None, "bench_store (4 keys)": store_payload, "ingest (12 keys)": ingest_payload}
 
 
+def fresh_shard():
+    """A new edge shard with one dense vector and keyword indexes on doc_id and source, as EdgeStore.create_collection."""
+    import qdrant_edge as edge
+
+    shard = edge.EdgeShard.create(tempfile.mkdtemp(prefix="ragbatch-edge-upsert-") + "/shard",
+                                  edge.EdgeConfig(vectors={"dense": edge.EdgeVectorParams(size=DIM, distance=edge.Distance.Cosine)}))
+    for field in ("doc_id", "source"):
+        shard.update(edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword))
+    return shard
+
+
 def one_shape(name: str, points: int) -> dict:
     import qdrant_edge as edge
 
     rng = np.random.default_rng(0)
-    shard = edge.EdgeShard.create(tempfile.mkdtemp(prefix="ragbatch-edge-upsert-") + "/shard",
-                                  edge.EdgeConfig(vectors={"dense": edge.EdgeVectorParams(size=DIM, distance=edge.Distance.Cosine)}))
-    for field in ("doc_id", "source"):  # as EdgeStore.create_collection
-        shard.update(edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword))
+    shard = fresh_shard()
     payload = PAYLOADS[name]
     convert_s = update_s = 0.0
     for start in range(0, points, BATCH):
@@ -81,21 +89,17 @@ def overlap(points: int) -> dict:
     rng = np.random.default_rng(0)
     batches = [rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist() for _ in range(points // BATCH)]
 
-    def shard():
-        return edge.EdgeShard.create(tempfile.mkdtemp(prefix="ragbatch-edge-upsert-") + "/shard",
-                                     edge.EdgeConfig(vectors={"dense": edge.EdgeVectorParams(size=DIM, distance=edge.Distance.Cosine)}))
-
     def convert(number: int):
         return edge.UpdateOperation.upsert_points([edge.Point(number * BATCH + i, {"dense": vector}, store_payload(number * BATCH + i))
                                                    for i, vector in enumerate(batches[number])])
 
-    one = shard()
+    one = fresh_shard()
     clock = time.perf_counter()
     for number in range(len(batches)):
         one.update(convert(number))
     in_turn = time.perf_counter() - clock
     prepared = [convert(number) for number in range(len(batches))]
-    other = shard()
+    other = fresh_shard()
     writer = threading.Thread(target=lambda: [other.update(operation) for operation in prepared])
     clock = time.perf_counter()
     writer.start()
