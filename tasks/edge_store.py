@@ -26,6 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import qdrant_edge as edge
+from qdrant_client import models
+
 from tasks.errors import RagbatchError, StoreError
 from tasks.store import DENSE, PHYSICAL_SEPARATOR, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout
 
@@ -74,28 +77,22 @@ def _read_json(path: Path) -> Any:
 
 
 def _edge_vector(vector: Any) -> Any:
-    """A dense list, a sparse vector, or a dict of named ones."""
-    import qdrant_edge as edge
-    from qdrant_client import models
-
+    """A dense list (passed through uncopied: this runs once per point), a sparse vector, or a dict of named ones."""
+    if isinstance(vector, list):
+        return vector
     if isinstance(vector, dict):
         return {name: _edge_vector(value) for name, value in vector.items()}
     if isinstance(vector, models.SparseVector):
-        return edge.SparseVector(indices=list(vector.indices), values=list(vector.values))
+        return edge.SparseVector(indices=vector.indices, values=vector.values)
     return vector.tolist() if hasattr(vector, "tolist") else list(vector)
 
 
 def edge_point(point: Any) -> Any:
     """`models.PointStruct` -> `qdrant_edge.Point`."""
-    import qdrant_edge as edge
-
     return edge.Point(point.id, _edge_vector(point.vector), point.payload)
 
 
 def _edge_condition(condition: Any) -> Any:
-    import qdrant_edge as edge
-    from qdrant_client import models
-
     if isinstance(condition, models.Filter):
         return edge_filter(condition)
     if isinstance(condition, models.FieldCondition) and isinstance(condition.match, models.MatchValue):
@@ -107,8 +104,6 @@ def _edge_condition(condition: Any) -> Any:
 
 def edge_filter(query_filter: Any | None) -> Any | None:
     """`models.Filter` of must/should/must_not field matches -> `qdrant_edge.Filter`."""
-    import qdrant_edge as edge
-
     if query_filter is None:
         return None
 
@@ -123,9 +118,6 @@ def edge_filter(query_filter: Any | None) -> Any | None:
 
 def _edge_query(query: Any, using: str | None) -> Any:
     """A nearest-vector query, or a fusion of the prefetches (RRF with its k, or DBSF)."""
-    import qdrant_edge as edge
-    from qdrant_client import models
-
     if query is None:
         return None
     if isinstance(query, models.RrfQuery):
@@ -140,16 +132,12 @@ def _edge_query(query: Any, using: str | None) -> Any:
 
 
 def _edge_payload_selector(with_payload: Any) -> Any:
-    import qdrant_edge as edge
-
     if isinstance(with_payload, (list, tuple)):
         return edge.PayloadSelector.Include(list(with_payload))
     return bool(with_payload)
 
 
 def _edge_prefetch(prefetch: Any) -> Any:
-    import qdrant_edge as edge
-
     return edge.Prefetch(limit=prefetch.limit if prefetch.limit is not None else 10,
                          query=_edge_query(prefetch.query, prefetch.using), prefetches=_edge_prefetches(prefetch.prefetch),
                          filter=edge_filter(prefetch.filter), score_threshold=prefetch.score_threshold)
@@ -163,8 +151,6 @@ def _edge_prefetches(prefetch: Any) -> list[Any] | None:
 
 def edge_query_request(request: Any) -> Any:
     """`models.QueryRequest` -> `qdrant_edge.QueryRequest` (vectors, prefetch, fusion, filter, threshold)."""
-    import qdrant_edge as edge
-
     return edge.QueryRequest(
         limit=request.limit if request.limit is not None else 10, offset=request.offset,
         query=_edge_query(request.query, request.using), prefetches=_edge_prefetches(request.prefetch),
@@ -180,14 +166,10 @@ def _client_id(point_id: Any) -> str | int:
 
 def client_scored_point(point: Any) -> Any:
     """`qdrant_edge.ScoredPoint` -> `models.ScoredPoint` (id, score, payload)."""
-    from qdrant_client import models
-
     return models.ScoredPoint(id=_client_id(point.id), version=point.version, score=point.score, payload=point.payload)
 
 
 def _client_vector(vector: Any) -> Any:
-    from qdrant_client import models
-
     if isinstance(vector, dict):
         return {name: _client_vector(value) for name, value in vector.items()}
     if hasattr(vector, "indices"):
@@ -197,8 +179,6 @@ def _client_vector(vector: Any) -> Any:
 
 def client_record(record: Any) -> Any:
     """`qdrant_edge.Record` -> `models.Record` (ids as qdrant-client gives them, sparse vectors as models)."""
-    from qdrant_client import models
-
     vector = _client_vector(record.vector) if record.vector is not None else None
     return models.Record(id=_client_id(record.id), payload=record.payload, vector=vector)
 
@@ -270,8 +250,6 @@ class EdgeStore(QdrantStore):
 
     def _shard(self, name: str) -> Any:
         """The open shard of collection or alias `name` (opened once, kept until close or drop)."""
-        import qdrant_edge as edge
-
         physical = self._physical(name)
         if physical not in self._shards:
             with _translate_errors(self.location, f"opening collection {physical}"):
@@ -303,8 +281,6 @@ class EdgeStore(QdrantStore):
         """A shard with the layout's named vectors and keyword indexes on doc_id and source; the
         metadata file is written last, so a half-created collection does not exist. One shard in this
         process: `shard_number` and `replication_factor` (refused by IngestParams) do not apply."""
-        import qdrant_edge as edge
-
         directory = self._collection_dir(name)
         if self._exists(name) or name in self._aliases():
             raise StoreError(f"Qdrant edge at {self.location}: collection {name!r} already exists")
@@ -326,8 +302,6 @@ class EdgeStore(QdrantStore):
         _write_json(self._collection_dir(physical) / METADATA_FILE, {**self.collection_metadata(physical), **metadata})
 
     def count(self, name: str) -> int:
-        import qdrant_edge as edge
-
         shard = self._shard(name)
         with _translate_errors(self.location, f"counting {name}"):
             return shard.count(edge.CountRequest(exact=True))
@@ -364,8 +338,6 @@ class EdgeStore(QdrantStore):
     # -- points -------------------------------------------------------------------------------------
 
     def retrieve_payloads(self, collection: str, ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
-        import qdrant_edge as edge
-
         if not ids:
             return {}
         shard = self._shard(collection)
@@ -374,8 +346,6 @@ class EdgeStore(QdrantStore):
         return {str(record.id): record.payload or {} for record in records}
 
     def upsert(self, collection: str, points: Sequence[Any]) -> None:
-        import qdrant_edge as edge
-
         if not points:
             return
         shard = self._shard(collection)
@@ -383,8 +353,6 @@ class EdgeStore(QdrantStore):
             shard.update(edge.UpdateOperation.upsert_points([edge_point(point) for point in points]))
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
-        import qdrant_edge as edge
-
         if not ids:
             return
         shard = self._shard(collection)
@@ -393,8 +361,6 @@ class EdgeStore(QdrantStore):
 
     def query_batch(self, collection: str, requests: Sequence[Any]) -> list[list[Any]]:
         """Run `models.QueryRequest`s on the shard; the points of each as `models.ScoredPoint`s."""
-        import qdrant_edge as edge
-
         if not requests:
             return []
         shard = self._shard(collection)
@@ -404,8 +370,6 @@ class EdgeStore(QdrantStore):
         return [[client_scored_point(point) for point in points] for points in responses]
 
     def iter_points(self, collection: str, *, fields: list[str] | None = None, with_vectors: bool = False) -> Iterator[Any]:
-        import qdrant_edge as edge
-
         shard = self._shard(collection)
         payload = edge.PayloadSelector.Include(fields) if fields is not None else True
         offset = None
