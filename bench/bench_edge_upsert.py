@@ -8,7 +8,10 @@ them), batches of 1,000. Per point it reports the time spent constructing `Point
 upsert operation in the binding (Python objects -> Rust, under the GIL) and the time in
 `EdgeShard.update` (the engine: WAL, segment, payload indexes). The conversion alone sets a ceiling
 on points/s that no engine setting can lift. Then it times writes in a second thread overlapping the
-next batch's conversion, against both in turn. Writes bench/results/edge_upsert.json.
+next batch's conversion, against both in turn. Last, `--growth-points` points (4 keys) through
+`EdgeStore.upsert` twice: never flushing the shard, and flushing every `FLUSH_INTERVAL_S` as the store
+does; upsert time per point in each tenth of the load shows whether writes slow down as the shard
+grows. Writes bench/results/edge_upsert.json.
 """
 
 from __future__ import annotations
@@ -108,15 +111,44 @@ def overlap(points: int) -> dict:
     return {"points": points, "in_turn_s": round(in_turn, 2), "overlapped_s": round(time.perf_counter() - clock, 2)}
 
 
+def growth(points: int, flush_interval_s: float | None) -> dict:
+    """`EdgeStore.upsert` of `points` 4-key points in batches, flushing every `flush_interval_s` (None: never):
+    microseconds per point in each tenth, and points/s."""
+    from qdrant_client import models
+
+    from tasks.edge_store import EdgeStore
+    from tasks.store import VectorLayout
+
+    rng = np.random.default_rng(0)
+    store = EdgeStore.open(f"edge:{tempfile.mkdtemp(prefix='ragbatch-edge-growth-')}")
+    store.flush_interval_s = float("inf") if flush_interval_s is None else flush_interval_s
+    store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
+    tenths = [0.0] * 10
+    for start in range(0, points, BATCH):
+        vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()
+        batch = [models.PointStruct(id=start + i, vector={"dense": vectors[i]}, payload=store_payload(start + i))
+                 for i in range(BATCH)]
+        clock = time.perf_counter()
+        store.upsert("bench", batch)
+        tenths[start * 10 // points] += time.perf_counter() - clock
+    store.close()
+    return {"flush_interval_s": flush_interval_s, "points": points, "points_per_s": round(points / sum(tenths)),
+            "upsert_us_per_point_by_tenth": [round(1e7 * seconds / points, 1) for seconds in tenths]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=200_000)
+    parser.add_argument("--growth-points", type=int, default=1_000_000)
     args = parser.parse_args()
+    from tasks.edge_store import FLUSH_INTERVAL_S
+
     rows = [one_shape(name, args.points) for name in PAYLOADS]
     threads = overlap(min(args.points, 40_000))
+    growths = [growth(args.growth_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     out = ROOT / "bench" / "results" / "edge_upsert.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"shapes": rows, "write_thread": threads}, indent=2) + "\n")
+    out.write_text(json.dumps({"shapes": rows, "write_thread": threads, "growth": growths}, indent=2) + "\n")
     print("| payload | convert us/point | update us/point | points/s | ceiling from conversion alone |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -124,6 +156,11 @@ def main() -> None:
               f"| {row['conversion_ceiling_points_per_s']:,} |")
     print(f"\n{threads['points']:,} points, 4 keys: convert then write {threads['in_turn_s']} s; "
           f"writes in a second thread {threads['overlapped_s']} s")
+    print("\n| EdgeStore.upsert, 4 keys | points/s | us/point in each tenth of the load |\n| --- | ---: | --- |")
+    for row in growths:
+        tenths = " ".join(str(value) for value in row["upsert_us_per_point_by_tenth"])
+        flushes = "never" if row["flush_interval_s"] is None else f"every {row['flush_interval_s']} s"
+        print(f"| flush {flushes} | {row['points_per_s']:,} | {tenths} |")
 
 
 if __name__ == "__main__":

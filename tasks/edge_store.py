@@ -21,7 +21,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ INDEXED_FIELDS = ("doc_id", "source")
 # Qdrant's default k when a FusionQuery asks for RRF without parameters.
 DEFAULT_RRF_K = 2
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# A Qdrant server flushes its segments every 5 s (storage.optimizers.flush_interval_sec); an edge shard
+# has no background flusher, and the changes pending since its last flush make every update slower
+# (1M points: 18 -> 40 us per point without flushes, flat at about 23 with; BENCHMARKS.md). So writes
+# flush at the server's pace. Durability does not depend on it: the WAL has every acknowledged write.
+FLUSH_INTERVAL_S = 5.0
 
 
 @contextmanager
@@ -189,11 +195,13 @@ def client_record(record: Any) -> Any:
 class EdgeStore(QdrantStore):
     """`QdrantStore`'s operations on qdrant-edge shards under one directory, for one process at a time."""
 
-    def __init__(self, root: Path, *, location: str) -> None:
+    def __init__(self, root: Path, *, location: str, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.root = root
         self.location = location
         self.is_local = True
+        self.flush_interval_s = flush_interval_s
         self._shards: dict[str, Any] = {}
+        self._flushed_at: dict[str, float] = {}
         self._lock = self._acquire_lock()
 
     @classmethod
@@ -257,6 +265,7 @@ class EdgeStore(QdrantStore):
         return self._shards[physical]
 
     def _close_shard(self, physical: str) -> None:
+        self._flushed_at.pop(physical, None)
         shard = self._shards.pop(physical, None)
         if shard is not None:
             with _translate_errors(self.location, f"closing collection {physical}"):
@@ -345,19 +354,25 @@ class EdgeStore(QdrantStore):
             records = shard.retrieve(list(ids), edge.PayloadSelector.Include(fields), False)
         return {str(record.id): record.payload or {} for record in records}
 
+    def _update(self, collection: str, action: str, operation: Callable[[], Any]) -> None:
+        """Build and apply one write; flush the shard when `flush_interval_s` has passed since its last flush."""
+        physical = self._physical(collection)
+        shard = self._shard(physical)
+        with _translate_errors(self.location, f"{action} {collection}"):
+            shard.update(operation())
+            now = time.monotonic()
+            if now - self._flushed_at.setdefault(physical, now) >= self.flush_interval_s:
+                shard.flush()
+                self._flushed_at[physical] = time.monotonic()
+
     def upsert(self, collection: str, points: Sequence[Any]) -> None:
-        if not points:
-            return
-        shard = self._shard(collection)
-        with _translate_errors(self.location, f"writing points to {collection}"):
-            shard.update(edge.UpdateOperation.upsert_points([edge_point(point) for point in points]))
+        if points:
+            self._update(collection, "writing points to",
+                         lambda: edge.UpdateOperation.upsert_points([edge_point(point) for point in points]))
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
-        if not ids:
-            return
-        shard = self._shard(collection)
-        with _translate_errors(self.location, f"deleting points from {collection}"):
-            shard.update(edge.UpdateOperation.delete_points(list(ids)))
+        if ids:
+            self._update(collection, "deleting points from", lambda: edge.UpdateOperation.delete_points(list(ids)))
 
     def query_batch(self, collection: str, requests: Sequence[Any]) -> list[list[Any]]:
         """Run `models.QueryRequest`s on the shard; the points of each as `models.ScoredPoint`s."""

@@ -231,3 +231,19 @@ def test_edge_store_errors_are_one_line(tmp_path):
         store.close()
     with pytest.raises(StoreError, match="edge: needs a path"):
         QdrantStore.connect("edge:")
+
+
+@pytest.mark.parametrize("interval, flushed", [(3600.0, False), (0.0, True)])
+def test_edge_writes_flush_the_shard_at_the_interval(tmp_path, interval, flushed):
+    """The engine writes a segment's point-id mappings to disk on flush only (and keeps them pending in
+    memory until then, which slows later updates); every write still reaches the WAL and survives."""
+    store = EdgeStore.open(f"edge:{tmp_path}")
+    store.flush_interval_s = interval
+    store.create_collection("c", dimension=4, metadata={}, layout=HYBRID)
+    write_documents(store, "c", build_points(chunks_of(TEXTS), FixedEmbedder().embed(TEXTS), embedding_model="fixed",
+                                             layout=HYBRID, bm25=BM25), {})
+    assert any(tmp_path.glob("collections/c/shard/segments/*/mutable_id_tracker.mappings")) is flushed
+    store.close()
+    reopened = EdgeStore.open(f"edge:{tmp_path}")
+    assert reopened.count("c") == 4
+    reopened.close()
