@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder
+from tasks.llm import engine_dtype
 from tasks.settings import EmbeddingBackend
 
 from .conftest import SAMPLE_CORPUS
@@ -29,6 +30,8 @@ def test_vllm_pooling_gives_the_sentence_transformers_vectors(embedder: Sentence
     assert cosine.min() >= 0.9999, cosine
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert vllm_embedder.dimension == 384 and vllm_embedder.embed([]).shape == (0, 384)
+    # bfloat16 on CPUs that compute it natively (the fast path), float32 elsewhere: this test holds either to 0.9999.
+    assert str(vllm_embedder.llm.model_config.dtype) == f"torch.{engine_dtype('auto')}"
 
 
 def test_the_backend_is_chosen_by_configuration(tmp_path):
