@@ -1,7 +1,7 @@
 """Embedding benchmark: sentence-transformers `encode` vs vLLM's pooling runner on the same passages.
 
 Run: .venv/bin/python bench/bench_embed.py [--dataset ../shared/datasets/scifact] [--limit 5000] [--rounds 6]
-                                           [--texts passages|chunks|sentences]
+                                           [--texts passages|chunks|sentences] [--vllm-dtype auto|float32|bfloat16]
 
 Each backend lives in its own process (a vLLM engine changes its host process's threading, which
 would slow sentence-transformers beside it) and loads once; then both embed the same `title + text`
@@ -12,6 +12,8 @@ cosine between their vectors. Writes bench/results/embed.json (embed-<texts>.jso
 `--texts` picks what is embedded: `passages` (the issue's measure: title + text, mostly filling the
 256-token window), `chunks` (those passages cut by ragbatch's chunker at its default size, what an
 ingest embeds) or `sentences` (documents of one or two sentences, as in bench_scale.py).
+`--vllm-dtype` is the vLLM backend's dtype (default auto, as ragbatch runs it: bfloat16 on CPUs with
+native bfloat16, else float32); sentence-transformers always runs in float32 on CPU.
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ def sentences(dataset: Path, limit: int) -> list[str]:
 TEXTS = {"passages": passages, "chunks": chunks, "sentences": sentences}
 
 
-def serve(backend_name: str, batch_size: int, texts: list[str], connection) -> None:
+def serve(backend_name: str, batch_size: int, vllm_dtype: str, texts: list[str], connection) -> None:
     """Worker process: load one backend, then embed the slices asked for and send back (seconds, vectors)."""
     from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder
 
     if backend_name == "vllm":
-        backend = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=Path(tempfile.mkdtemp(prefix="ragbatch-embed-")))
+        backend = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=Path(tempfile.mkdtemp(prefix="ragbatch-embed-")),
+                               dtype=vllm_dtype)
     else:
         backend = SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2", batch_size=batch_size)
     backend.embed(texts[:32])  # load and warm up outside the clock
@@ -93,15 +96,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="sentence-transformers batch size.")
     parser.add_argument("--texts", choices=sorted(TEXTS), default="passages", help="What to embed (see above).")
+    parser.add_argument("--vllm-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     args = parser.parse_args()
     import multiprocessing
+
+    from tasks.llm import engine_dtype
 
     texts = TEXTS[args.texts](args.dataset, args.limit)
     context = multiprocessing.get_context("spawn")
     workers = {}
     for name in ("sentence-transformers", "vllm"):
         ours, theirs = context.Pipe()
-        process = context.Process(target=serve, args=(name, args.batch_size, texts, theirs), daemon=True)
+        process = context.Process(target=serve, args=(name, args.batch_size, args.vllm_dtype, texts, theirs), daemon=True)
         process.start()
         assert ours.recv() == "ready"  # one at a time: loading is not measured, and must not overlap the clock
         workers[name] = (process, ours)
@@ -128,17 +134,19 @@ def main() -> None:
         "st_passages_per_s": round(len(texts) / seconds["sentence-transformers"], 1),
         "vllm_passages_per_s": round(len(texts) / seconds["vllm"], 1),
         "speedup": round(seconds["sentence-transformers"] / seconds["vllm"], 2),
+        "vllm_dtype": engine_dtype(args.vllm_dtype),
         "min_cosine": round(float(cosine.min()), 6),
         "seconds": {name: round(value, 2) for name, value in seconds.items()},
         "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
     }
-    out = ROOT / "bench" / "results" / ("embed.json" if args.texts == "passages" else f"embed-{args.texts}.json")
+    name = "embed" + ("" if args.texts == "passages" else f"-{args.texts}") + ("" if args.vllm_dtype == "auto" else f"-{args.vllm_dtype}")
+    out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{len(texts)} {args.texts}, {result['mean_chars']} characters on average\n")
     print(f"| backend | {args.texts}/s |\n| --- | ---: |")
     print(f"| sentence-transformers (batch {args.batch_size}) | {result['st_passages_per_s']} |")
-    print(f"| vLLM pooling | {result['vllm_passages_per_s']} |")
+    print(f"| vLLM pooling ({result['vllm_dtype']}) | {result['vllm_passages_per_s']} |")
     print(f"\nspeed-up {result['speedup']}x, lowest cosine {result['min_cosine']} over {len(texts)} {args.texts}")
 
 
