@@ -203,6 +203,7 @@ class EdgeStore(QdrantStore):
         self._shards: dict[str, Any] = {}
         self._flushed_at: dict[str, float] = {}
         self._lock = self._acquire_lock()
+        self._remove_incomplete_collections()
 
     @classmethod
     def open(cls, spec: str) -> "EdgeStore":
@@ -227,6 +228,13 @@ class EdgeStore(QdrantStore):
                 "(wait for the other run, or use a Qdrant server)"
             ) from None
         return file
+
+    def _remove_incomplete_collections(self) -> None:
+        """Delete what crashed creations left: a collection's metadata file is written last, and the lock
+        held here means no creation is under way, so a directory without one is never going to be used."""
+        for directory in (self.root / "collections").iterdir():
+            if directory.is_dir() and not (directory / METADATA_FILE).exists():
+                shutil.rmtree(directory)
 
     def close(self) -> None:
         if self._lock.closed:
@@ -295,7 +303,7 @@ class EdgeStore(QdrantStore):
             raise StoreError(f"Qdrant edge at {self.location}: collection {name!r} already exists")
         dense = {DENSE: edge.EdgeVectorParams(size=dimension, distance=edge.Distance.Cosine)} if layout.dense else None
         sparse = {SPARSE: edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)} if layout.sparse else None
-        shutil.rmtree(directory, ignore_errors=True)  # leftovers of a crash during an earlier creation
+        shutil.rmtree(directory, ignore_errors=True)  # what a failed creation of this name left in this session
         with _translate_errors(self.location, f"creating collection {name}"):
             shard = edge.EdgeShard.create(str(directory / "shard"), edge.EdgeConfig(vectors=dense, sparse_vectors=sparse))
             self._shards[name] = shard

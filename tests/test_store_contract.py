@@ -247,3 +247,17 @@ def test_edge_writes_flush_the_shard_at_the_interval(tmp_path, interval, flushed
     reopened = EdgeStore.open(f"edge:{tmp_path}")
     assert reopened.count("c") == 4
     reopened.close()
+
+
+def test_opening_the_edge_store_removes_what_crashed_creations_left(tmp_path):
+    store = EdgeStore.open(f"edge:{tmp_path}")
+    fill(store)
+    store.close()
+    crashed = tmp_path / "collections" / "kb--20261129T000000000000" / "shard" / "segments"
+    crashed.mkdir(parents=True)  # a creation killed before its metadata file was written
+    store = EdgeStore.open(f"edge:{tmp_path}")
+    try:
+        assert not crashed.parents[1].exists()
+        assert store.physical_collections("kb") == ["kb--1"] and store.count("kb") == 4
+    finally:
+        store.close()
