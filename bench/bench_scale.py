@@ -14,6 +14,11 @@ store-only process: the same number of points, shaped like an ingest's (dense an
 the same payload keys and sizes), written in the same batches to a fresh store of the same kind,
 then optimized, with no model, Prefect or pipeline. Its peak is the store's share; the ingest's
 peak minus it is the pipeline's.
+
+Resident memory has two parts, sampled every 50 ms from /proc/PID/status: anonymous memory (RssAnon:
+heaps, tensors, the engine's in-memory structures), which is what the process itself holds, and
+file-backed pages (RssFile: the engine's memory-mapped segment files and the loaded libraries),
+which the kernel can drop and read back. Both peaks are reported beside wait4's peak RSS.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,22 +56,42 @@ def spec_for(store: str, data_dir: Path) -> str:
     return f"{store}:{data_dir / store}" if store in ("local", "edge") else store
 
 
-def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, float]:
-    """The report of one ingest process and its peak RSS in MiB."""
+def wait_with_memory(process: subprocess.Popen) -> tuple[int, dict[str, float]]:
+    """Wait for `process`: its wait status, and its peaks in MiB of resident memory (wait4) and of the
+    anonymous and file-backed parts of it (sampled every 50 ms)."""
+    peaks = {"RssAnon": 0.0, "RssFile": 0.0}
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = status
+            return status, {"rss": usage.ru_maxrss / 1024, "anon": peaks["RssAnon"], "file": peaks["RssFile"]}
+        try:
+            with open(f"/proc/{process.pid}/status") as status_file:
+                for line in status_file:
+                    key, _, value = line.partition(":")
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(value.split()[0]) / 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+
+
+def run_ingest(source: Path, data_dir: Path, store: str) -> tuple[dict, dict[str, float]]:
+    """The report of one ingest process and its peak memory in MiB."""
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}
     env.pop("PREFECT_API_URL", None)
     spec = spec_for(store, data_dir)
     command = [sys.executable, "-m", "flows.cli", "ingest", str(source), "--collection", "scale", "--json", "--store", spec]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
+        status, memory = wait_with_memory(process)
         out.seek(0)
         err.seek(0)
         lines = out.read().decode().strip().splitlines()
         errors = err.read().decode(errors="replace").strip().splitlines()
     if status != 0:
         raise SystemExit(f"ingest failed (wait status {status}): {errors[-5:]}")
-    return json.loads(lines[-1]), usage.ru_maxrss / 1024
+    return json.loads(lines[-1]), memory
 
 
 def write_store_only(spec: str, points: int, text_chars: int) -> None:
@@ -97,14 +123,16 @@ def write_store_only(spec: str, points: int, text_chars: int) -> None:
     store.close()
 
 
-def store_only_peak(spec: str, points: int, text_chars: int) -> float:
-    """Peak RSS in MiB of a `write_store_only` process."""
+def store_only_peak(spec: str, points: int, text_chars: int) -> dict[str, float]:
+    """Peak memory in MiB of a `write_store_only` process."""
     command = [sys.executable, str(Path(__file__)), "--store-only", spec, str(points), str(text_chars)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"store-only run failed (wait status {status}): {process.stderr.read().decode()[-500:]}")
-    return usage.ru_maxrss / 1024
+    with tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        status, memory = wait_with_memory(process)
+        err.seek(0)
+        if status != 0:
+            raise SystemExit(f"store-only run failed (wait status {status}): {err.read().decode()[-500:]}")
+    return memory
 
 
 def main() -> None:
@@ -123,21 +151,24 @@ def main() -> None:
         source = work / "docs.jsonl"
         documents = short_documents(args.dataset, size)
         source.write_text("".join(json.dumps(doc) + "\n" for doc in documents))
-        report, peak_mib = run_ingest(source, work / "state", args.store)
+        report, memory = run_ingest(source, work / "state", args.store)
         text_chars = round(sum(len(doc["text"]) for doc in documents) / size)
-        store_mib = store_only_peak(spec_for(args.store, work / "store-only"), report["points"], text_chars)
+        store = store_only_peak(spec_for(args.store, work / "store-only"), report["points"], text_chars)
         rows.append({"documents": size, "points": report["points"], "seconds": report["seconds"],
-                     "ms_per_document": round(1000 * report["seconds"] / size, 2), "peak_rss_mib": round(peak_mib),
-                     "store_only_peak_rss_mib": round(store_mib), "pipeline_share_mib": round(peak_mib - store_mib)})
+                     "ms_per_document": round(1000 * report["seconds"] / size, 2), "peak_rss_mib": round(memory["rss"]),
+                     "peak_anon_mib": round(memory["anon"]), "peak_file_mib": round(memory["file"]),
+                     "store_only_peak_rss_mib": round(store["rss"]), "store_only_peak_anon_mib": round(store["anon"]),
+                     "pipeline_share_mib": round(memory["rss"] - store["rss"]),
+                     "pipeline_anon_share_mib": round(memory["anon"] - store["anon"])})
     out = ROOT / "bench" / "results" / "scale.json"
     out.parent.mkdir(exist_ok=True)
     out = out.with_name(f"scale-{args.store}.json") if args.store in ("local", "edge") else out
     out.write_text(json.dumps({"store": args.store, "runs": rows}, indent=2) + "\n")
-    print(f"store: {args.store}\n\n| documents | points | flow s | ms/document | peak RSS MiB | store-only peak MiB | pipeline share MiB |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    keys = ["documents", "points", "seconds", "ms_per_document", "peak_rss_mib", "peak_anon_mib", "peak_file_mib",
+            "store_only_peak_rss_mib", "store_only_peak_anon_mib", "pipeline_share_mib", "pipeline_anon_share_mib"]
+    print(f"store: {args.store}\n\n| " + " | ".join(keys) + " |\n|" + " ---: |" * len(keys))
     for row in rows:
-        print(f"| {row['documents']} | {row['points']} | {row['seconds']} | {row['ms_per_document']} | {row['peak_rss_mib']} "
-              f"| {row['store_only_peak_rss_mib']} | {row['pipeline_share_mib']} |")
+        print("| " + " | ".join(str(row[key]) for key in keys) + " |")
 
 
 if __name__ == "__main__":

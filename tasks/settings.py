@@ -128,8 +128,8 @@ class IngestParams(StoreParams):
     )
     embedding_backend: EmbeddingBackend = Field(
         EmbeddingBackend.sentence_transformers,
-        description="sentence-transformers, or vllm (its pooling runner: same vectors, up to 1.8x faster on short "
-        "texts, 20-30 s engine start; needs ragbatch[llm]).",
+        description="sentence-transformers, or vllm (its pooling runner: same vectors, 1.3-2.3x faster on CPU, "
+        "20-30 s engine start; needs ragbatch[llm]).",
     )
     device: str | None = Field(None, description="Torch device for embedding; default CUDA when present, else CPU.")
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in tokens of the embedding model.")
