@@ -43,7 +43,7 @@ DEFAULT_RRF_K = 2
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A Qdrant server flushes its segments every 5 s (storage.optimizers.flush_interval_sec); an edge shard
 # has no background flusher, and the changes pending since its last flush make every update slower
-# (1M points: 18 -> 40 us per point without flushes, flat at about 23 with; BENCHMARKS.md). So writes
+# (18 us per point at 100k points, 41 at 500k without flushes, 21-26 with; BENCHMARKS.md). So writes
 # flush at the server's pace. Durability does not depend on it: the WAL has every acknowledged write.
 FLUSH_INTERVAL_S = 5.0
 

@@ -72,7 +72,7 @@ class SentenceTransformerEmbedder:
 class VLLMEmbedder:
     """vLLM's pooling runner in this process: the same vectors as sentence-transformers (cosine >= 0.9999,
     tested), faster because vLLM packs texts by tokens instead of padding batches and, on CPUs with
-    native bfloat16, computes in bfloat16 while keeping float32 fidelity (BENCHMARKS.md: 2.5x on full
+    native bfloat16, computes in bfloat16 and stays within that cosine (BENCHMARKS.md: 2.3x on full
     SciFact passages with AVX512-BF16; 1.06x to 1.8x in float32 on an AVX2 CPU), at the cost of an
     engine start of 20-30 s.
 
