@@ -63,7 +63,7 @@ def wait_with_memory(process: subprocess.Popen) -> tuple[int, dict[str, float]]:
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
-            process.returncode = status
+            process.returncode = os.waitstatus_to_exitcode(status)
             return status, {"rss": usage.ru_maxrss / 1024, "anon": peaks["RssAnon"], "file": peaks["RssFile"]}
         try:
             with open(f"/proc/{process.pid}/status") as status_file:
