@@ -8,16 +8,21 @@ them), batches of 1,000. Per point it reports the time spent constructing `Point
 upsert operation in the binding (Python objects -> Rust, under the GIL) and the time in
 `EdgeShard.update` (the engine: WAL, segment, payload indexes). The conversion alone sets a ceiling
 on points/s that no engine setting can lift. Then it times writes in a second thread overlapping the
-next batch's conversion, against both in turn. Last, `--growth-points` points (4 keys) through
+next batch's conversion, against both in turn. Then `--growth-points` points (4 keys) through
 `EdgeStore.upsert` twice: never flushing the shard, and flushing every `FLUSH_INTERVAL_S` as the store
 does; upsert time per point in each tenth of the load shows whether writes slow down as the shard
-grows. Writes bench/results/edge_upsert.json.
+grows. Last, recovery after a crash: a child process loads `--crash-points` points through
+`EdgeStore.upsert` (never flushing, or every `FLUSH_INTERVAL_S`) and exits without closing the store,
+as a killed ingest would; this process then times opening the store and counting its points, which
+replays the write-ahead log past the last flush. Writes bench/results/edge_upsert.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,19 +141,59 @@ def growth(points: int, flush_interval_s: float | None) -> dict:
             "upsert_us_per_point_by_tenth": [round(1e7 * seconds / points, 1) for seconds in tenths]}
 
 
+def crash_after_load(path: str, points: int, flush_interval_s: float | None) -> None:
+    """Load `points` 4-key points into a fresh edge store at `path`, then exit without closing it."""
+    from qdrant_client import models
+
+    from tasks.edge_store import EdgeStore
+    from tasks.store import VectorLayout
+
+    rng = np.random.default_rng(0)
+    store = EdgeStore.open(f"edge:{path}")
+    store.flush_interval_s = float("inf") if flush_interval_s is None else flush_interval_s
+    store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
+    for start in range(0, points, BATCH):
+        vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()
+        store.upsert("bench", [models.PointStruct(id=start + i, vector={"dense": vectors[i]}, payload=store_payload(start + i))
+                               for i in range(BATCH)])
+    os._exit(0)  # no close, no final flush: what a killed process leaves
+
+
+def recovery(points: int, flush_interval_s: float | None) -> dict:
+    """Seconds to reopen the store a crashed load of `points` left (open + exact count), and the count."""
+    from tasks.edge_store import EdgeStore
+
+    path = tempfile.mkdtemp(prefix="ragbatch-edge-crash-")
+    interval = "never" if flush_interval_s is None else str(flush_interval_s)
+    subprocess.run([sys.executable, __file__, "--crash-load", path, str(points), interval], check=True)
+    clock = time.perf_counter()
+    store = EdgeStore.open(f"edge:{path}")
+    count = store.count("bench")
+    reopen_s = time.perf_counter() - clock
+    store.close()
+    return {"flush_interval_s": flush_interval_s, "points": points, "reopen_s": round(reopen_s, 1), "count": count}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=200_000)
     parser.add_argument("--growth-points", type=int, default=1_000_000)
+    parser.add_argument("--crash-points", type=int, default=300_000)
+    parser.add_argument("--crash-load", nargs=3, metavar=("PATH", "POINTS", "INTERVAL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.crash_load:
+        path, points, interval = args.crash_load
+        crash_after_load(path, int(points), None if interval == "never" else float(interval))
     from tasks.edge_store import FLUSH_INTERVAL_S
 
     rows = [one_shape(name, args.points) for name in PAYLOADS]
     threads = overlap(min(args.points, 40_000))
     growths = [growth(args.growth_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
+    recoveries = [recovery(args.crash_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     out = ROOT / "bench" / "results" / "edge_upsert.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"shapes": rows, "write_thread": threads, "growth": growths}, indent=2) + "\n")
+    out.write_text(json.dumps({"shapes": rows, "write_thread": threads, "growth": growths, "recovery": recoveries},
+                              indent=2) + "\n")
     print("| payload | convert us/point | update us/point | points/s | ceiling from conversion alone |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -161,6 +206,10 @@ def main() -> None:
         tenths = " ".join(str(value) for value in row["upsert_us_per_point_by_tenth"])
         flushes = "never" if row["flush_interval_s"] is None else f"every {row['flush_interval_s']} s"
         print(f"| flush {flushes} | {row['points_per_s']:,} | {tenths} |")
+    print("\n| load killed before closing the store | reopen + count s | points found |\n| --- | ---: | ---: |")
+    for row in recoveries:
+        flushes = "never" if row["flush_interval_s"] is None else f"every {row['flush_interval_s']} s"
+        print(f"| {row['points']:,} points, flushed {flushes} | {row['reopen_s']} | {row['count']:,} |")
 
 
 if __name__ == "__main__":

@@ -235,8 +235,8 @@ def test_edge_store_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("interval, flushed", [(3600.0, False), (0.0, True)])
 def test_edge_writes_flush_the_shard_at_the_interval(tmp_path, interval, flushed):
-    """The engine writes a segment's point-id mappings to disk on flush only (and keeps them pending in
-    memory until then, which slows later updates); every write still reaches the WAL and survives."""
+    """The engine writes a segment's point-id mappings to disk on flush only (until then, opening the
+    shard replays the writes from the WAL); every write reaches the WAL and survives either way."""
     store = EdgeStore.open(f"edge:{tmp_path}")
     store.flush_interval_s = interval
     store.create_collection("c", dimension=4, metadata={}, layout=HYBRID)
