@@ -125,8 +125,8 @@ def growth(points: int, flush_interval_s: float | None) -> dict:
     from tasks.store import VectorLayout
 
     rng = np.random.default_rng(0)
-    store = EdgeStore.open(f"edge:{tempfile.mkdtemp(prefix='ragbatch-edge-growth-')}")
-    store.flush_interval_s = float("inf") if flush_interval_s is None else flush_interval_s
+    store = EdgeStore.open(f"edge:{tempfile.mkdtemp(prefix='ragbatch-edge-growth-')}",
+                           flush_interval_s=float("inf") if flush_interval_s is None else flush_interval_s)
     store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
     tenths = [0.0] * 10
     for start in range(0, points, BATCH):
@@ -149,8 +149,7 @@ def crash_after_load(path: str, points: int, flush_interval_s: float | None) -> 
     from tasks.store import VectorLayout
 
     rng = np.random.default_rng(0)
-    store = EdgeStore.open(f"edge:{path}")
-    store.flush_interval_s = float("inf") if flush_interval_s is None else flush_interval_s
+    store = EdgeStore.open(f"edge:{path}", flush_interval_s=float("inf") if flush_interval_s is None else flush_interval_s)
     store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
     for start in range(0, points, BATCH):
         vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()

@@ -206,14 +206,14 @@ class EdgeStore(QdrantStore):
         self._remove_incomplete_collections()
 
     @classmethod
-    def open(cls, spec: str) -> "EdgeStore":
+    def open(cls, spec: str, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> "EdgeStore":
         """Open `edge:PATH`, creating the directory on first use."""
         path = spec.removeprefix("edge:")
         if not path:
             raise StoreError("--store edge: needs a path, e.g. edge:.ragbatch/edge")
         root = Path(path)
         (root / "collections").mkdir(parents=True, exist_ok=True)
-        return cls(root, location=spec)
+        return cls(root, location=spec, flush_interval_s=flush_interval_s)
 
     def _acquire_lock(self) -> Any:
         """Hold an exclusive lock on PATH/.lock while open: each shard's WAL admits one process,

@@ -237,8 +237,7 @@ def test_edge_store_errors_are_one_line(tmp_path):
 def test_edge_writes_flush_the_shard_at_the_interval(tmp_path, interval, flushed):
     """The engine writes a segment's point-id mappings to disk on flush only (until then, opening the
     shard replays the writes from the WAL); every write reaches the WAL and survives either way."""
-    store = EdgeStore.open(f"edge:{tmp_path}")
-    store.flush_interval_s = interval
+    store = EdgeStore.open(f"edge:{tmp_path}", flush_interval_s=interval)
     store.create_collection("c", dimension=4, metadata={}, layout=HYBRID)
     write_documents(store, "c", build_points(chunks_of(TEXTS), FixedEmbedder().embed(TEXTS), embedding_model="fixed",
                                              layout=HYBRID, bm25=BM25), {})
