@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,7 +171,3 @@ def delete_missing_documents(store: QdrantStore, collection: str, keep_doc_ids: 
     for part in _in_batches(ordered, 1000):
         store.delete(collection, part)
     return len(ordered)
-
-
-def unique_doc_ids(rows: Iterable[SourceRow]) -> list[str]:
-    return [row.doc_id for row in rows if row.doc_id is not None]
