@@ -50,9 +50,15 @@ def index_contents(params: IngestParams) -> dict[str, dict]:
     return docs
 
 
-def quarantined(report) -> dict[str, tuple[str, str]]:
-    """locator -> (rule, reason) from the run's quarantine file."""
-    return {row["locator"]: (row["rule"], row["reason"]) for row in pq.read_table(report.quarantine_path).to_pylist()}
+def assert_accounted(report, expected: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """Every row counted once, and exactly the rows expected to fail quarantined, each with its reason
+    (a prefix); returns locator -> (rule, reason) from the run's quarantine file."""
+    assert report.loaded == len(expected) == report.valid + report.quarantined
+    reasons = {row["locator"]: (row["rule"], row["reason"]) for row in pq.read_table(report.quarantine_path).to_pylist()}
+    assert set(reasons) == {locator for locator, outcome in expected.items() if outcome is not INDEXED}
+    for locator, (_, reason) in reasons.items():
+        assert reason.startswith(expected[locator]), (locator, reason)
+    return reasons
 
 
 def hostile_directory(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
@@ -107,13 +113,7 @@ def test_hostile_directory_is_indexed_or_quarantined_with_reasons(prefect_api_ur
     root, expected = hostile_directory(tmp_path)
     # Half the files are bad on purpose; the default 20 % threshold would (rightly) stop the run.
     params = IngestParams(source=root, collection="hostile", data_dir=data_dir, max_quarantined_share=0.9)
-    report = ingest(params)
-
-    assert report.loaded == len(expected) == report.valid + report.quarantined
-    reasons = quarantined(report)
-    assert set(reasons) == {name for name, outcome in expected.items() if outcome is not INDEXED}
-    for name, (rule, reason) in reasons.items():
-        assert reason.startswith(expected[name]), (name, reason)
+    reasons = assert_accounted(ingest(params), expected)
     assert reasons["over-limit.txt"][0] == "too_long" and reasons["empty.txt"][0] == "blank_text"
 
     docs = index_contents(params)
@@ -128,8 +128,8 @@ def test_hostile_directory_is_indexed_or_quarantined_with_reasons(prefect_api_ur
     assert all(OUTSIDE_SECRET not in t for t in text.values())
 
 
-def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[int, str | None]]:
-    """A JSONL table of hostile rows; per line number INDEXED or the expected reason (a prefix)."""
+def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
+    """A JSONL table of hostile rows; per row locator (file:line) INDEXED or the expected reason (a prefix)."""
     lines: list[tuple[bytes, str | None]] = [
         (json.dumps({"id": "a", "text": "Anemometer calibration steps."}).encode(), INDEXED),
         (b'{"id": "b", "text": "a broken line', "invalid JSON at column 35: Invalid control character"),
@@ -152,19 +152,13 @@ def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[int, str | None]]:
         (json.dumps({"id": "last", "text": "The last row is read after all of that."}).encode(), INDEXED),
     ]
     path = write(tmp_path / "hostile.jsonl", b"\n".join(line for line, _ in lines) + b"\n")
-    return path, {number: outcome for number, (_, outcome) in enumerate(lines, start=1)}
+    return path, {f"{path.name}:{number}": outcome for number, (_, outcome) in enumerate(lines, start=1)}
 
 
 def test_hostile_jsonl_rows_are_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir):
     path, expected = hostile_jsonl(tmp_path)
     params = IngestParams(source=path, collection="hostile-jsonl", data_dir=data_dir, max_quarantined_share=0.9)
-    report = ingest(params)
-
-    assert report.loaded == len(expected) == report.valid + report.quarantined
-    reasons = quarantined(report)
-    assert set(reasons) == {f"hostile.jsonl:{n}" for n, outcome in expected.items() if outcome is not INDEXED}
-    for locator, (_, reason) in reasons.items():
-        assert reason.startswith(expected[int(locator.rsplit(":", 1)[1])]), (locator, reason)
+    assert_accounted(ingest(params), expected)
     docs = index_contents(params)
     assert set(docs) == {"a", "42", "7", "rtl", "emoji", "last"}
     assert docs["a"]["texts"] == ["Anemometer calibration steps."]  # the first of the duplicates
