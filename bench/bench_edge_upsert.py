@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,23 +117,33 @@ def overlap(points: int) -> dict:
     return {"points": points, "in_turn_s": round(in_turn, 2), "overlapped_s": round(time.perf_counter() - clock, 2)}
 
 
-def growth(points: int, flush_interval_s: float | None) -> dict:
-    """`EdgeStore.upsert` of `points` 4-key points in batches, flushing every `flush_interval_s` (None: never):
-    microseconds per point in each tenth, and points/s."""
-    from qdrant_client import models
-
+def open_store(path: str, flush_interval_s: float | None):
+    """A fresh `EdgeStore` at `path` with one dense collection "bench", flushing every `flush_interval_s` (None: never)."""
     from tasks.edge_store import EdgeStore
     from tasks.store import VectorLayout
 
-    rng = np.random.default_rng(0)
-    store = EdgeStore.open(f"edge:{tempfile.mkdtemp(prefix='ragbatch-edge-growth-')}",
-                           flush_interval_s=float("inf") if flush_interval_s is None else flush_interval_s)
+    store = EdgeStore.open(f"edge:{path}", flush_interval_s=float("inf") if flush_interval_s is None else flush_interval_s)
     store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
-    tenths = [0.0] * 10
+    return store
+
+
+def point_batches(points: int) -> Iterator[tuple[int, list]]:
+    """(first id, `models.PointStruct`s) in batches: random vectors and bench_store's 4-key payloads."""
+    from qdrant_client import models
+
+    rng = np.random.default_rng(0)
     for start in range(0, points, BATCH):
         vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()
-        batch = [models.PointStruct(id=start + i, vector={"dense": vectors[i]}, payload=store_payload(start + i))
-                 for i in range(BATCH)]
+        yield start, [models.PointStruct(id=start + i, vector={"dense": vectors[i]}, payload=store_payload(start + i))
+                      for i in range(BATCH)]
+
+
+def growth(points: int, flush_interval_s: float | None) -> dict:
+    """`EdgeStore.upsert` of `points` 4-key points in batches, flushing every `flush_interval_s` (None: never):
+    microseconds per point in each tenth, and points/s."""
+    store = open_store(tempfile.mkdtemp(prefix="ragbatch-edge-growth-"), flush_interval_s)
+    tenths = [0.0] * 10
+    for start, batch in point_batches(points):
         clock = time.perf_counter()
         store.upsert("bench", batch)
         tenths[start * 10 // points] += time.perf_counter() - clock
@@ -143,18 +154,9 @@ def growth(points: int, flush_interval_s: float | None) -> dict:
 
 def crash_after_load(path: str, points: int, flush_interval_s: float | None) -> None:
     """Load `points` 4-key points into a fresh edge store at `path`, then exit without closing it."""
-    from qdrant_client import models
-
-    from tasks.edge_store import EdgeStore
-    from tasks.store import VectorLayout
-
-    rng = np.random.default_rng(0)
-    store = EdgeStore.open(f"edge:{path}", flush_interval_s=float("inf") if flush_interval_s is None else flush_interval_s)
-    store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
-    for start in range(0, points, BATCH):
-        vectors = rng.normal(size=(BATCH, DIM)).astype(np.float32).tolist()
-        store.upsert("bench", [models.PointStruct(id=start + i, vector={"dense": vectors[i]}, payload=store_payload(start + i))
-                               for i in range(BATCH)])
+    store = open_store(path, flush_interval_s)
+    for _, batch in point_batches(points):
+        store.upsert("bench", batch)
     os._exit(0)  # no close, no final flush: what a killed process leaves
 
 
