@@ -54,12 +54,8 @@ def chunks(dataset: Path, limit: int) -> list[str]:
     defaults = IngestParams(source=dataset / "corpus.jsonl")
     chunker = TokenChunker(tokenizer=load_tokenizer(resolve_embedding_model(defaults.embedding_model)),
                            chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap)
-    texts: list[str] = []
-    for passage in passages(dataset, limit):
-        texts.extend(text for _, _, text in chunker.split(passage))
-        if len(texts) >= limit:
-            return texts[:limit]
-    return texts
+    texts = [text for pieces in chunker.split(passages(dataset, limit)) for _, _, text in pieces]
+    return texts[:limit]
 
 
 def sentences(dataset: Path, limit: int) -> list[str]:

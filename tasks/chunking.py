@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,8 @@ class TokenChunker:
     """Splits text into chunks of at most `chunk_tokens` tokens that share up to `overlap_tokens`.
 
     semantic-text-splitter picks the largest semantic unit that fits (paragraph, sentence, word), and
-    Markdown documents are split at headings first.
+    Markdown documents are split at headings first. Texts are split many at a time: the splitter then
+    runs on every core (Rust threads outside the GIL; `RAYON_NUM_THREADS` caps them).
     """
 
     def __init__(self, *, tokenizer, chunk_tokens: int, overlap_tokens: int) -> None:
@@ -53,16 +55,23 @@ class TokenChunker:
         self._text = TextSplitter.from_huggingface_tokenizer(tokenizer, chunk_tokens, overlap=overlap_tokens)
         self._markdown = MarkdownSplitter.from_huggingface_tokenizer(tokenizer, chunk_tokens, overlap=overlap_tokens)
 
-    def split(self, text: str, *, markdown: bool = False) -> list[tuple[int, int, str]]:
-        """(start, end, chunk) triples with character offsets into `text`."""
+    def split(self, texts: Sequence[str], *, markdown: bool = False) -> list[list[tuple[int, int, str]]]:
+        """Per text, its (start, end, chunk) triples with character offsets into that text."""
         splitter = self._markdown if markdown else self._text
-        return [(start, start + len(chunk), chunk) for start, chunk in splitter.chunk_indices(text)]
+        return [[(start, start + len(chunk), chunk) for start, chunk in pieces]
+                for pieces in splitter.chunk_all_indices(list(texts))]
 
-    def chunk(self, row: SourceRow, doc_hash: str) -> list[Chunk]:
-        """All chunks of one validated document."""
-        assert row.doc_id is not None and row.text is not None
-        pieces = self.split(row.text, markdown=row.kind == "markdown")
+    def chunk(self, documents: Sequence[tuple[SourceRow, str]]) -> list[Chunk]:
+        """All chunks of validated documents, given as (row, document hash) pairs, in document order."""
+        assert all(row.doc_id is not None and row.text is not None for row, _ in documents), "validated rows only"
+        pieces: list[list[tuple[int, int, str]]] = [[] for _ in documents]
+        for markdown in (False, True):
+            positions = [i for i, (row, _) in enumerate(documents) if (row.kind == "markdown") == markdown]
+            splits = self.split([documents[i][0].text for i in positions], markdown=markdown)
+            for position, split in zip(positions, splits, strict=True):
+                pieces[position] = split
         return [
             Chunk(row.doc_id, index, text, start, end, row.title, row.source, row.metadata, doc_hash)
-            for index, (start, end, text) in enumerate(pieces)
+            for (row, doc_hash), split in zip(documents, pieces, strict=True)
+            for index, (start, end, text) in enumerate(split)
         ]

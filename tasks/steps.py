@@ -61,7 +61,7 @@ def find_changed(store: QdrantStore, collection: str, rows: list[SourceRow], fin
 
 @task(name="chunk", **STEP)
 def chunk(chunker: TokenChunker, plan: indexing.BatchPlan) -> list[Chunk]:
-    return [piece for row, digest in plan.changed for piece in chunker.chunk(row, digest)]
+    return chunker.chunk(plan.changed)
 
 
 @task(name="embed", **STEP)

@@ -11,32 +11,48 @@ PARAGRAPHS = (
 
 def test_chunks_fit_the_budget_and_offsets_point_into_the_text(tokenizer):
     chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
-    pieces = chunker.split(PARAGRAPHS)
+    [pieces] = chunker.split([PARAGRAPHS])
     assert len(pieces) > 5
     for start, end, text in pieces:
         assert PARAGRAPHS[start:end] == text
         assert len(tokenizer.encode(text, add_special_tokens=False).ids) <= 48
-    assert pieces == chunker.split(PARAGRAPHS)  # deterministic
+    assert [pieces] == chunker.split([PARAGRAPHS])  # deterministic
 
 
 def test_splits_prefer_paragraph_and_sentence_boundaries(tokenizer):
     chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=0)
-    pieces = [text for _, _, text in chunker.split(PARAGRAPHS)]
+    pieces = [text for _, _, text in chunker.split([PARAGRAPHS])[0]]
     assert pieces[0] == "The WS-200 station hibernates when the battery drops below 11.2 volts. It wakes at 12.4 volts."
     assert all(text.endswith(".") for text in pieces)
 
 
 def test_overlap_repeats_text_between_neighbours(tokenizer):
     text = " ".join(f"word{i}" for i in range(400))  # no sentence boundaries at all
-    pieces = TokenChunker(tokenizer=tokenizer, chunk_tokens=40, overlap_tokens=10).split(text)
+    [pieces] = TokenChunker(tokenizer=tokenizer, chunk_tokens=40, overlap_tokens=10).split([text])
     assert all(b_start < a_end for (_, a_end, _), (b_start, _, _) in zip(pieces, pieces[1:]))
 
 
 def test_chunk_keeps_document_fields(tokenizer):
     chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
     doc = SourceRow("a.md", "a.md", "# Title\n\n" + PARAGRAPHS, title="Title", source="a.md", kind="markdown", metadata={"k": 1})
-    chunks = chunker.chunk(doc, "hash")
+    chunks = chunker.chunk([(doc, "hash")])
     assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
     assert {(c.doc_id, c.title, c.source, c.doc_hash) for c in chunks} == {("a.md", "Title", "a.md", "hash")}
     assert chunks[0].metadata == {"k": 1}
     assert chunks[1].embedding_text.startswith("Title\n")
+
+
+def test_chunking_many_documents_at_once_keeps_order_and_each_documents_splitter(tokenizer):
+    """Texts are split in one parallel call per splitter; chunks must still follow document order,
+    with Markdown and plain documents interleaved and each split by its own splitter."""
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
+    markdown = "# Station\n\nShort intro.\n\n## Power\n\n" + PARAGRAPHS
+    rows = [SourceRow(f"d{i}", f"d{i}", markdown if i % 2 == 0 else f"Document {i}. " + PARAGRAPHS[i * 40:],
+                      kind="markdown" if i % 2 == 0 else "text") for i in range(5)]
+    chunks = chunker.chunk([(row, f"h{i}") for i, row in enumerate(rows)])
+    expected = [(row.doc_id, f"h{i}", index, piece)
+                for i, row in enumerate(rows)
+                for index, piece in enumerate(chunker.split([row.text], markdown=row.kind == "markdown")[0])]
+    assert [(c.doc_id, c.doc_hash, c.chunk_index, (c.start, c.end, c.text)) for c in chunks] == expected
+    assert chunker.split([markdown], markdown=True) != chunker.split([markdown])  # the splitters differ on this text
+    assert chunker.chunk([]) == []

@@ -134,7 +134,7 @@ def test_a_reader_of_the_alias_never_sees_an_error_or_an_empty_result_during_a_r
         for batch in batched(read_rows(corpus), 4):
             seen.update(row.doc_id for row in batch)
             plan = indexing.plan_batch(batch, indexing.read_markers(store, target.collection, [r.doc_id for r in batch]), fingerprint)
-            chunks = [piece for row, digest in plan.changed for piece in chunker.chunk(row, digest)]
+            chunks = chunker.chunk(plan.changed)
             vectors = embedder.embed([c.embedding_text for c in chunks])
             points = indexing.build_points(chunks, vectors, embedding_model=embedder.model_name)
             indexing.write_documents(store, target.collection, points, plan.previous_chunks)

@@ -123,7 +123,7 @@ def changed_chunks(store, embedder, tokenizer, texts: dict[str, str]) -> tuple[l
     rows = [SourceRow(doc_id, doc_id, text, source=doc_id) for doc_id, text in texts.items()]
     plan = indexing.plan_batch(rows, indexing.read_markers(store, "kb", list(texts)), "f")
     chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=32, overlap_tokens=0)
-    chunks = [c for row, digest in plan.changed for c in chunker.chunk(row, digest)]
+    chunks = chunker.chunk(plan.changed)
     return chunks, embedder.embed([c.embedding_text for c in chunks]), plan.previous_chunks
 
 
