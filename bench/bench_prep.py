@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
@@ -41,17 +42,10 @@ import flows  # noqa: E402,F401  (offline defaults)
 
 
 def documents(dataset: Path, limit: int) -> list[Any]:
-    """The first `limit` documents of a BEIR corpus as validated source rows."""
-    from tasks.sources import SourceRow
+    """The first `limit` rows of a BEIR corpus, read as the ingest reads them."""
+    from tasks.sources import read_rows
 
-    rows = []
-    with open(dataset / "corpus.jsonl") as handle:
-        for line in handle:
-            record = json.loads(line)
-            rows.append(SourceRow(record["_id"], record["_id"], record["text"], record.get("title") or None, "corpus.jsonl"))
-            if len(rows) == limit:
-                break
-    return rows
+    return list(itertools.islice(read_rows(dataset), limit))
 
 
 def timed(function: Callable[[], Any]) -> tuple[Any, float, float]:
