@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.sources import SourceRow
+
+# The splitter runs many texts on a Rust thread pool that does not survive fork(): a forked child that
+# uses it waits forever for threads that exist only in its parent. Processes forked after this module
+# loaded split one text at a time.
+_POOL_PROCESS = os.getpid()
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,11 @@ class TokenChunker:
     def split(self, texts: Sequence[str], *, markdown: bool = False) -> list[list[tuple[int, int, str]]]:
         """Per text, its (start, end, chunk) triples with character offsets into that text."""
         splitter = self._markdown if markdown else self._text
-        return [[(start, start + len(chunk), chunk) for start, chunk in pieces]
-                for pieces in splitter.chunk_all_indices(list(texts))]
+        if os.getpid() == _POOL_PROCESS:
+            splits = splitter.chunk_all_indices(list(texts))
+        else:
+            splits = [splitter.chunk_indices(text) for text in texts]
+        return [[(start, start + len(chunk), chunk) for start, chunk in pieces] for pieces in splits]
 
     def chunk(self, documents: Sequence[tuple[SourceRow, str]]) -> list[Chunk]:
         """All chunks of validated documents, given as (row, document hash) pairs, in document order."""

@@ -1,3 +1,6 @@
+import os
+import time
+
 from tasks.chunking import TokenChunker
 from tasks.sources import SourceRow
 
@@ -56,3 +59,24 @@ def test_chunking_many_documents_at_once_keeps_order_and_each_documents_splitter
     assert [(c.doc_id, c.doc_hash, c.chunk_index, (c.start, c.end, c.text)) for c in chunks] == expected
     assert chunker.split([markdown], markdown=True) != chunker.split([markdown])  # the splitters differ on this text
     assert chunker.chunk([]) == []
+
+
+def test_a_process_forked_after_chunking_still_chunks(tokenizer):
+    """The splitter's thread pool does not survive fork(); a child forked from a process that has used it
+    (a Dask or Celery worker forked from a loaded parent) would hang on its first batch."""
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=48, overlap_tokens=8)
+    expected = chunker.split([PARAGRAPHS, PARAGRAPHS[100:]])  # the pool has run in this process
+    child = os.fork()
+    if child == 0:  # never return into pytest from here
+        code = 1
+        try:
+            code = 0 if chunker.split([PARAGRAPHS, PARAGRAPHS[100:]]) == expected else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (finished := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if finished[0] == 0:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+    assert finished[0] == child and os.waitstatus_to_exitcode(finished[1]) == 0, "the forked child hung or split differently"
