@@ -26,6 +26,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -97,7 +98,8 @@ def main() -> None:
                            chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap)
     rows = documents(args.dataset, args.limit)
     layout = VectorLayout(dense=True, sparse=True)
-    store = QdrantStore.connect(f"edge:{tempfile.mkdtemp(prefix='ragbatch-prep-')}")
+    work = Path(tempfile.mkdtemp(prefix="ragbatch-prep-"))
+    store = QdrantStore.connect(f"edge:{work}")
     store.create_collection("prep", dimension=384, metadata={}, layout=layout)
     rng = np.random.default_rng(0)
     memoized = sparse.term_id
@@ -131,6 +133,7 @@ def main() -> None:
         timing.run("write_documents (edge)", {"": lambda: write_documents(store, "prep", points, {})}, number)  # noqa: B023
         chunk_count += len(chunks)
     store.close()
+    shutil.rmtree(work)
 
     steps = {step: {name: {key: round(value, 3) for key, value in total.items()}
                     | {"us_per_chunk": round(1e6 * total["wall_s"] / chunk_count, 1)} for name, total in variants.items()}
