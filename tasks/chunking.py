@@ -73,14 +73,12 @@ class TokenChunker:
     def chunk(self, documents: Sequence[tuple[SourceRow, str]]) -> list[Chunk]:
         """All chunks of validated documents, given as (row, document hash) pairs, in document order."""
         assert all(row.doc_id is not None and row.text is not None for row, _ in documents), "validated rows only"
-        pieces: list[list[tuple[int, int, str]]] = [[] for _ in documents]
+        splits: dict[int, list[tuple[int, int, str]]] = {}  # document position -> its pieces
         for markdown in (False, True):
             positions = [i for i, (row, _) in enumerate(documents) if (row.kind == "markdown") == markdown]
-            splits = self.split([documents[i][0].text for i in positions], markdown=markdown)
-            for position, split in zip(positions, splits, strict=True):
-                pieces[position] = split
+            splits.update(zip(positions, self.split([documents[i][0].text for i in positions], markdown=markdown), strict=True))
         return [
             Chunk(row.doc_id, index, text, start, end, row.title, row.source, row.metadata, doc_hash)
-            for (row, doc_hash), split in zip(documents, pieces, strict=True)
-            for index, (start, end, text) in enumerate(split)
+            for position, (row, doc_hash) in enumerate(documents)
+            for index, (start, end, text) in enumerate(splits[position])
         ]
