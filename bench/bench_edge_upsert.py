@@ -24,12 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,7 +59,7 @@ def fresh_shard():
     """A new edge shard with one dense vector and keyword indexes on doc_id and source, as EdgeStore.create_collection."""
     import qdrant_edge as edge
 
-    shard = edge.EdgeShard.create(tempfile.mkdtemp(prefix="ragbatch-edge-upsert-") + "/shard",
+    shard = edge.EdgeShard.create(str(scratch_dir("ragbatch-edge-upsert-")) + "/shard",
                                   edge.EdgeConfig(vectors={"dense": edge.EdgeVectorParams(size=DIM, distance=edge.Distance.Cosine)}))
     for field in ("doc_id", "source"):
         shard.update(edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword))
@@ -141,7 +142,7 @@ def point_batches(points: int) -> Iterator[tuple[int, list]]:
 def growth(points: int, flush_interval_s: float | None) -> dict:
     """`EdgeStore.upsert` of `points` 4-key points in batches, flushing every `flush_interval_s` (None: never):
     microseconds per point in each tenth, and points/s."""
-    store = open_store(tempfile.mkdtemp(prefix="ragbatch-edge-growth-"), flush_interval_s)
+    store = open_store(str(scratch_dir("ragbatch-edge-growth-")), flush_interval_s)
     tenths = [0.0] * 10
     for start, batch in point_batches(points):
         clock = time.perf_counter()
@@ -164,7 +165,7 @@ def recovery(points: int, flush_interval_s: float | None) -> dict:
     """Seconds to reopen the store a crashed load of `points` left (open + exact count), and the count."""
     from tasks.edge_store import EdgeStore
 
-    path = tempfile.mkdtemp(prefix="ragbatch-edge-crash-")
+    path = str(scratch_dir("ragbatch-edge-crash-"))
     interval = "never" if flush_interval_s is None else str(flush_interval_s)
     subprocess.run([sys.executable, __file__, "--crash-load", path, str(points), interval], check=True)
     clock = time.perf_counter()

@@ -22,11 +22,12 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,7 +73,7 @@ def serve(backend_name: str, batch_size: int, vllm_dtype: str, texts: list[str],
     from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder
 
     if backend_name == "vllm":
-        backend = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=Path(tempfile.mkdtemp(prefix="ragbatch-embed-")),
+        backend = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=scratch_dir("ragbatch-embed-"),
                                dtype=vllm_dtype)
     else:
         backend = SentenceTransformerEmbedder(model_name="all-MiniLM-L6-v2", batch_size=batch_size)

@@ -18,9 +18,10 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,7 +96,7 @@ def main() -> None:
         fix_mmap_threshold()
     from tasks.llm import SamplingConfig, VLLMGenerator, engine_dtype
 
-    work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-gen-"))
+    work = scratch_dir("ragbatch-bench-gen-")
     models_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ROOT / ".ragbatch")) / "models"
     model_dir, prompts = rag_prompts(work, models_dir, args.prompts)
 

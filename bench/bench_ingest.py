@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,7 +57,7 @@ def main() -> None:
     from tasks.settings import IngestParams
     from tasks.store import QdrantStore
 
-    work = Path(tempfile.mkdtemp(prefix="ragbatch-bench-"))
+    work = scratch_dir("ragbatch-bench-")
     source = work / "corpus.jsonl"
     with open(args.dataset / "corpus.jsonl") as src, open(source, "w") as dst:
         for number, line in enumerate(src):
@@ -112,7 +112,6 @@ def main() -> None:
     print("| measure | value |\n| --- | ---: |")
     for key, value in results.items():
         print(f"| {key} | {value} |")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

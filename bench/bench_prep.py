@@ -26,15 +26,15 @@ import gc
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -98,7 +98,7 @@ def main() -> None:
                            chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap)
     rows = documents(args.dataset, args.limit)
     layout = VectorLayout(dense=True, sparse=True)
-    work = Path(tempfile.mkdtemp(prefix="ragbatch-prep-"))
+    work = scratch_dir("ragbatch-prep-")
     store = QdrantStore.connect(f"edge:{work}")
     store.create_collection("prep", dimension=384, metadata={}, layout=layout)
     rng = np.random.default_rng(0)
@@ -133,7 +133,6 @@ def main() -> None:
         timing.run("write_documents (edge)", {"": lambda: write_documents(store, "prep", points, {})}, number)  # noqa: B023
         chunk_count += len(chunks)
     store.close()
-    shutil.rmtree(work)
 
     steps = {step: {name: {key: round(value, 3) for key, value in total.items()}
                     | {"us_per_chunk": round(1e6 * total["wall_s"] / chunk_count, 1)} for name, total in variants.items()}

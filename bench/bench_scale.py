@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -147,7 +149,7 @@ def main() -> None:
 
     rows = []
     for size in args.sizes:
-        work = Path(tempfile.mkdtemp(prefix=f"ragbatch-scale-{size}-"))
+        work = scratch_dir(f"ragbatch-scale-{size}-")
         source = work / "docs.jsonl"
         documents = short_documents(args.dataset, size)
         source.write_text("".join(json.dumps(doc) + "\n" for doc in documents))

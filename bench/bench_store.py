@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scratch import scratch_dir  # bench/scratch.py: the script's own directory is on sys.path
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -69,7 +71,7 @@ def one_run(kind: str, count: int, queries: int, filtered_queries: int) -> dict:
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (CLUSTERS, DIM)).astype(np.float32)
     vectors = np.empty((count, DIM), dtype=np.float32)
-    path = Path(tempfile.mkdtemp(prefix=f"ragbatch-store-{kind}-"))
+    path = scratch_dir(f"ragbatch-store-{kind}-")
     spec = f"{kind}:{path / 'db'}"
     store = QdrantStore.connect(spec)
     store.create_collection("bench", dimension=DIM, metadata={}, layout=VectorLayout(dense=True))
@@ -151,7 +153,7 @@ def scifact_recall(dataset: Path) -> dict:
     import qdrant_edge as edge
 
     passages, queries = scifact_vectors(dataset)
-    path = Path(tempfile.mkdtemp(prefix="ragbatch-store-scifact-"))
+    path = scratch_dir("ragbatch-store-scifact-")
     shard = edge.EdgeShard.create(str(path), edge.EdgeConfig(
         vectors={"dense": edge.EdgeVectorParams(size=passages.shape[1], distance=edge.Distance.Cosine)},
         optimizers=edge.EdgeOptimizersConfig(indexing_threshold=1),
