@@ -7,7 +7,8 @@ ingest writes), 384-dimension vectors already as Python lists (as `QdrantStore.u
 them), batches of 1,000. Per point it reports the time spent constructing `Point`s and the
 upsert operation in the binding (Python objects -> Rust, under the GIL) and the time in
 `EdgeShard.update` (the engine: WAL, segment, payload indexes). The conversion alone sets a ceiling
-on points/s that no engine setting can lift. Then it times writes in a second thread overlapping the
+on points/s that no engine setting can lift; what one payload value of each type costs in it comes
+next (a string costs most: the binding tries the other types first). Then it times writes in a second thread overlapping the
 next batch's conversion, against both in turn. Then `--growth-points` points (4 keys) through
 `EdgeStore.upsert` twice: never flushing the shard, and flushing every `FLUSH_INTERVAL_S` as the store
 does; upsert time per point in each tenth of the load shows whether writes slow down as the shard
@@ -87,6 +88,32 @@ def one_shape(name: str, points: int) -> dict:
     return {"payload": name, "points": points, "convert_us_per_point": round(1e6 * convert_s / points, 1),
             "update_us_per_point": round(1e6 * update_s / points, 1),
             "points_per_s": round(points / (convert_s + update_s)), "conversion_ceiling_points_per_s": round(points / convert_s)}
+
+
+VALUE_KINDS = {"bool": lambda i: i % 2 == 0, "int": lambda i: i, "float": lambda i: i + 0.5, "str": lambda i: f"s{i}"}
+
+
+def value_costs(points: int) -> dict:
+    """Microseconds the binding spends converting one payload entry (key and value) of each value type: `Point`s with four
+    values of one type, less `Point`s with no payload, over four. The binding tries bool, then the
+    integer and float types, then str, in that order, so a value's type decides its cost."""
+    import gc
+
+    import qdrant_edge as edge
+
+    vectors = np.random.default_rng(0).normal(size=(points, DIM)).astype(np.float32).tolist()
+
+    def convert_s(payload) -> float:
+        payloads = [payload(i) for i in range(points)]
+        gc.collect()
+        clock = time.perf_counter()
+        _ = [edge.Point(i, {"dense": vectors[i]}, payloads[i]) for i in range(points)]
+        return time.perf_counter() - clock
+
+    bare = min(convert_s(lambda i: None) for _ in range(3))
+    return {kind: round(1e6 * (min(convert_s(lambda i, v=value: {f"k{k}": v(i) for k in range(4)}) for _ in range(3)) - bare)
+                        / points / 4, 2)
+            for kind, value in VALUE_KINDS.items()}
 
 
 def overlap(points: int) -> dict:
@@ -189,18 +216,21 @@ def main() -> None:
     from tasks.edge_store import FLUSH_INTERVAL_S
 
     rows = [one_shape(name, args.points) for name in PAYLOADS]
+    values = value_costs(min(args.points, 40_000))
     threads = overlap(min(args.points, 40_000))
     growths = [growth(args.growth_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     recoveries = [recovery(args.crash_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     out = ROOT / "bench" / "results" / "edge_upsert.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"shapes": rows, "write_thread": threads, "growth": growths, "recovery": recoveries},
+    out.write_text(json.dumps({"shapes": rows, "us_per_payload_value": values, "write_thread": threads, "growth": growths, "recovery": recoveries},
                               indent=2) + "\n")
     print("| payload | convert us/point | update us/point | points/s | ceiling from conversion alone |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['payload']} | {row['convert_us_per_point']} | {row['update_us_per_point']} | {row['points_per_s']:,} "
               f"| {row['conversion_ceiling_points_per_s']:,} |")
+    print("\n| payload value | " + " | ".join(values) + " |\n| --- |" + " ---: |" * len(values))
+    print("| binding's conversion, us per value | " + " | ".join(str(cost) for cost in values.values()) + " |")
     print(f"\n{threads['points']:,} points, 4 keys: convert then write {threads['in_turn_s']} s; "
           f"writes in a second thread {threads['overlapped_s']} s")
     print("\n| EdgeStore.upsert, 4 keys | points/s | us/point in each tenth of the load |\n| --- | ---: | --- |")
