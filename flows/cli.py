@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
+from tasks.disk import MIN_FREE_BYTES, require_free_space
 from tasks.errors import RagbatchError
 from tasks.settings import AnswerParams, EvaluateParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
 
@@ -79,6 +80,9 @@ def _flow_command(model: type[RagbatchSettings], flow_name: str):
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         params = params_from_args(model, args)
+        # Prefect's database and the embedded store live there: on a full disk Prefect's temporary server
+        # never starts (a traceback after two minutes) and the store dies of SIGBUS.
+        require_free_space(params.data_dir, MIN_FREE_BYTES, flow_name)
         if args.show_progress is None:
             params.show_progress = sys.stderr.isatty()
         flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)

@@ -30,6 +30,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
+from tasks.disk import MIN_FREE_BYTES, allocated_bytes, require_free_space
 from tasks.errors import RagbatchError, StoreError
 from tasks.store import DENSE, PHYSICAL_SEPARATOR, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout
 
@@ -195,25 +196,28 @@ def client_record(record: Any) -> Any:
 class EdgeStore(QdrantStore):
     """`QdrantStore`'s operations on qdrant-edge shards under one directory, for one process at a time."""
 
-    def __init__(self, root: Path, *, location: str, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(self, root: Path, *, location: str, flush_interval_s: float = FLUSH_INTERVAL_S,
+                 min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.root = root
         self.location = location
         self.is_local = True
         self.flush_interval_s = flush_interval_s
+        self.min_free_bytes = min_free_bytes
         self._shards: dict[str, Any] = {}
         self._flushed_at: dict[str, float] = {}
         self._lock = self._acquire_lock()
         self._remove_incomplete_collections()
 
     @classmethod
-    def open(cls, spec: str, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> "EdgeStore":
-        """Open `edge:PATH`, creating the directory on first use."""
+    def open(cls, spec: str, *, flush_interval_s: float = FLUSH_INTERVAL_S, min_free_bytes: int = MIN_FREE_BYTES) -> "EdgeStore":
+        """Open `edge:PATH`, creating the directory on first use. Writes are refused while its disk has
+        less than `min_free_bytes` free (tasks/disk.py: a full disk would kill the process)."""
         path = spec.removeprefix("edge:")
         if not path:
             raise StoreError("--store edge: needs a path, e.g. edge:.ragbatch/edge")
         root = Path(path)
         (root / "collections").mkdir(parents=True, exist_ok=True)
-        return cls(root, location=spec, flush_interval_s=flush_interval_s)
+        return cls(root, location=spec, flush_interval_s=flush_interval_s, min_free_bytes=min_free_bytes)
 
     def _acquire_lock(self) -> Any:
         """Hold an exclusive lock on PATH/.lock while open: each shard's WAL admits one process,
@@ -304,6 +308,7 @@ class EdgeStore(QdrantStore):
         dense = {DENSE: edge.EdgeVectorParams(size=dimension, distance=edge.Distance.Cosine)} if layout.dense else None
         sparse = {SPARSE: edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)} if layout.sparse else None
         shutil.rmtree(directory, ignore_errors=True)  # what a failed creation of this name left in this session
+        require_free_space(self.root, self.min_free_bytes, f"Qdrant edge at {self.location}: creating collection {name}")
         with _translate_errors(self.location, f"creating collection {name}"):
             shard = edge.EdgeShard.create(str(directory / "shard"), edge.EdgeConfig(vectors=dense, sparse_vectors=sparse))
             self._shards[name] = shard
@@ -347,8 +352,12 @@ class EdgeStore(QdrantStore):
         shutil.rmtree(directory)
 
     def optimize(self, collection: str) -> None:
-        """Build the HNSW and payload indexes after a bulk load; queries before that are brute force."""
+        """Build the HNSW and payload indexes after a bulk load; queries before that are brute force.
+        Optimizing writes the collection's segments anew before it drops the old ones, so it needs as much
+        free space again as the collection takes."""
         shard = self._shard(collection)
+        collection_bytes = allocated_bytes(self._collection_dir(self._physical(collection)))
+        require_free_space(self.root, collection_bytes + self.min_free_bytes, f"Qdrant edge at {self.location}: optimizing {collection}")
         with _translate_errors(self.location, f"optimizing {collection}"):
             shard.optimize()
 
@@ -366,6 +375,7 @@ class EdgeStore(QdrantStore):
         """Build and apply one write; flush the shard when `flush_interval_s` has passed since its last flush."""
         physical = self._physical(collection)
         shard = self._shard(physical)
+        require_free_space(self.root, self.min_free_bytes, f"Qdrant edge at {self.location}: {action} {collection}")
         with _translate_errors(self.location, f"{action} {collection}"):
             shard.update(operation())
             now = time.monotonic()

@@ -17,6 +17,10 @@ class StoreUnavailable(StoreError):
     """The store could not be reached or timed out; worth retrying."""
 
 
+class DiskSpaceError(RagbatchError):
+    """The disk of the data directory or store is too full to write safely."""
+
+
 class QuarantineThresholdExceeded(RagbatchError):
     """Too large a share of the input failed validation; the index is left untouched."""
 

@@ -1,0 +1,46 @@
+"""Refuse to write when the data directory's disk is (nearly) full, with one clear line.
+
+A memory-mapped store does not get an error when the disk fills: qdrant-edge keeps its write-ahead
+log and segment pages in 32 MiB sparse files that fill as points arrive, and writing a page the
+disk has no room for kills the process with SIGBUS, in the middle of a write and without a word
+(reproduced on a small tmpfs). A Qdrant server refuses updates once free space falls under its
+log's size; ragbatch checks the same way before each write, before building an index (which
+rewrites the collection) and before a run starts (Prefect's database lives there too).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tasks.errors import DiskSpaceError
+
+MIB = 1024 * 1024
+# Headroom kept free below every write: two WAL segments (2 x 32 MiB) and a segment page (32 MiB)
+# besides, far more than one write batch (about 1 MB at 256 chunks).
+MIN_FREE_BYTES = 128 * MIB
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem holding `path` (or, while
+    `path` does not exist yet, its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def allocated_bytes(path: Path) -> int:
+    """Disk blocks the files below `path` occupy (sparse files count what is written, not their size)."""
+    return sum(entry.stat().st_blocks * 512 for entry in Path(path).rglob("*") if entry.is_file())
+
+
+def require_free_space(path: Path, needed: int, action: str) -> None:
+    """Raise `DiskSpaceError` unless the disk of `path` has at least `needed` bytes free."""
+    free = free_bytes(path)
+    if free < needed:
+        raise DiskSpaceError(
+            f"{action}: only {free / MIB:.0f} MiB free on the disk of {path}, at least {needed / MIB:.0f} MiB "
+            "needed to write safely (free some space, or set RAGBATCH_DATA_DIR / --store to another disk)"
+        )

@@ -1,0 +1,108 @@
+"""A full disk ends a run with one line, never with SIGBUS (tasks/disk.py): real edge shards, real
+small filesystems (tmpfs, mounted when the test runs as root, else skipped)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from qdrant_client import models
+
+from flows.cli import main
+from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes
+from tasks.edge_store import EdgeStore
+from tasks.errors import DiskSpaceError
+from tasks.store import VectorLayout
+
+from .conftest import ROOT
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs of the given size in MiB under tmp_path; unmounted after the test."""
+    mounted = []
+
+    def mount(size_mib: int):
+        point = tmp_path / f"tmpfs-{size_mib}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}M", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def points(start: int, count: int) -> list[models.PointStruct]:
+    return [models.PointStruct(id=i, vector={"dense": [1.0, float(i % 7), 0.5, 2.0]}, payload={"doc_id": f"d{i}"})
+            for i in range(start, start + count)]
+
+
+def test_edge_store_refuses_to_write_below_its_free_space_floor(tmp_path):
+    store = EdgeStore.open(f"edge:{tmp_path / 'edge'}")
+    store.create_collection("c", dimension=4, metadata={}, layout=VectorLayout(dense=True))
+    store.upsert("c", points(0, 10))
+
+    store.min_free_bytes = free_bytes(tmp_path) + 1024**4  # a disk one TiB short of the floor
+    refused = [lambda: store.upsert("c", points(10, 5)), lambda: store.delete("c", [0]), lambda: store.optimize("c"),
+               lambda: store.create_collection("d", dimension=4, metadata={}, layout=VectorLayout(dense=True))]
+    for write in refused:
+        with pytest.raises(DiskSpaceError, match=r"MiB free on the disk of .*, at least \d+ MiB needed"):
+            write()
+    assert store.count("c") == 10 and store.resolve("d") is None
+
+    store.min_free_bytes = MIN_FREE_BYTES
+    store.upsert("c", points(10, 5))
+    assert store.count("c") == 15
+    store.close()
+
+
+FILL_UNTIL_REFUSED = textwrap.dedent("""
+    import sys
+    from qdrant_client import models
+    from tasks.edge_store import EdgeStore
+    from tasks.errors import DiskSpaceError
+    from tasks.store import VectorLayout
+
+    store = EdgeStore.open("edge:" + sys.argv[1])
+    store.create_collection("c", dimension=384, metadata={}, layout=VectorLayout(dense=True))
+    written = 0
+    try:
+        while written < 200_000:  # about 1.5 GB: a disk without the floor fills long before
+            store.upsert("c", [models.PointStruct(id=written + i, vector={"dense": [0.01 * (i % 97)] * 384},
+                                                  payload={"doc_id": f"d{written + i}", "text": "x" * 2000})
+                               for i in range(256)])
+            written += 256
+    except DiskSpaceError as exc:
+        print(written)
+        print(exc)
+    store.close()
+""")
+
+
+def test_filling_the_disk_stops_writes_with_one_line_and_keeps_what_was_written(tmpfs):
+    disk = tmpfs(MIN_FREE_BYTES // MIB + 64)
+    result = subprocess.run([sys.executable, "-c", FILL_UNTIL_REFUSED, str(disk / "edge")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, f"died with {result.returncode} (-7 is SIGBUS): {result.stderr[-2000:]}"
+    written, message = result.stdout.strip().splitlines()
+    assert int(written) > 0, "the floor stopped the very first write"
+    assert message.startswith("Qdrant edge at edge:") and "writing points to c: only" in message
+    assert free_bytes(disk) >= MIN_FREE_BYTES - 8 * MIB  # what one batch and its log record may take past the check
+
+    store = EdgeStore.open(f"edge:{disk / 'edge'}")
+    assert store.count("c") == int(written)
+    store.close()
+
+
+def test_a_run_on_a_full_disk_fails_at_once_in_one_line(tmpfs, corpus, monkeypatch, capsys):
+    disk = tmpfs(16)
+    monkeypatch.setenv("RAGBATCH_DATA_DIR", str(disk / "state"))
+    assert main(["ingest", str(corpus), "--collection", "x"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"ragbatch: error: ingest: only 16 MiB free on the disk of {disk / 'state'}, at least 128 MiB needed")
+    assert not (disk / "state").exists()
