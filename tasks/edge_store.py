@@ -209,15 +209,15 @@ class EdgeStore(QdrantStore):
         self._remove_incomplete_collections()
 
     @classmethod
-    def open(cls, spec: str, *, flush_interval_s: float = FLUSH_INTERVAL_S, min_free_bytes: int = MIN_FREE_BYTES) -> "EdgeStore":
+    def open(cls, spec: str, *, flush_interval_s: float = FLUSH_INTERVAL_S) -> "EdgeStore":
         """Open `edge:PATH`, creating the directory on first use. Writes are refused while its disk has
-        less than `min_free_bytes` free (tasks/disk.py: a full disk would kill the process)."""
+        less than `MIN_FREE_BYTES` free (tasks/disk.py: a full disk would kill the process)."""
         path = spec.removeprefix("edge:")
         if not path:
             raise StoreError("--store edge: needs a path, e.g. edge:.ragbatch/edge")
         root = Path(path)
         (root / "collections").mkdir(parents=True, exist_ok=True)
-        return cls(root, location=spec, flush_interval_s=flush_interval_s, min_free_bytes=min_free_bytes)
+        return cls(root, location=spec, flush_interval_s=flush_interval_s)
 
     def _acquire_lock(self) -> Any:
         """Hold an exclusive lock on PATH/.lock while open: each shard's WAL admits one process,
