@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
 from typing import Any, get_args
 
@@ -87,9 +88,20 @@ def _flow_command(model: type[RagbatchSettings], flow_name: str):
             params.show_progress = sys.stderr.isatty()
         flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
         _configure_console(args.verbose)
-        return flow(params).model_dump()
+        with _prefect_api():
+            return flow(params).model_dump()
 
     return run
+
+
+def _prefect_api() -> AbstractContextManager[Any]:
+    """The configured Prefect API, or else a temporary server of this command's own that dies with it."""
+    from prefect.settings import get_current_settings
+
+    from tasks.prefect_server import temporary_server
+
+    settings = get_current_settings()
+    return nullcontext() if settings.api.url else temporary_server(settings.home)
 
 
 def _print_answer(result: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -148,18 +150,58 @@ class PrefectStack:
             raise PrefectServerError(f"`prefect {' '.join(args)}` failed (exit {result.returncode}); see {self.log_dir / 'setup.log'}")
 
     def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        server = self.children[0].process
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise PrefectServerError(f"the Prefect server exited (code {server.returncode}); see {self.log_dir / 'server.log'}")
+        wait_healthy(self.api_url, self.children[0].process, self.log_dir / "server.log", timeout)
+
+
+def wait_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once the server at `api_url` answers its health check; one-line error if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise PrefectServerError(f"the Prefect server exited (code {server.returncode}); see {log}")
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise PrefectServerError(f"the Prefect server did not answer within {timeout:.0f} s; see {log}")
+
+
+@contextmanager
+def temporary_server(home: Path, timeout: float = 120) -> Iterator[str]:
+    """A Prefect server for one command's run (no UI, a free loopback port, its database in `home`),
+    the API of this process while the context lasts; yields its URL. It dies with this process, also
+    when this one is killed: Prefect's own temporary server for runs without PREFECT_API_URL outlives
+    a killed or crashed parent, holding its port and database until someone finds it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api_url = f"http://127.0.0.1:{port}/api"
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    log_path = home / "logs" / "temporary-server.log"
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+    try:
+        wait_healthy(api_url, server, log_path, timeout)
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
             try:
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise PrefectServerError(f"the Prefect server did not answer within {timeout:.0f} s; see {self.log_dir / 'server.log'}")
+                yield api_url
+            finally:  # send the logs and events still queued while the server is there to take them
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
+    finally:
+        _stop_group(server, grace_seconds=10)
 
 
 def _stop_group(process: subprocess.Popen, grace_seconds: float) -> None:

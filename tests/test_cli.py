@@ -1,10 +1,13 @@
 """The `ragbatch` command as a user runs it: a real subprocess against the session's Prefect server."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from flows.cli import main
@@ -72,3 +75,25 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("ragbatch: error: ")]
     assert message in line
+
+
+def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_dir):
+    """Without PREFECT_API_URL a command runs a Prefect server of its own (Prefect's temporary one
+    outlived a killed command, holding its port and database); SIGKILLed mid-run, nothing stays."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["RAGBATCH_DATA_DIR"] = str(data_dir)
+    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "killed"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (data_dir / "edge" / "collections").is_dir():  # the flow runs: its API server is up
+        assert command.poll() is None and time.monotonic() < deadline, "the command ended or stalled before its flow ran"
+        time.sleep(0.2)
+    descendants = psutil.Process(command.pid).children(recursive=True)
+    assert descendants, "no Prefect server process found"
+    command.kill()
+    command.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    leftovers = [" ".join(process.cmdline()) for process in alive]
+    for process in alive:
+        process.kill()
+    assert not leftovers, f"still running after the command was killed: {leftovers}"
