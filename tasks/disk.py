@@ -5,12 +5,16 @@ log and segment pages in 32 MiB sparse files that fill as points arrive, and wri
 disk has no room for kills the process with SIGBUS, in the middle of a write and without a word
 (reproduced on a small tmpfs). A Qdrant server refuses updates once free space falls under its
 log's size; ragbatch checks the same way before each write, before building an index (which
-rewrites the collection) and before a run starts (Prefect's database lives there too).
+rewrites the collection) and before a run starts (Prefect's database lives there too). Files written
+the ordinary way (answer Parquet, possibly on another disk) get ENOSPC instead, also made one line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.errors import DiskSpaceError
@@ -44,3 +48,14 @@ def require_free_space(path: Path, needed: int, action: str) -> None:
             f"{action}: only {free / MIB:.0f} MiB free on the disk of {path}, at least {needed / MIB:.0f} MiB "
             "needed to write safely (free some space, or set RAGBATCH_DATA_DIR / --store to another disk)"
         )
+
+
+@contextmanager
+def no_space_is_one_line(path: Path, action: str) -> Iterator[None]:
+    """Turn a write failing with ENOSPC (no space left on the device) into a one-line `DiskSpaceError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskSpaceError(f"{action}: no space left on the disk of {path}; free some space and run again") from None

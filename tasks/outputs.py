@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.disk import no_space_is_one_line
 from tasks.validation import QuarantinedRow
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -147,7 +148,8 @@ class AnswerCheckpoint:
             number += 1
             path = self.parts_dir / f"part-{number:06d}.parquet"
         temporary = path.with_suffix(".tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), temporary)
+        with no_space_is_one_line(self.parts_dir, "writing answers (finished questions are kept)"):
+            pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), temporary)
         temporary.replace(path)
         return path
 
@@ -165,7 +167,8 @@ class AnswerCheckpoint:
         table = table.take(keep)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.output.with_name(self.output.name + ".tmp")
-        pq.write_table(table, temporary)
+        with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):
+            pq.write_table(table, temporary)
         temporary.replace(self.output)
         self.reset_parts()
         return table

@@ -1,6 +1,7 @@
 """A full disk ends a run with one line, never with SIGBUS (tasks/disk.py): real edge shards, real
 small filesystems (tmpfs, mounted when the test runs as root, else skipped)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from flows.cli import main
 from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes
 from tasks.edge_store import EdgeStore
 from tasks.errors import DiskSpaceError
+from tasks.outputs import AnswerCheckpoint
 from tasks.store import VectorLayout
 
 from .conftest import ROOT
@@ -106,3 +108,14 @@ def test_a_run_on_a_full_disk_fails_at_once_in_one_line(tmpfs, corpus, monkeypat
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"ragbatch: error: ingest: only 16 MiB free on the disk of {disk / 'state'}, at least 128 MiB needed")
     assert not (disk / "state").exists()
+
+
+def test_answers_on_a_full_disk_fail_in_one_line_and_keep_the_finished_parts(tmpfs):
+    from .test_outputs import row
+
+    checkpoint = AnswerCheckpoint(tmpfs(1) / "answers.parquet")
+    checkpoint.write_part([row("q1"), row("q2")])
+    too_big = [dict(row(f"big{i}"), answer=os.urandom(3000).hex()) for i in range(400)]  # 2.4 MB that does not compress
+    with pytest.raises(DiskSpaceError, match=r"^writing answers \(finished questions are kept\): no space left on the disk of "):
+        checkpoint.write_part(too_big)
+    assert checkpoint.done_ids() == {"q1", "q2"}
