@@ -249,6 +249,10 @@ class EdgeStore(QdrantStore):
 
     # -- files --------------------------------------------------------------------------------------
 
+    def _require_room(self, action: str, *, also: int = 0) -> None:
+        """Refuse a write unless the disk keeps `min_free_bytes` free, plus `also` bytes it will need."""
+        require_free_space(self.root, self.min_free_bytes + also, f"Qdrant edge at {self.location}: {action}")
+
     def _collection_dir(self, name: str) -> Path:
         if not COLLECTION_NAME.fullmatch(name) or name in (".", ".."):
             raise StoreError(f"invalid collection name {name!r}: use letters, digits, '_', '.' and '-'")
@@ -308,7 +312,7 @@ class EdgeStore(QdrantStore):
         dense = {DENSE: edge.EdgeVectorParams(size=dimension, distance=edge.Distance.Cosine)} if layout.dense else None
         sparse = {SPARSE: edge.EdgeSparseVectorParams(modifier=edge.Modifier.Idf)} if layout.sparse else None
         shutil.rmtree(directory, ignore_errors=True)  # what a failed creation of this name left in this session
-        require_free_space(self.root, self.min_free_bytes, f"Qdrant edge at {self.location}: creating collection {name}")
+        self._require_room(f"creating collection {name}")
         with _translate_errors(self.location, f"creating collection {name}"):
             shard = edge.EdgeShard.create(str(directory / "shard"), edge.EdgeConfig(vectors=dense, sparse_vectors=sparse))
             self._shards[name] = shard
@@ -355,9 +359,9 @@ class EdgeStore(QdrantStore):
         """Build the HNSW and payload indexes after a bulk load; queries before that are brute force.
         Optimizing writes the collection's segments anew before it drops the old ones, so it needs as much
         free space again as the collection takes."""
-        shard = self._shard(collection)
-        collection_bytes = allocated_bytes(self._collection_dir(self._physical(collection)))
-        require_free_space(self.root, collection_bytes + self.min_free_bytes, f"Qdrant edge at {self.location}: optimizing {collection}")
+        physical = self._physical(collection)
+        self._require_room(f"optimizing {collection}", also=allocated_bytes(self._collection_dir(physical)))
+        shard = self._shard(physical)
         with _translate_errors(self.location, f"optimizing {collection}"):
             shard.optimize()
 
@@ -375,7 +379,7 @@ class EdgeStore(QdrantStore):
         """Build and apply one write; flush the shard when `flush_interval_s` has passed since its last flush."""
         physical = self._physical(collection)
         shard = self._shard(physical)
-        require_free_space(self.root, self.min_free_bytes, f"Qdrant edge at {self.location}: {action} {collection}")
+        self._require_room(f"{action} {collection}")
         with _translate_errors(self.location, f"{action} {collection}"):
             shard.update(operation())
             now = time.monotonic()
