@@ -5,8 +5,9 @@ log and segment pages in 32 MiB sparse files that fill as points arrive, and wri
 disk has no room for kills the process with SIGBUS, in the middle of a write and without a word
 (reproduced on a small tmpfs). A Qdrant server refuses updates once free space falls under its
 log's size; ragbatch checks the same way before each write, before building an index (which
-rewrites the collection) and before a run starts (Prefect's database lives there too). Files written
-the ordinary way (answer Parquet, possibly on another disk) get ENOSPC instead, also made one line.
+rewrites the collection), before converting the bundled LLM (whose libraries fail deep inside on a
+full disk) and before a run starts (Prefect's database lives there too). Files written the ordinary
+way (answer and evaluation Parquet, possibly on another disk) get ENOSPC instead, also made one line.
 """
 
 from __future__ import annotations

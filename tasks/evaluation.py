@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.disk import no_space_is_one_line
 from tasks.errors import SourceError
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, to_question
@@ -187,5 +188,6 @@ def write_outputs(rows: Sequence[dict[str, Any]], report: EvaluateReport, per_qu
     per_query_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path = per_query_path.with_name(per_query_path.stem + ".summary.json")
     report.per_query_path, report.summary_path = str(per_query_path), str(summary_path)
-    pq.write_table(pa.Table.from_pylist(list(rows)), per_query_path)
-    summary_path.write_text(json.dumps(report.model_dump(), indent=2) + "\n", encoding="utf-8")
+    with no_space_is_one_line(per_query_path.parent, f"writing {per_query_path.name}"):
+        pq.write_table(pa.Table.from_pylist(list(rows)), per_query_path)
+        summary_path.write_text(json.dumps(report.model_dump(), indent=2) + "\n", encoding="utf-8")

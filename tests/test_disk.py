@@ -119,3 +119,23 @@ def test_answers_on_a_full_disk_fail_in_one_line_and_keep_the_finished_parts(tmp
     with pytest.raises(DiskSpaceError, match=r"^writing answers \(finished questions are kept\): no space left on the disk of "):
         checkpoint.write_part(too_big)
     assert checkpoint.done_ids() == {"q1", "q2"}
+
+
+def test_evaluation_outputs_on_a_full_disk_fail_in_one_line(tmpfs):
+    """`evaluate --out` may name another disk than the data directory, which the free-space floor does not cover."""
+    from tasks.evaluation import EvalQuery, query_rows, summarize, write_outputs
+
+    queries = [EvalQuery(f"q{i}", os.urandom(3000).hex(), {"x": 1}) for i in range(400)]  # 2.4 MB that does not compress
+    rows = query_rows(queries, {query.id: ["x"] for query in queries})
+    report = summarize(rows, collection="kb", dataset="d", retrieval="dense")
+    with pytest.raises(DiskSpaceError, match=r"^writing eval.parquet: no space left on the disk of .*; free some space and run again$"):
+        write_outputs(rows, report, tmpfs(1) / "eval.parquet")
+
+
+def test_preparing_smollm2_without_room_fails_at_once_in_one_line(tmpfs, monkeypatch, capsys):
+    disk = tmpfs(256)
+    monkeypatch.setenv("RAGBATCH_DATA_DIR", str(disk / "state"))
+    assert main(["models", "prepare"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"ragbatch: error: preparing SmolLM2-135M-Instruct: only 256 MiB free on the disk of {disk / 'state'}")
+    assert not list((disk / "state" / "models").iterdir())
