@@ -37,6 +37,8 @@ from tasks.store import DENSE, PHYSICAL_SEPARATOR, SCROLL_PAGE, SPARSE, QdrantSt
 ALIASES_FILE = "aliases.json"
 METADATA_FILE = "ragbatch.json"
 LOCK_FILE = ".lock"
+# Where the engine builds a collection's new segments while optimizing (qdrant's TEMP_SEGMENTS_PATH).
+OPTIMIZER_SCRATCH = "temp_segments"
 # Payload fields with a keyword index, as the qdrant-client backend creates them.
 INDEXED_FIELDS = ("doc_id", "source")
 # Qdrant's default k when a FusionQuery asks for RRF without parameters.
@@ -273,11 +275,18 @@ class EdgeStore(QdrantStore):
         return physical
 
     def _shard(self, name: str) -> Any:
-        """The open shard of collection or alias `name` (opened once, kept until close or drop)."""
+        """The open shard of collection or alias `name` (opened once, kept until close or drop).
+
+        Before opening, the optimizer's scratch goes: an optimize killed part-way (the HNSW build of
+        a large ingest takes minutes) leaves a half-built copy of the collection there, which
+        qdrant-edge 0.9 neither loads nor removes, even on the next optimize. With the store's lock
+        held and the shard not yet open, no optimization can be using it."""
         physical = self._physical(name)
         if physical not in self._shards:
+            shard_dir = self._collection_dir(physical) / "shard"
+            shutil.rmtree(shard_dir / OPTIMIZER_SCRATCH, ignore_errors=True)
             with _translate_errors(self.location, f"opening collection {physical}"):
-                self._shards[physical] = edge.EdgeShard.load(str(self._collection_dir(physical) / "shard"))
+                self._shards[physical] = edge.EdgeShard.load(str(shard_dir))
         return self._shards[physical]
 
     def _close_shard(self, physical: str) -> None:

@@ -1,6 +1,6 @@
 """Crashes and store failures: an ingest killed part-way and run again leaves the same index as one
-clean run; an unreachable or silent store is retried with backoff, then fails in one line; a failed
-write deletes nothing.
+clean run; an index build killed part-way leaves nothing behind; an unreachable or silent store is
+retried with backoff, then fails in one line; a failed write deletes nothing.
 
 (The answer flow's SIGKILL-and-resume test is in test_answer_flow.py; running out of retries on an
 unreachable store is in test_steps.py.)
@@ -22,11 +22,14 @@ import pytest
 from flows.ingest import ingest
 from tasks import indexing, steps
 from tasks.chunking import Chunk, TokenChunker
+from tasks.disk import MIB, allocated_bytes
+from tasks.edge_store import EdgeStore
 from tasks.errors import StoreUnavailable
 from tasks.settings import IngestParams
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore, VectorLayout
 
+from .conftest import ROOT
 from .test_concurrency import small_corpus, snapshot
 
 
@@ -80,6 +83,52 @@ def test_an_ingest_killed_after_some_batches_and_run_again_equals_a_clean_run(tm
     expected = snapshot(IngestParams(source=corpus, data_dir=clean_dir).store, "kb")
     assert snapshot(params.store, "kb") == expected  # same point ids, count, documents, payload hashes
     assert again.points == clean.points == len(expected)
+
+
+OPTIMIZE = "import sys; from tasks.edge_store import EdgeStore; EdgeStore.open(sys.argv[1]).optimize('c')"
+
+
+def scratch_bytes(path) -> int:
+    """Bytes below `path` while a build may be renaming and deleting its files."""
+    try:
+        return allocated_bytes(path)
+    except FileNotFoundError:
+        return 0
+
+
+def test_an_index_build_killed_part_way_leaves_no_half_built_copy(tmp_path):
+    """qdrant-edge builds the optimized segments in the shard's temp_segments and 0.9 never removes
+    what a killed build left there (a copy of the collection: gigabytes at a million points)."""
+    from qdrant_client import models
+
+    spec = f"edge:{tmp_path}"
+    store = EdgeStore.open(spec)
+    store.create_collection("c", dimension=384, metadata={}, layout=VectorLayout(dense=True))
+    vectors = np.random.default_rng(0).normal(size=(20_000, 384)).astype(np.float32)
+    for start in range(0, len(vectors), 1000):
+        store.upsert("c", [models.PointStruct(id=i, vector={"dense": vectors[i].tolist()}, payload={"doc_id": f"d{i}"})
+                           for i in range(start, start + 1000)])
+    store.close()
+
+    scratch = tmp_path / "collections" / "c" / "shard" / "temp_segments"
+    build = subprocess.Popen([sys.executable, "-c", OPTIMIZE, spec], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while scratch_bytes(scratch) <= MIB:  # until the build is copying the points
+        assert build.poll() is None and time.monotonic() < deadline, "the index build ended before it could be killed"
+        time.sleep(0.05)
+    build.send_signal(signal.SIGKILL)
+    build.wait()
+    assert allocated_bytes(scratch) > MIB
+
+    store = EdgeStore.open(spec)
+    try:
+        assert store.count("c") == 20_000
+        assert allocated_bytes(scratch) == 0
+        store.optimize("c")
+        [hits] = store.query_batch("c", [models.QueryRequest(query=vectors[7].tolist(), using="dense", limit=1)])
+        assert hits[0].id == 7
+    finally:
+        store.close()
 
 
 def test_a_store_that_accepts_but_never_answers_times_out_with_one_retryable_line():
