@@ -129,12 +129,15 @@ def _print_evaluate(result: dict[str, Any]) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
-    """Run vLLM's OpenAI-compatible server in the foreground until Ctrl-C."""
+    """Run vLLM's OpenAI-compatible server in the foreground until Ctrl-C or SIGTERM, which stop it
+    and its engine process; a supervisor process does that also when this one is killed outright."""
+    import signal
     import subprocess
 
+    from tasks.child_process import die_with_parent, supervised
     from tasks.llm import cpu_environment
     from tasks.llm_models import resolve_llm_model
-    from tasks.serving import vllm_server_command
+    from tasks.serving import STOP_GRACE_SECONDS, vllm_server_command
 
     params = params_from_args(ServeParams, args)
     model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
@@ -146,7 +149,14 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     env = {**os.environ, **cpu_environment(params.data_dir / "cache", params.kv_cache_gib)}
-    code = subprocess.call(command, env=env)
+    server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=env, preexec_fn=die_with_parent)
+
+    def stop(signum, frame):
+        server.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = server.wait()
     return {"exit_code": code, "model": params.llm_model, "url": f"http://{params.host}:{params.port}/v1"}
 
 

@@ -8,9 +8,7 @@ does not stop on one signal, see NOTES.md) and dies with its parent.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,24 +20,13 @@ from pathlib import Path
 from typing import IO
 
 import httpx
-import psutil
 
+from tasks.child_process import die_with_parent, stop_group
 from tasks.errors import RagbatchError
 from tasks.settings import PrefectServerParams
 
-_PR_SET_PDEATHSIG = 1
-
-
 class PrefectServerError(RagbatchError):
     """The local Prefect stack could not start or one of its processes died."""
-
-
-def _child_setup() -> None:
-    """Runs in each child before exec: default signal handling, and die when the parent dies (Linux)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -126,7 +113,7 @@ class PrefectStack:
     def stop(self, grace_seconds: float = 20.0) -> None:
         """Worker first (so runs are not orphaned), then the server; each whole process group."""
         for child in reversed(self.children):
-            _stop_group(child.process, grace_seconds)
+            stop_group(child.process, grace_seconds)
             child.log.close()
         self.children.clear()
 
@@ -135,7 +122,7 @@ class PrefectStack:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", *args], cwd=self.params.project_dir, env=self.environment(),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_child_setup,
+            preexec_fn=die_with_parent,
         )
         self.children.append(_Child(name, process, log))
 
@@ -190,7 +177,7 @@ def temporary_server(home: Path, timeout: float = 120) -> Iterator[str]:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_child_setup,
+            preexec_fn=die_with_parent,
         )
     try:
         wait_healthy(api_url, server, log_path, timeout)
@@ -201,27 +188,4 @@ def temporary_server(home: Path, timeout: float = 120) -> Iterator[str]:
                 APILogWorker.drain_all(timeout=10)
                 EventsWorker.drain_all(timeout=10)
     finally:
-        _stop_group(server, grace_seconds=10)
-
-
-def _stop_group(process: subprocess.Popen, grace_seconds: float) -> None:
-    """SIGINT, then SIGTERM, then SIGKILL to the child's process group, waiting `grace_seconds` for each;
-    then the same wait for its descendants in other groups (the server runs uvicorn in its own group)."""
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(grace_seconds)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
-    for leftover in alive:
-        leftover.kill()
-    process.wait()
+        stop_group(server, grace_seconds=10)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,9 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.child_process import die_with_parent, stop_group
 from tasks.errors import RagbatchError
 from tasks.llm import GiB, engine_dtype
 
+# How long the LLM server gets for each stop signal before the next, stronger one.
 STOP_GRACE_SECONDS = 20
 
 
@@ -79,20 +79,6 @@ def _last_line(log) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's whole process group (it has an engine process), SIGKILL after the grace period."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @contextmanager
 def running_server(
     command: list[str],
@@ -105,9 +91,9 @@ def running_server(
 ) -> Iterator[str]:
     """Run a server until the block ends; yields its OpenAI base URL once `GET /health` answers 200.
 
-    `env` is the server's whole environment. The server gets its own process group and the default
-    SIGINT handling (even when started from a shell that ignores it), and on exit the group is
-    stopped. Its output goes to `log_path`, or to a temporary file that only feeds error messages.
+    `env` is the server's whole environment. The server gets its own process group, the default
+    signal handling and death with this process; on exit the group is stopped. Its output goes to
+    `log_path`, or to a temporary file that only feeds error messages.
     """
     import httpx
 
@@ -116,7 +102,7 @@ def running_server(
     try:
         process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            process_group=0, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            process_group=0, preexec_fn=die_with_parent,
         )
         try:
             deadline = time.monotonic() + startup_timeout
@@ -135,6 +121,6 @@ def running_server(
                 time.sleep(0.5)
             yield f"{root}/v1"
         finally:
-            _stop(process)
+            stop_group(process, STOP_GRACE_SECONDS)
     finally:
         log.close()

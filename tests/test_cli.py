@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -97,3 +98,27 @@ def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_
     for process in alive:
         process.kill()
     assert not leftovers, f"still running after the command was killed: {leftovers}"
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path, how):
+    """`ragbatch serve` runs vLLM's server (and its engine process) as children; stopped by a supervisor's
+    SIGTERM the server outlived it, still answering on the port with the model loaded."""
+    from tasks.serving import free_port
+
+    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path)}
+    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),
+                                "--port", str(free_port()), "--max-model-len", "1024", "--kv-cache-gib", "1"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not any(child.name().startswith("VLLM::EngineCor") for child in psutil.Process(command.pid).children(recursive=True)):
+        assert command.poll() is None and time.monotonic() < deadline, "the server's engine never started"
+        time.sleep(0.2)
+    descendants = psutil.Process(command.pid).children(recursive=True)
+    command.send_signal(how)
+    command.wait(timeout=120)
+    _, alive = psutil.wait_procs(descendants, timeout=60)
+    leftovers = [" ".join(process.cmdline()) for process in alive]
+    for process in alive:
+        process.kill()
+    assert not leftovers, f"still running after `ragbatch serve` ended: {leftovers}"
