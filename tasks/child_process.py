@@ -1,5 +1,6 @@
-"""Servers ragbatch starts end with it: a child process that outlives its command keeps its port,
-its memory (a whole model, for an LLM server) and its database, until someone finds it.
+"""Servers ragbatch starts: on a free loopback port, and ending with it (a child process that
+outlives its command keeps its port, its memory, a whole model for an LLM server, and its database,
+until someone finds it).
 
 Run as `python -m tasks.child_process GRACE_SECONDS -- COMMAND...` it supervises COMMAND (see
 `supervise`), for servers that do not stop cleanly on one signal to their main process.
@@ -10,12 +11,20 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def die_with_parent() -> None:

@@ -21,9 +21,10 @@ from typing import IO
 
 import httpx
 
-from tasks.child_process import die_with_parent, stop_group
+from tasks.child_process import die_with_parent, free_port, stop_group
 from tasks.errors import RagbatchError
 from tasks.settings import PrefectServerParams
+
 
 class PrefectServerError(RagbatchError):
     """The local Prefect stack could not start or one of its processes died."""
@@ -165,9 +166,7 @@ def temporary_server(home: Path, timeout: float = 120) -> Iterator[str]:
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     (home / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,

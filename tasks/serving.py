@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,13 +62,6 @@ def vllm_server_command(
     if data_parallel_size > 1:
         command += ["--data-parallel-size", str(data_parallel_size)]
     return command
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _last_line(log) -> str:

@@ -102,7 +102,8 @@ def smollm2_models_dir(tmp_path_factory) -> Path:
 def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     """`ragbatch serve` on the tiny model, requiring SERVED_KEY, for the whole session (one server start
     of about 45 s); its OpenAI base URL. The model is served under the name `str(tiny_llm_dir)`."""
-    from tasks.serving import free_port, running_server
+    from tasks.child_process import free_port
+    from tasks.serving import running_server
 
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),

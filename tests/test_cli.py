@@ -104,7 +104,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_
 def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path, how):
     """`ragbatch serve` runs vLLM's server (and its engine process) as children; stopped by a supervisor's
     SIGTERM the server outlived it, still answering on the port with the model loaded."""
-    from tasks.serving import free_port
+    from tasks.child_process import free_port
 
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path)}
     command = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),

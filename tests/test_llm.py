@@ -13,7 +13,8 @@ from tasks.llm import (
     load_chat_tokenizer,
 )
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
-from tasks.serving import free_port, vllm_server_command
+from tasks.child_process import free_port
+from tasks.serving import vllm_server_command
 
 from .conftest import SERVED_KEY
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import pyarrow.parquet as pq
 
-from tasks.serving import free_port
+from tasks.child_process import free_port
 
 from .conftest import ROOT
 
