@@ -78,6 +78,15 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert message in line
 
 
+def assert_all_end(processes: list[psutil.Process], *, timeout: float, after: str) -> None:
+    """Every one of `processes` ends within `timeout` s; the ones that do not are killed, and named."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    leftovers = [" ".join(process.cmdline()) for process in alive]
+    for process in alive:
+        process.kill()
+    assert not leftovers, f"still running after {after}: {leftovers}"
+
+
 def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_dir):
     """Without PREFECT_API_URL a command runs a Prefect server of its own (Prefect's temporary one
     outlived a killed command, holding its port and database); SIGKILLed mid-run, nothing stays."""
@@ -93,11 +102,7 @@ def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_
     assert descendants, "no Prefect server process found"
     command.kill()
     command.wait()
-    _, alive = psutil.wait_procs(descendants, timeout=30)
-    leftovers = [" ".join(process.cmdline()) for process in alive]
-    for process in alive:
-        process.kill()
-    assert not leftovers, f"still running after the command was killed: {leftovers}"
+    assert_all_end(descendants, timeout=30, after="the command was killed")
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
@@ -117,8 +122,4 @@ def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, t
     descendants = psutil.Process(command.pid).children(recursive=True)
     command.send_signal(how)
     command.wait(timeout=120)
-    _, alive = psutil.wait_procs(descendants, timeout=60)
-    leftovers = [" ".join(process.cmdline()) for process in alive]
-    for process in alive:
-        process.kill()
-    assert not leftovers, f"still running after `ragbatch serve` ended: {leftovers}"
+    assert_all_end(descendants, timeout=60, after="`ragbatch serve` ended")
