@@ -1,23 +1,30 @@
-"""Servers ragbatch starts: on a free loopback port, and ending with it (a child process that
-outlives its command keeps its port, its memory, a whole model for an LLM server, and its database,
-until someone finds it).
+"""Processes ragbatch starts: servers on a free loopback port, and everything ending with the process
+that started it (a child process that outlives its command keeps its port, its memory, a whole model
+for an LLM server or engine, and its database, until someone finds it).
 
-Run as `python -m tasks.child_process GRACE_SECONDS -- COMMAND...` it supervises COMMAND (see
-`supervise`), for servers that do not stop cleanly on one signal to their main process.
+Run as `python -m tasks.child_process supervise GRACE_SECONDS -- COMMAND...` it supervises COMMAND
+(see `supervise`), for servers that do not stop cleanly on one signal to their main process; as
+`python -m tasks.child_process reap PID GRACE_SECONDS` it is the watcher `end_descendants_with_this_process`
+starts.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+from contextlib import suppress
 
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+REAP_GRACE_SECONDS = 10.0
+REAP_POLL_SECONDS = 1.0
 
 
 def free_port() -> int:
@@ -62,7 +69,7 @@ def stop_group(process: subprocess.Popen, grace_seconds: float) -> None:
 
 def supervised(command: list[str], grace_seconds: float) -> list[str]:
     """`command` run under `supervise` in a process of its own (start that with `die_with_parent`)."""
-    return [sys.executable, "-m", "tasks.child_process", str(grace_seconds), "--", *command]
+    return [sys.executable, "-m", "tasks.child_process", "supervise", str(grace_seconds), "--", *command]
 
 
 class _Stop(Exception):
@@ -92,5 +99,50 @@ def supervise(command: list[str], grace_seconds: float) -> int:
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
+def end_descendants_with_this_process() -> None:
+    """Make sure the processes this one starts from now on end with it, also when it is killed with SIGKILL.
+
+    For work that starts processes of its own in this one (vLLM's engine process on a GPU, a local
+    Ray or Dask cluster): a killed process cannot stop them itself, and vLLM's engine process keeps
+    running without its parent, holding the model's memory. One watcher per process (see `reap`), in
+    a process group of its own so that Ctrl-C in a terminal does not end it first.
+    """
+    _watcher(os.getpid())
+
+
+@functools.cache
+def _watcher(pid: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tasks.child_process", "reap", str(pid), str(REAP_GRACE_SECONDS)],
+                            stdin=subprocess.DEVNULL, process_group=0)
+
+
+def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_SECONDS) -> None:
+    """Wait for this process's parent `parent_pid` to end, noting its descendants every `poll_seconds`;
+    then SIGTERM those still running, and SIGKILL them after `grace_seconds`.
+
+    The descendants are noted while the parent lives because once it is gone they belong to init. A
+    process started in the last `poll_seconds` before the parent's death can be missed.
+    """
+    me = os.getpid()
+    known: dict[int, psutil.Process] = {}
+    with suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(parent_pid)
+        while os.getppid() == parent_pid:
+            current = {process.pid: process for process in parent.children(recursive=True) if process.pid != me}
+            known = {pid: process for pid, process in known.items() if process.is_running()} | current
+            time.sleep(poll_seconds)
+    survivors = [process for process in known.values() if process.is_running()]
+    for process in survivors:
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(survivors, timeout=grace_seconds)
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 if __name__ == "__main__":
-    sys.exit(supervise(sys.argv[3:], float(sys.argv[1])))
+    if sys.argv[1] == "reap":
+        reap(int(sys.argv[2]), float(sys.argv[3]))
+    else:
+        sys.exit(supervise(sys.argv[4:], float(sys.argv[2])))

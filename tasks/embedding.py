@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tasks.child_process import end_descendants_with_this_process
 from tasks.models import resolve_embedding_model
 from tasks.settings import EmbeddingBackend
 
@@ -115,6 +116,7 @@ class VLLMEmbedder:
         try:
             from vllm import LLM
 
+            end_descendants_with_this_process()
             return LLM(**kwargs)
         except ImportError as exc:
             raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
+from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import RagbatchError
 from tasks.secrets import redact, reveal
 
@@ -83,6 +84,9 @@ def first_line(exc: BaseException) -> str:
 def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
     """Environment for vLLM on CPU: one process bound to all our cores, caches in `cache_dir`, offline.
 
+    The engine runs in the calling process unless the caller's `VLLM_ENABLE_V1_MULTIPROCESSING` is 1
+    (vLLM's own default: an engine process of its own).
+
     vLLM reads `VLLM_CPU_KVCACHE_SPACE` as whole GiB, so `kv_cache_gib` is rounded up. The server's
     ZeroMQ sockets live in `cache_dir/rpc` (created here) unless that path is too long for a Unix
     socket, then in the system temp directory. Hub access stays as the caller's `HF_HUB_OFFLINE`
@@ -98,7 +102,7 @@ def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_cache_gib))),
         "VLLM_CPU_OMP_THREADS_BIND": cores,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
         "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
         "VLLM_CONFIG_ROOT": str(cache_dir / "vllm-config"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
@@ -213,6 +217,7 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as exc:
             raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None
+        end_descendants_with_this_process()  # vLLM's engine process (on GPU) would outlive a killed command
         try:
             return LLM(**kwargs)
         except Exception as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import Chunk
 from tasks.embedding import Embedder, open_embedder
 from tasks.errors import SetupError
@@ -89,7 +90,8 @@ def _connect(spec: ServerSpec) -> QdrantStore:
 
 def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None):
     """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
-    `workers` single-threaded processes (Dask's on loopback), or the Dask scheduler / Ray cluster at `address`.
+    `workers` single-threaded processes (Dask's on loopback) that end with this process, or the Dask
+    scheduler / Ray cluster at `address`.
 
     Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
     beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
@@ -100,6 +102,8 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
 
         return ThreadPoolTaskRunner(max_workers=workers)
     env = {"PREFECT_API_URL": api_url} if api_url else {}
+    if not address:  # a killed run's local Ray services linger for about a minute, some on every interface
+        end_descendants_with_this_process()
     if kind == TaskRunnerKind.dask:
         from prefect_dask import DaskTaskRunner
 
