@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks import steps
+from tasks.child_process import end_descendants_with_this_process
 from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
 from tasks.generation import open_generator, sampling_config
@@ -29,6 +30,7 @@ from tasks.validation import DocumentValidator
 @flow(name="answer", description="Answer a question set with retrieval from Qdrant and a local LLM, into Parquet.")
 def answer(params: AnswerParams) -> AnswerReport:
     started = time.perf_counter()
+    end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)

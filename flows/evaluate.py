@@ -9,6 +9,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks import steps
+from tasks.child_process import end_descendants_with_this_process
 from tasks.evaluation import EvaluateReport, add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
 from tasks.concurrency import exclusive
 from tasks.outputs import artifact_key, run_file
@@ -25,6 +26,7 @@ QUERY_BATCH = 64
 @flow(name="evaluate", description="Measure retrieval (nDCG@10, recall, MRR) and answer quality on a BEIR dataset or question set.")
 def evaluate(params: EvaluateParams) -> EvaluateReport:
     started = time.perf_counter()
+    end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     queries = load_dataset(params.dataset, params.split)

@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner
 
 from tasks import steps
+from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.concurrency import exclusive
 from tasks.indexing import index_fingerprint
@@ -33,6 +34,7 @@ from tasks.validation import DocumentValidator
 @flow(name="ingest", description="Index a document collection into Qdrant, incrementally or as a full rebuild.")
 def ingest(params: IngestParams) -> IngestReport:
     started = time.perf_counter()
+    end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     fix_mmap_threshold()  # batch-sized arrays go back to the OS when freed: memory stays flat over batches
     run_id = str(flow_run.get_id() or "local")
     # Fails here, before any store work, if the source is unusable.

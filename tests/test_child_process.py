@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -39,27 +40,41 @@ STARTS_AN_ENGINE_PROCESS = textwrap.dedent("""
     time.sleep(600)
 """)
 
+RUNS_A_FLOW = textwrap.dedent("""
+    import sys
+    from flows.ingest import ingest
+    from tasks.settings import IngestParams
 
-def kill_when_ready(command: list[str], env: dict[str, str], *, timeout: float) -> list[psutil.Process]:
-    """Start `command`, wait for it to print "ready" and for the watcher to have seen its processes,
-    SIGKILL it; the processes it had started."""
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ingest(IngestParams(source=sys.argv[1], collection="killed"))
+""")
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float) -> list[psutil.Process]:
+    """Wait until `ready()` and for the watcher to have seen the processes that `process` started,
+    SIGKILL it; those processes."""
     try:
         deadline = time.monotonic() + timeout
-        for line in process.stdout:  # vLLM logs to stdout too
-            if line.strip() == "ready" or time.monotonic() > deadline:
-                break
-        assert line.strip() == "ready", f"the process did not get ready (exit {process.poll()})"
+        while not ready():
+            assert process.poll() is None and time.monotonic() < deadline, f"the process ended or stalled (exit {process.poll()})"
         time.sleep(2 * REAP_POLL_SECONDS)
-        descendants = psutil.Process(process.pid).children(recursive=True)
+        return psutil.Process(process.pid).children(recursive=True)
     finally:
-        process.send_signal(signal.SIGKILL)
+        process.kill()
         process.wait()
-    return descendants
+
+
+def python(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def says_ready(process: subprocess.Popen) -> Callable[[], bool]:
+    return lambda: process.stdout.readline().strip() == "ready"  # vLLM logs to stdout too
 
 
 def test_a_killed_process_takes_the_processes_it_started_along():
-    descendants = kill_when_ready([sys.executable, "-c", STARTS_A_TREE], dict(os.environ), timeout=60)
+    process = python(STARTS_A_TREE, env=dict(os.environ))
+    descendants = kill_when(process, says_ready(process), timeout=60)
     commands = [" ".join(process.cmdline()) for process in descendants]
     assert sum(command == "sleep 300" for command in commands) == 2 and any("tasks.child_process reap" in c for c in commands)
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="their parent was killed")  # the watcher too
@@ -69,7 +84,19 @@ def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, t
     """On a GPU vLLM runs its engine in a process of its own (here switched on by hand); it outlived a
     killed command before, holding the model's memory."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    command = [sys.executable, "-c", STARTS_AN_ENGINE_PROCESS, str(tiny_llm_dir), str(tmp_path / "cache")]
-    descendants = kill_when_ready(command, env, timeout=300)
+    process = python(STARTS_AN_ENGINE_PROCESS, str(tiny_llm_dir), str(tmp_path / "cache"), env=env)
+    descendants = kill_when(process, says_ready(process), timeout=300)
     assert any("EngineCore" in process.name() for process in descendants), [p.name() for p in descendants]
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the command holding the engine was killed")
+
+
+def test_a_killed_flow_run_takes_prefects_temporary_server_along(corpus: Path, data_dir: Path):
+    """A flow called from Python without PREFECT_API_URL runs against a temporary API server that
+    Prefect starts; it outlived the killed process before, holding its port and database."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["RAGBATCH_DATA_DIR"] = str(data_dir)
+    process = python(RUNS_A_FLOW, str(corpus), env=env)
+    flow_runs = lambda: time.sleep(0.2) or (data_dir / "edge" / "collections").is_dir()  # noqa: E731
+    descendants = kill_when(process, flow_runs, timeout=300)
+    assert any("uvicorn" in process.cmdline() for process in descendants), "no Prefect server process found"
+    assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the process running the flow was killed")
