@@ -112,8 +112,10 @@ def end_descendants_with_this_process() -> None:
 
 @functools.cache
 def _watcher(pid: int) -> subprocess.Popen:
+    """Without this process's stdout and stderr: a pipe reading them would wait for the watcher too."""
     return subprocess.Popen([sys.executable, "-m", "tasks.child_process", "reap", str(pid), str(REAP_GRACE_SECONDS)],
-                            stdin=subprocess.DEVNULL, process_group=0)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            process_group=0)
 
 
 def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_SECONDS) -> None:

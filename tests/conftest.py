@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,7 +108,6 @@ def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     """`ragbatch serve` on the tiny model, requiring SERVED_KEY, for the whole session (one server start
     of about 45 s); its OpenAI base URL. The model is served under the name `str(tiny_llm_dir)`."""
     from tasks.child_process import free_port
-    from tasks.serving import running_server
 
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),
@@ -111,3 +115,59 @@ def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "VLLM_API_KEY": SERVED_KEY}
     with running_server(command, env, host="127.0.0.1", port=port) as base_url:
         yield base_url
+
+
+def _last_line(log) -> str:
+    log.flush()
+    log.seek(0)
+    lines = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+@contextmanager
+def running_server(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    host: str,
+    port: int,
+    startup_timeout: float = 300,
+) -> Iterator[str]:
+    """Run a server until the block ends; yields its OpenAI base URL once `GET /health` answers 200.
+
+    `env` is the server's whole environment. The server gets its own process group, the default
+    signal handling and death with this process; on exit the group is stopped. Its output goes to a
+    temporary file that only feeds error messages.
+    """
+    import httpx
+
+    from tasks.child_process import die_with_parent, stop_group
+    from tasks.serving import STOP_GRACE_SECONDS
+
+    root = f"http://{host}:{port}"
+    log = tempfile.TemporaryFile()
+    try:
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            process_group=0, preexec_fn=die_with_parent,
+        )
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"the LLM server exited with status {process.returncode} while starting: {_last_line(log)}"
+                    )
+                try:
+                    if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the LLM server at {root} was not healthy after {startup_timeout:.0f} s")
+                time.sleep(0.5)
+            yield f"{root}/v1"
+        finally:
+            stop_group(process, STOP_GRACE_SECONDS)
+    finally:
+        log.close()
