@@ -11,6 +11,8 @@ process; with a Qdrant server each shard writes its own points.
 from __future__ import annotations
 
 import math
+import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -26,6 +28,9 @@ from tasks.settings import EmbeddingBackend, TaskRunnerKind
 from tasks.store import QdrantStore
 
 RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards carry chunks and vectors, not corpora; Ray's default is 30 % of RAM
+# Ray's longest socket path adds "/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store"
+# (at most 65 bytes) to its temp directory; Unix socket paths have at most 107.
+RAY_TEMP_DIR_MAX = 107 - 65
 
 
 @dataclass(frozen=True)
@@ -88,21 +93,23 @@ def _connect(spec: ServerSpec) -> QdrantStore:
     return QdrantStore.connect(spec.url, api_key=spec.api_key)
 
 
-def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None):
+def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None,
+                state_dir: Path | None = None):
     """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
-    `workers` single-threaded processes (Dask's on loopback) that end with this process, or the Dask
+    `workers` single-threaded processes on loopback that end with this process, or the Dask
     scheduler / Ray cluster at `address`.
 
     Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
     beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
-    (otherwise each worker would start a temporary server of its own).
+    (otherwise each worker would start a temporary server of its own). A local Ray instance keeps its
+    session files in `state_dir` (see `local_ray_settings`).
     """
     if kind == TaskRunnerKind.threads:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=workers)
     env = {"PREFECT_API_URL": api_url} if api_url else {}
-    if not address:  # a killed run's local Ray services linger for about a minute, some on every interface
+    if not address:  # a killed run's local Ray services lingered for about a minute
         end_descendants_with_this_process()
     if kind == TaskRunnerKind.dask:
         from prefect_dask import DaskTaskRunner
@@ -111,13 +118,40 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                               "host": "127.0.0.1", "dashboard_address": None, "env": env})
+    if address:
+        return _ray_task_runner()(address=address)
+    ray_environment, temp_dir = local_ray_settings(state_dir)
+    os.environ.update(ray_environment)  # before Ray is imported: it reads them then
+    return _ray_task_runner()(init_kwargs={
+        "num_cpus": workers, "include_dashboard": False, "_temp_dir": temp_dir,
+        "object_store_memory": RAY_OBJECT_STORE_BYTES, "runtime_env": {"env_vars": env},
+    })
+
+
+def _ray_task_runner():
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
         raise SetupError("task_runner ray needs prefect-ray: pip install 'ragbatch[ray]'") from None
-    if address:
-        return RayTaskRunner(address=address)
-    # Unlike Dask's, a local Ray instance cannot be held to loopback: Ray swaps 127.0.0.1 for the
-    # machine's address and its gRPC services listen on every interface, behind Ray's token auth.
-    return RayTaskRunner(init_kwargs={"num_cpus": workers, "include_dashboard": False,
-                                      "object_store_memory": RAY_OBJECT_STORE_BYTES, "runtime_env": {"env_vars": env}})
+    return RayTaskRunner
+
+
+def local_ray_settings(state_dir: Path | None) -> tuple[dict[str, str], str | None]:
+    """Environment and `_temp_dir` for a Ray instance of this process's own: on loopback, with a token
+    of its own, session files in `state_dir`.
+
+    Ray replaces 127.0.0.1 with the machine's address and listens on every interface unless told it
+    is not a cluster (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the setting for a single-machine Ray,
+    which Ray reads when it is first imported: a process that imported Ray before keeps what it read
+    then). Token authentication stays on, with a random token in the environment instead of one
+    Ray would save in `~/.ray` (a token or mode the caller set is kept). Ray's sockets live in the
+    session directory and a Unix socket path has at most 107 bytes, so a `state_dir` longer than
+    `RAY_TEMP_DIR_MAX` leaves the session files in Ray's default, the system temp directory.
+    """
+    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    if not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
+        environment.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    if state_dir is None or len(str(Path(state_dir).absolute())) > RAY_TEMP_DIR_MAX:
+        return environment, None
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return environment, str(Path(state_dir).absolute())

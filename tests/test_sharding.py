@@ -1,6 +1,7 @@
 """Embed/upsert shards: how a batch splits, and the ingest on local Dask and Ray clusters against one process."""
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,26 @@ def test_a_local_dask_cluster_listens_on_loopback_only(prefect_api_url):
         started = listening(me) - before
     assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # at least the two worker processes
     assert {address for _, address, _ in started} == {"127.0.0.1"}, started
+
+
+@pytest.mark.slow
+def test_a_local_ray_instance_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, monkeypatch):
+    """Ray put its services on every interface, its session files in /tmp/ray and a token in ~/.ray."""
+    home = Path(tempfile.mkdtemp(prefix="home-"))
+    state = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp")) / "ray"  # short enough for Ray's sockets
+    monkeypatch.setenv("HOME", str(home))
+    me = psutil.Process()
+    before = listening(me)
+    try:
+        with task_runner(TaskRunnerKind.ray, workers=2, api_url=prefect_api_url, state_dir=state):
+            started = listening(me) - before
+            sockets = list(state.glob("session_*/sockets/*"))
+        assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # Ray's own services at least
+        assert {address for _, address, _ in started} <= {"127.0.0.1", "::ffff:127.0.0.1"}, started
+        assert sockets and not (home / ".ray").exists()
+    finally:
+        shutil.rmtree(home)
+        shutil.rmtree(state.parent)
 
 
 @pytest.mark.slow
