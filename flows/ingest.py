@@ -78,7 +78,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
                                total=count_rows(params.source, params.format), terminal=params.show_progress)
         batches = batched(rows, params.batch_docs)
         runner = task_runner(params.task_runner, workers=params.shards, address=params.cluster_address,
-                             api_url=str(get_client(sync_client=True).api_url), state_dir=params.data_dir / "ray")
+                             api_url=str(get_client(sync_client=True).api_url), state_dir=params.data_dir)
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine, runner:
             while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)

@@ -101,8 +101,8 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
 
     Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
     beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
-    (otherwise each worker would start a temporary server of its own). A local Ray instance keeps its
-    session files in `state_dir` (see `local_ray_settings`).
+    (otherwise each worker would start a temporary server of its own). A local cluster keeps its
+    files in `state_dir`: Dask's worker directories in `dask/`, Ray's session (see `local_ray_settings`).
     """
     if kind == TaskRunnerKind.threads:
         from prefect.task_runners import ThreadPoolTaskRunner
@@ -117,10 +117,11 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
         if address:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "host": "127.0.0.1", "dashboard_address": None, "env": env})
+                                              "host": "127.0.0.1", "dashboard_address": None, "env": env,
+                                              "local_directory": str(state_dir / "dask") if state_dir else None})
     if address:
         return _ray_task_runner()(address=address)
-    ray_environment, temp_dir = local_ray_settings(state_dir)
+    ray_environment, temp_dir = local_ray_settings(state_dir / "ray" if state_dir else None)
     os.environ.update(ray_environment)  # before Ray is imported: it reads them then
     return _ray_task_runner()(init_kwargs={
         "num_cpus": workers, "include_dashboard": False, "_temp_dir": temp_dir,

@@ -106,12 +106,13 @@ def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
 
 
 @pytest.mark.slow
-def test_a_local_dask_cluster_listens_on_loopback_only(prefect_api_url):
+def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, tmp_path):
     me = psutil.Process()
     before = listening(me)
-    with task_runner(TaskRunnerKind.dask, workers=2, api_url=prefect_api_url) as runner:
+    with task_runner(TaskRunnerKind.dask, workers=2, api_url=prefect_api_url, state_dir=tmp_path) as runner:
         runner.client.wait_for_workers(2)  # the cluster starts with the runner's client, on first use
         started = listening(me) - before
+        assert len([path for path in (tmp_path / "dask").glob("dask-scratch-space/worker-*") if path.is_dir()]) == 2
     assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # at least the two worker processes
     assert {address for _, address, _ in started} == {"127.0.0.1"}, started
 
@@ -120,20 +121,20 @@ def test_a_local_dask_cluster_listens_on_loopback_only(prefect_api_url):
 def test_a_local_ray_instance_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, monkeypatch):
     """Ray put its services on every interface, its session files in /tmp/ray and a token in ~/.ray."""
     home = Path(tempfile.mkdtemp(prefix="home-"))
-    state = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp")) / "ray"  # short enough for Ray's sockets
+    state = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short enough for Ray's sockets
     monkeypatch.setenv("HOME", str(home))
     me = psutil.Process()
     before = listening(me)
     try:
         with task_runner(TaskRunnerKind.ray, workers=2, api_url=prefect_api_url, state_dir=state):
             started = listening(me) - before
-            sockets = list(state.glob("session_*/sockets/*"))
+            sockets = list(state.glob("ray/session_*/sockets/*"))
         assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # Ray's own services at least
         assert {address for _, address, _ in started} <= {"127.0.0.1", "::ffff:127.0.0.1"}, started
         assert sockets and not (home / ".ray").exists()
     finally:
         shutil.rmtree(home)
-        shutil.rmtree(state.parent)
+        shutil.rmtree(state)
 
 
 @pytest.mark.slow
