@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tasks.llm import GiB, engine_dtype
+from tasks.llm import GiB, engine_dtype, has_cuda
 
 # How long the LLM server gets for each stop signal before the next, stronger one.
 STOP_GRACE_SECONDS = 20
@@ -30,9 +30,10 @@ def vllm_server_command(
     `VLLMGenerator`, and `--generation-config vllm` keeps the model's `generation_config.json` (a
     repetition penalty, say) out of the request defaults: the server then computes exactly what the
     in-process engine does. On CPU, `VLLM_CPU_KVCACHE_SPACE` from `cpu_environment` overrides
-    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs the server uses
-    `tensor_parallel_size` x `data_parallel_size` of them: each model copy split over TP GPUs, DP
-    copies answering requests side by side.
+    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs vLLM sizes the KV
+    cache from its `gpu_memory_utilization`, as for the in-process engine (`kv_cache_gib` is for CPU),
+    and the server uses `tensor_parallel_size` x `data_parallel_size` of them: each model copy split
+    over TP GPUs, DP copies answering requests side by side.
     """
     command = [
         sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
@@ -41,10 +42,11 @@ def vllm_server_command(
         "--host", host,
         "--port", str(port),
         "--dtype", engine_dtype(dtype),
-        "--kv-cache-memory-bytes", str(int(kv_cache_gib * GiB)),
         "--generation-config", "vllm",
         "--disable-uvicorn-access-log",
     ]
+    if not has_cuda():
+        command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * GiB))]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
     if enforce_eager:

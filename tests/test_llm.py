@@ -107,6 +107,7 @@ def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
     single = vllm_server_command(**common)
     assert "--tensor-parallel-size" not in single and "--data-parallel-size" not in single
+    assert single[single.index("--kv-cache-memory-bytes") + 1] == str(2**30)  # on CPU; a GPU's is vLLM's to size
     spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4)
     assert spread[spread.index("--tensor-parallel-size") + 1] == "2"
     assert spread[spread.index("--data-parallel-size") + 1] == "4"
