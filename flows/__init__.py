@@ -3,11 +3,13 @@
 import os
 from pathlib import Path
 
-# Offline, no telemetry, state under the data directory: set before Prefect or Hugging Face load.
+# Offline, no telemetry, state under the data directory: set before Prefect, torch or Hugging Face load.
+_data_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
 if "PREFECT_HOME" not in os.environ:
-    _prefect_home = Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute() / "prefect"
-    _prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
-    os.environ["PREFECT_HOME"] = str(_prefect_home)
+    (_data_dir / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+    os.environ["PREFECT_HOME"] = str(_data_dir / "prefect")
+# torch creates its compile cache when transformers loads, in /tmp unless told (tasks.llm.cpu_environment's path).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_data_dir / "cache" / "torchinductor"))
 for _name, _value in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

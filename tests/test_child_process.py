@@ -1,7 +1,6 @@
 """Processes that ragbatch's work starts end with the process that started them, also one killed with SIGKILL."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -75,7 +74,7 @@ def says_ready(process: subprocess.Popen) -> Callable[[], bool]:
 def test_a_killed_process_takes_the_processes_it_started_along():
     process = python(STARTS_A_TREE, env=dict(os.environ))
     descendants = kill_when(process, says_ready(process), timeout=60)
-    commands = [" ".join(process.cmdline()) for process in descendants]
+    commands = [" ".join(child.cmdline()) for child in descendants]
     assert sum(command == "sleep 300" for command in commands) == 2 and any("tasks.child_process reap" in c for c in commands)
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="their parent was killed")  # the watcher too
 
@@ -86,7 +85,7 @@ def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, t
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     process = python(STARTS_AN_ENGINE_PROCESS, str(tiny_llm_dir), str(tmp_path / "cache"), env=env)
     descendants = kill_when(process, says_ready(process), timeout=300)
-    assert any("EngineCore" in process.name() for process in descendants), [p.name() for p in descendants]
+    assert any("EngineCore" in child.name() for child in descendants), [child.name() for child in descendants]
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the command holding the engine was killed")
 
 
@@ -98,5 +97,5 @@ def test_a_killed_flow_run_takes_prefects_temporary_server_along(corpus: Path, d
     process = python(RUNS_A_FLOW, str(corpus), env=env)
     flow_runs = lambda: time.sleep(0.2) or (data_dir / "edge" / "collections").is_dir()  # noqa: E731
     descendants = kill_when(process, flow_runs, timeout=300)
-    assert any("uvicorn" in process.cmdline() for process in descendants), "no Prefect server process found"
+    assert any("uvicorn" in child.cmdline() for child in descendants), "no Prefect server process found"
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the process running the flow was killed")
