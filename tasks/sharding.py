@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -122,7 +123,11 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
     if address:
         return _ray_task_runner()(address=address)
     ray_environment, temp_dir = local_ray_settings(state_dir / "ray" if state_dir else None)
-    os.environ.update(ray_environment)  # before Ray is imported: it reads them then
+    os.environ.update(ray_environment)  # for this process and the Ray processes it starts
+    if (ray_constants := sys.modules.get("ray._private.ray_constants")) is not None:
+        # Ray read the variable when it was imported, which any Prefect block load does (it imports
+        # every Prefect collection, prefect-ray too); this is the value Ray's node-address lookup reads.
+        ray_constants.ENABLE_RAY_CLUSTER = False
     return _ray_task_runner()(init_kwargs={
         "num_cpus": workers, "include_dashboard": False, "_temp_dir": temp_dir,
         "object_store_memory": RAY_OBJECT_STORE_BYTES, "runtime_env": {"env_vars": env},
@@ -142,16 +147,16 @@ def local_ray_settings(state_dir: Path | None) -> tuple[dict[str, str], str | No
     of its own, session files in `state_dir`.
 
     Ray replaces 127.0.0.1 with the machine's address and listens on every interface unless told it
-    is not a cluster (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the setting for a single-machine Ray,
-    which Ray reads when it is first imported: a process that imported Ray before keeps what it read
-    then). Token authentication stays on, with a random token in the environment instead of one
-    Ray would save in `~/.ray` (a token or mode the caller set is kept). Ray's sockets live in the
-    session directory and a Unix socket path has at most 107 bytes, so a `state_dir` longer than
-    `RAY_TEMP_DIR_MAX` leaves the session files in Ray's default, the system temp directory.
+    is not a cluster (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the setting for a single-machine Ray).
+    Token authentication stays on (Ray's default for a new local instance) with a random token in
+    the environment, which Ray would otherwise create and save in `~/.ray` (a token or mode the
+    caller set is kept). Ray's sockets live in the session directory and a Unix socket path has at
+    most 107 bytes, so a `state_dir` longer than `RAY_TEMP_DIR_MAX` leaves the session files in Ray's
+    default, the system temp directory.
     """
     environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
-        environment.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        environment.update(RAY_AUTH_TOKEN=secrets.token_hex(32))
     if state_dir is None or len(str(Path(state_dir).absolute())) > RAY_TEMP_DIR_MAX:
         return environment, None
     Path(state_dir).mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,10 @@ def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_th
 
 @pytest.mark.slow
 def test_a_local_ray_instance_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, monkeypatch):
-    """Ray put its services on every interface, its session files in /tmp/ray and a token in ~/.ray."""
+    """Ray put its services on every interface, its session files in /tmp/ray and a token in ~/.ray.
+    Ray is imported first, as a Prefect block load does before a flow starts its runner."""
+    import ray  # noqa: F401
+
     home = Path(tempfile.mkdtemp(prefix="home-"))
     state = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short enough for Ray's sockets
     monkeypatch.setenv("HOME", str(home))
