@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards carry chunks and vectors, not cor
 # Ray's longest socket path adds "/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store"
 # (at most 65 bytes) to its temp directory; Unix socket paths have at most 107.
 RAY_TEMP_DIR_MAX = 107 - 65
+# Ray leaves each instance's session directory (logs, about 200 KB) behind; the newest are kept.
+RAY_SESSIONS_KEPT = 10
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,8 @@ def local_ray_settings(state_dir: Path | None) -> tuple[dict[str, str], str | No
     the environment, which Ray would otherwise create and save in `~/.ray` (a token or mode the
     caller set is kept). Ray's sockets live in the session directory and a Unix socket path has at
     most 107 bytes, so a `state_dir` longer than `RAY_TEMP_DIR_MAX` leaves the session files in Ray's
-    default, the system temp directory.
+    default, the system temp directory. Sessions in `state_dir` beyond the `RAY_SESSIONS_KEPT`
+    newest are removed, so scheduled runs do not fill the data directory with Ray's logs.
     """
     environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
@@ -160,4 +164,6 @@ def local_ray_settings(state_dir: Path | None) -> tuple[dict[str, str], str | No
     if state_dir is None or len(str(Path(state_dir).absolute())) > RAY_TEMP_DIR_MAX:
         return environment, None
     Path(state_dir).mkdir(parents=True, exist_ok=True)
+    for old_session in sorted(Path(state_dir).glob("session_2*"))[:-RAY_SESSIONS_KEPT]:  # names sort by start time
+        shutil.rmtree(old_session, ignore_errors=True)
     return environment, str(Path(state_dir).absolute())

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from flows.ingest import ingest
 from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
-from tasks.sharding import split_shards, task_runner
+from tasks.sharding import RAY_SESSIONS_KEPT, local_ray_settings, split_shards, task_runner
 from tasks.store import QdrantStore
 
 from .conftest import SAMPLE_CORPUS
@@ -138,6 +138,20 @@ def test_a_local_ray_instance_listens_on_loopback_only_and_keeps_its_files_in_th
     finally:
         shutil.rmtree(home)
         shutil.rmtree(state)
+
+
+def test_only_the_newest_ray_sessions_stay_in_the_data_dir():
+    ray_dir = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp")) / "ray"  # short enough for Ray's sockets
+    try:
+        sessions = [ray_dir / f"session_2026-11-{day:02d}_02-00-00_000000_{100 + day}" for day in range(1, 13)]
+        for session in sessions:
+            (session / "logs").mkdir(parents=True)
+        (ray_dir / "session_latest").symlink_to(sessions[-1])
+        _, temp_dir = local_ray_settings(ray_dir)
+        assert temp_dir == str(ray_dir)
+        assert sorted(ray_dir.iterdir()) == sorted([*sessions[-RAY_SESSIONS_KEPT:], ray_dir / "session_latest"])
+    finally:
+        shutil.rmtree(ray_dir.parent)
 
 
 @pytest.mark.slow
