@@ -61,10 +61,16 @@ def stop_group(process: subprocess.Popen, grace_seconds: float) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
-    for leftover in alive:
-        leftover.kill()
+    _kill_survivors(descendants, grace_seconds)
     process.wait()
+
+
+def _kill_survivors(processes: list[psutil.Process], grace_seconds: float) -> None:
+    """Wait up to `grace_seconds` for `processes` to end, then SIGKILL the ones still running."""
+    _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def supervised(command: list[str], grace_seconds: float) -> list[str]:
@@ -137,10 +143,7 @@ def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_
     for process in survivors:
         with suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(survivors, timeout=grace_seconds)
-    for process in alive:
-        with suppress(psutil.NoSuchProcess):
-            process.kill()
+    _kill_survivors(survivors, grace_seconds)
 
 
 if __name__ == "__main__":

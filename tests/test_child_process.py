@@ -1,4 +1,5 @@
-"""Processes that ragbatch's work starts end with the process that started them, also one killed with SIGKILL."""
+"""Processes that ragbatch's work and commands start end with the process that started them, also one
+killed with SIGKILL."""
 
 import os
 import subprocess
@@ -13,7 +14,6 @@ import psutil
 from tasks.child_process import REAP_GRACE_SECONDS, REAP_POLL_SECONDS
 
 from .conftest import ROOT
-from .test_cli import assert_all_end
 
 STARTS_A_TREE = textwrap.dedent("""
     import subprocess, sys, time
@@ -48,6 +48,15 @@ RUNS_A_FLOW = textwrap.dedent("""
 """)
 
 
+def assert_all_end(processes: list[psutil.Process], *, timeout: float, after: str) -> None:
+    """Every one of `processes` ends within `timeout` s; the ones that do not are killed, and named."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    leftovers = [" ".join(process.cmdline()) for process in alive]
+    for process in alive:
+        process.kill()
+    assert not leftovers, f"still running after {after}: {leftovers}"
+
+
 def kill_when(process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float) -> list[psutil.Process]:
     """Wait until `ready()` and for the watcher to have seen the processes that `process` started,
     SIGKILL it; those processes."""
@@ -71,6 +80,16 @@ def says_ready(process: subprocess.Popen) -> Callable[[], bool]:
     return lambda: process.stdout.readline().strip() == "ready"  # vLLM logs to stdout too
 
 
+def flow_runs(data_dir: Path) -> Callable[[], bool]:
+    """The ingest flow has started writing (so its Prefect API server is up)."""
+    return lambda: time.sleep(0.2) or (data_dir / "edge" / "collections").is_dir()
+
+
+def without_prefect_api(data_dir: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    return {**env, "RAGBATCH_DATA_DIR": str(data_dir)}
+
+
 def test_a_killed_process_takes_the_processes_it_started_along():
     process = python(STARTS_A_TREE, env=dict(os.environ))
     descendants = kill_when(process, says_ready(process), timeout=60)
@@ -89,13 +108,20 @@ def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, t
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the command holding the engine was killed")
 
 
+def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus: Path, data_dir: Path):
+    """Without PREFECT_API_URL a command runs a Prefect server of its own (Prefect's temporary one
+    outlived a killed command, holding its port and database); SIGKILLed mid-run, nothing stays."""
+    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "killed"],
+                               env=without_prefect_api(data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    descendants = kill_when(command, flow_runs(data_dir), timeout=300)
+    assert descendants, "no Prefect server process found"
+    assert_all_end(descendants, timeout=30, after="the command was killed")
+
+
 def test_a_killed_flow_run_takes_prefects_temporary_server_along(corpus: Path, data_dir: Path):
     """A flow called from Python without PREFECT_API_URL runs against a temporary API server that
     Prefect starts; it outlived the killed process before, holding its port and database."""
-    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    env["RAGBATCH_DATA_DIR"] = str(data_dir)
-    process = python(RUNS_A_FLOW, str(corpus), env=env)
-    flow_runs = lambda: time.sleep(0.2) or (data_dir / "edge" / "collections").is_dir()  # noqa: E731
-    descendants = kill_when(process, flow_runs, timeout=300)
+    process = python(RUNS_A_FLOW, str(corpus), env=without_prefect_api(data_dir))
+    descendants = kill_when(process, flow_runs(data_dir), timeout=300)
     assert any("uvicorn" in child.cmdline() for child in descendants), "no Prefect server process found"
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the process running the flow was killed")

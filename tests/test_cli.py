@@ -14,6 +14,7 @@ import pytest
 from flows.cli import main
 
 from .conftest import ROOT
+from .test_child_process import assert_all_end
 from .test_store import closed_port
 
 REQUIRED_KEYS = {"collection", "loaded", "valid", "quarantined", "chunks", "embedded", "upserted", "deleted", "unchanged", "seconds"}
@@ -76,33 +77,6 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("ragbatch: error: ")]
     assert message in line
-
-
-def assert_all_end(processes: list[psutil.Process], *, timeout: float, after: str) -> None:
-    """Every one of `processes` ends within `timeout` s; the ones that do not are killed, and named."""
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    leftovers = [" ".join(process.cmdline()) for process in alive]
-    for process in alive:
-        process.kill()
-    assert not leftovers, f"still running after {after}: {leftovers}"
-
-
-def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus, data_dir):
-    """Without PREFECT_API_URL a command runs a Prefect server of its own (Prefect's temporary one
-    outlived a killed command, holding its port and database); SIGKILLed mid-run, nothing stays."""
-    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
-    env["RAGBATCH_DATA_DIR"] = str(data_dir)
-    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "killed"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (data_dir / "edge" / "collections").is_dir():  # the flow runs: its API server is up
-        assert command.poll() is None and time.monotonic() < deadline, "the command ended or stalled before its flow ran"
-        time.sleep(0.2)
-    descendants = psutil.Process(command.pid).children(recursive=True)
-    assert descendants, "no Prefect server process found"
-    command.kill()
-    command.wait()
-    assert_all_end(descendants, timeout=30, after="the command was killed")
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
