@@ -50,7 +50,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
     try:
         retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
                                    embed_batch_size=params.embed_batch_size, backend=params.embedding_backend,
-                                   data_dir=params.data_dir)
+                                   data_dir=params.data_dir, gpu_share=params.embedding_gpu_share)
         generator, tokenizer = open_generator(params)
         sampling = sampling_config(params)
         checkpoint = AnswerCheckpoint(params.out)

@@ -144,7 +144,8 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     command = vllm_server_command(
         model_dir=model_dir, served_name=params.llm_model, host=params.host, port=params.port,
         max_model_len=params.max_model_len, dtype=params.dtype, enforce_eager=params.enforce_eager,
-        kv_cache_gib=params.kv_cache_gib, tensor_parallel_size=params.tensor_parallel_size,
+        kv_cache_gib=params.kv_cache_gib, gpu_memory_utilization=params.gpu_memory_utilization,
+        tensor_parallel_size=params.tensor_parallel_size,
         data_parallel_size=params.data_parallel_size,
     )
     print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)

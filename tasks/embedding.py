@@ -8,7 +8,7 @@ import threading
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -80,14 +80,18 @@ class VLLMEmbedder:
     Texts are truncated to the model's sentence-transformers `max_seq_length`, as sentence-transformers
     does. `dtype` "auto" is `tasks.llm.engine_dtype`'s choice (bfloat16 on CPUs that compute it natively,
     else float32; the model's own on GPU). On CPU it uses the single-process settings of
-    `tasks.llm.cpu_environment`. The engine starts on first use (a few seconds).
+    `tasks.llm.cpu_environment`. On a GPU it takes `gpu_memory_utilization` of its memory (default:
+    vLLM's), which must leave room for every other vLLM engine there: vLLM checks at start that its
+    share is still free. The engine starts on first use (a few seconds).
     """
 
-    def __init__(self, *, model_name: str, cache_dir: Path, device: str | None = None, dtype: str = "auto") -> None:
+    def __init__(self, *, model_name: str, cache_dir: Path, device: str | None = None, dtype: str = "auto",
+                 gpu_memory_utilization: float | None = None) -> None:
         self.model_name = model_name
         self.cache_dir = Path(cache_dir)
         self.device = device
         self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
         self._lock = threading.Lock()  # `vllm.LLM` is not thread-safe
 
     @cached_property
@@ -104,20 +108,30 @@ class VLLMEmbedder:
     def max_tokens(self) -> int:
         return self.max_seq_length or int(self.llm.model_config.max_model_len)
 
-    @cached_property
-    def llm(self):
-        from tasks.llm import ModelError, cpu_environment, engine_dtype, first_line
+    def engine_args(self, *, cuda: bool) -> dict[str, Any]:
+        """The arguments of `vllm.LLM` on a GPU or on CPU."""
+        from tasks.llm import engine_dtype
 
         kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0, max_model_len=self.max_seq_length,
                       dtype=engine_dtype(self.dtype))
-        if (self.device or default_device()).startswith("cpu"):
+        if not cuda:
+            return kwargs | dict(distributed_executor_backend="uni")
+        if self.gpu_memory_utilization is not None:
+            kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization)
+        return kwargs
+
+    @cached_property
+    def llm(self):
+        from tasks.llm import ModelError, cpu_environment, first_line
+
+        cuda = not (self.device or default_device()).startswith("cpu")
+        if not cuda:
             os.environ.update(cpu_environment(self.cache_dir, kv_cache_gib=1))
-            kwargs.update(distributed_executor_backend="uni")
         try:
             from vllm import LLM
 
             end_descendants_with_this_process()
-            return LLM(**kwargs)
+            return LLM(**self.engine_args(cuda=cuda))
         except ImportError as exc:
             raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None
         except Exception as exc:
@@ -138,9 +152,10 @@ class VLLMEmbedder:
 
 
 def open_embedder(backend: EmbeddingBackend, *, model_name: str, data_dir: Path, device: str | None = None,
-                  batch_size: int = 64) -> Embedder:
+                  batch_size: int = 64, gpu_share: float | None = None) -> Embedder:
     """The configured embedding backend; both give the same vectors, so an index built with one is
-    queried with the other."""
+    queried with the other. `gpu_share` is the vLLM engine's `gpu_memory_utilization` on a GPU."""
     if backend == EmbeddingBackend.vllm:
-        return VLLMEmbedder(model_name=model_name, cache_dir=Path(data_dir) / "cache", device=device)
+        return VLLMEmbedder(model_name=model_name, cache_dir=Path(data_dir) / "cache", device=device,
+                            gpu_memory_utilization=gpu_share)
     return SentenceTransformerEmbedder(model_name=model_name, device=device, batch_size=batch_size)

@@ -9,12 +9,20 @@ from typing import Any
 from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, VLLMGenerator, load_chat_tokenizer
 from tasks.llm_models import resolve_llm_model
 from tasks.secrets import LLM_API_KEY_ENV, resolve_secret
-from tasks.settings import AnswerParams
+from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
 
 
 def sampling_config(params: AnswerParams) -> SamplingConfig:
     return SamplingConfig(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
                           seed=params.seed, stop=tuple(params.stop))
+
+
+def generator_gpu_share(params: AnswerParams) -> float:
+    """The in-process generator's share of each GPU: `gpu_memory_utilization`, less the query embedding
+    engine's share when vLLM embeds the questions too. Both engines live through the run, and vLLM
+    checks at start that its whole share is still free, so the shares must add up to at most one."""
+    embeds_with_vllm = params.embedding_backend == EmbeddingBackend.vllm and params.retrieval != RetrievalMode.sparse
+    return round(params.gpu_memory_utilization - (params.embedding_gpu_share if embeds_with_vllm else 0.0), 6)
 
 
 def model_max_len(model_path: str) -> int:
@@ -42,6 +50,7 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], Any]]:
     return VLLMGenerator(
         model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,
         tensor_parallel_size=params.tensor_parallel_size, kv_cache_gib=params.kv_cache_gib,
+        gpu_memory_utilization=generator_gpu_share(params),
         enforce_eager=params.enforce_eager, cache_dir=params.data_dir / "cache", seed=params.seed,
         use_tqdm=params.show_progress,
     ), tokenizer

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 
@@ -154,8 +154,9 @@ class VLLMGenerator:
 
     On CPU it sets the environment of `cpu_environment` (process-wide, before vLLM is imported),
     resolves `dtype` "auto" with `engine_dtype`, and uses the single-process executor, which also works
-    from a worker thread (a Prefect task). On GPU, `dtype` and `tensor_parallel_size` go to vLLM as
-    given. `kv_cache_gib` is the KV-cache reservation on either (whole GiB on CPU).
+    from a worker thread (a Prefect task) and holds `kv_cache_gib` of KV cache (whole GiB). On GPU,
+    `dtype` and `tensor_parallel_size` go to vLLM as given, and the engine takes
+    `gpu_memory_utilization` of each GPU's memory, its KV cache being what the model leaves of it.
 
     The single-process engine changes its host process: it seeds the global random generators,
     freezes the garbage collector's heap, makes `torch.set_num_threads` a no-op, and caches vLLM's
@@ -171,6 +172,7 @@ class VLLMGenerator:
         dtype: str = "auto",
         tensor_parallel_size: int = 1,
         kv_cache_gib: float = 2.0,
+        gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = True,
         cache_dir: Path,
         seed: int = 0,
@@ -182,6 +184,7 @@ class VLLMGenerator:
         self.dtype = dtype
         self.tensor_parallel_size = tensor_parallel_size
         self.kv_cache_gib = kv_cache_gib
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
         self.cache_dir = Path(cache_dir)
         self.seed = seed
@@ -197,22 +200,24 @@ class VLLMGenerator:
                 self._llm = self._create()
             return self._llm
 
-    def _create(self):
+    def engine_args(self, *, cuda: bool) -> dict[str, Any]:
+        """The arguments of `vllm.LLM` on GPUs or on CPU."""
         model = str(Path(self.model).expanduser()) if _looks_like_path(self.model) else self.model
-        if _looks_like_path(model) and not Path(model).exists():
+        kwargs = dict(model=model, max_model_len=self.requested_max_model_len, enforce_eager=self.enforce_eager,
+                      seed=self.seed)
+        if cuda:
+            return kwargs | dict(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
+                                 gpu_memory_utilization=self.gpu_memory_utilization)
+        return kwargs | dict(dtype=engine_dtype(self.dtype), distributed_executor_backend="uni",
+                             kv_cache_memory_bytes=int(self.kv_cache_gib * GiB))
+
+    def _create(self):
+        cuda = has_cuda()
+        kwargs = self.engine_args(cuda=cuda)
+        if _looks_like_path(kwargs["model"]) and not Path(kwargs["model"]).exists():
             raise ModelError(f"model {self.model} not found")
-        kwargs = dict(
-            model=model,
-            max_model_len=self.requested_max_model_len,
-            enforce_eager=self.enforce_eager,
-            seed=self.seed,
-        )
-        if has_cuda():  # KV cache sized by vLLM's gpu_memory_utilization
-            kwargs.update(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size)
-        else:
+        if not cuda:
             os.environ.update(cpu_environment(self.cache_dir, self.kv_cache_gib))
-            kwargs.update(dtype=engine_dtype(self.dtype), distributed_executor_backend="uni",
-                          kv_cache_memory_bytes=int(self.kv_cache_gib * GiB))
         try:
             from vllm import LLM
         except ImportError as exc:

@@ -108,8 +108,9 @@ class Retriever:
 
 def open_retriever(store: QdrantStore, collection: str, mode: RetrievalMode, *, fusion: FusionMethod = FusionMethod.rrf,
                    embed_batch_size: int = 64, backend: EmbeddingBackend = EmbeddingBackend.sentence_transformers,
-                   data_dir: Path | None = None) -> Retriever:
-    """A retriever for a ragbatch collection; one-line errors when it lacks the vectors `mode` needs."""
+                   data_dir: Path | None = None, gpu_share: float | None = None) -> Retriever:
+    """A retriever for a ragbatch collection; one-line errors when it lacks the vectors `mode` needs.
+    `gpu_share` is the vLLM embedding engine's share of a GPU (see `open_embedder`)."""
     metadata = store.readable_collection(collection)
     layout = VectorLayout.from_metadata(metadata)
     needs = {"dense": mode != RetrievalMode.sparse, "sparse": mode != RetrievalMode.dense}
@@ -122,7 +123,7 @@ def open_retriever(store: QdrantStore, collection: str, mode: RetrievalMode, *, 
     embedder = None
     if mode != RetrievalMode.sparse:
         embedder = open_embedder(backend, model_name=metadata["embedding_model"], batch_size=embed_batch_size,
-                                 data_dir=data_dir or default_data_dir())
+                                 data_dir=data_dir or default_data_dir(), gpu_share=gpu_share)
     bm25 = None
     if mode != RetrievalMode.dense:
         # Queries need only the analyzer; avgdl matters for documents alone.

@@ -20,8 +20,10 @@ def vllm_server_command(
     dtype: str,
     enforce_eager: bool,
     kv_cache_gib: float,
+    gpu_memory_utilization: float = 0.9,
     tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
+    cuda: bool | None = None,
 ) -> list[str]:
     """vLLM's OpenAI-compatible server (what `vllm serve` runs) for one model, with this interpreter.
 
@@ -30,10 +32,11 @@ def vllm_server_command(
     `VLLMGenerator`, and `--generation-config vllm` keeps the model's `generation_config.json` (a
     repetition penalty, say) out of the request defaults: the server then computes exactly what the
     in-process engine does. On CPU, `VLLM_CPU_KVCACHE_SPACE` from `cpu_environment` overrides
-    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs vLLM sizes the KV
-    cache from its `gpu_memory_utilization`, as for the in-process engine (`kv_cache_gib` is for CPU),
-    and the server uses `tensor_parallel_size` x `data_parallel_size` of them: each model copy split
-    over TP GPUs, DP copies answering requests side by side.
+    `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs (`cuda`, default:
+    detected) each engine takes `gpu_memory_utilization` of its GPU and sizes the KV cache from what the
+    model leaves of it, as the in-process engine does (`kv_cache_gib` is for CPU), and the server uses
+    `tensor_parallel_size` x `data_parallel_size` GPUs: each model copy split over TP GPUs, DP copies
+    answering requests side by side.
     """
     command = [
         sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
@@ -45,7 +48,10 @@ def vllm_server_command(
         "--generation-config", "vllm",
         "--disable-uvicorn-access-log",
     ]
-    if not has_cuda():
+    on_gpu = has_cuda() if cuda is None else cuda
+    if on_gpu:
+        command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
+    else:
         command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * GiB))]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]

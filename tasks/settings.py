@@ -132,6 +132,11 @@ class IngestParams(StoreParams):
         "20-30 s engine start; needs ragbatch[llm]).",
     )
     device: str | None = Field(None, description="Torch device for embedding; default CUDA when present, else CPU.")
+    embedding_gpu_share: float | None = Field(
+        None, gt=0, lt=1, description="GPU only, embedding_backend vllm: share of each GPU's memory for each embedding "
+        "engine. Default: 0.9 split evenly among the engines of this machine (the run's own, plus one per worker "
+        "of a local Dask/Ray cluster).",
+    )
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in tokens of the embedding model.")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
     batch_docs: int = Field(256, ge=1, description="Documents per pipeline batch (bounds memory).")
@@ -184,6 +189,9 @@ class EngineParams(RagbatchSettings):
     dtype: str = Field("auto", description="Weights dtype for vLLM; auto: bfloat16 on CPUs with native bf16, else float32; the model's own on GPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache space in GiB on CPU.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, lt=1, description="Share of each GPU's memory for vLLM: weights, activations and KV cache (GPU only).",
+    )
     enforce_eager: bool = Field(True, description="Skip torch.compile: starts in seconds instead of about a minute.")
 
 
@@ -234,6 +242,10 @@ class AnswerParams(StoreParams, EngineParams):
     embedding_backend: EmbeddingBackend = Field(
         EmbeddingBackend.sentence_transformers, description="What embeds the questions: sentence-transformers or vllm."
     )
+    embedding_gpu_share: float = Field(
+        0.1, gt=0, lt=1, description="GPU only, embedding_backend vllm: the part of gpu_memory_utilization for the "
+        "query embedding engine, which runs beside the generator.",
+    )
     max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
     overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
@@ -244,6 +256,13 @@ class AnswerParams(StoreParams, EngineParams):
     def _default_out(self) -> "AnswerParams":
         if self.out is None:
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_share_within_the_engines(self) -> "AnswerParams":
+        if self.embedding_backend == EmbeddingBackend.vllm and self.embedding_gpu_share >= self.gpu_memory_utilization:
+            raise ValueError(f"embedding_gpu_share ({self.embedding_gpu_share}) must be smaller than "
+                             f"gpu_memory_utilization ({self.gpu_memory_utilization}), which it is part of")
         return self
 
 

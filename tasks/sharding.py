@@ -26,13 +26,15 @@ from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import Chunk
 from tasks.embedding import Embedder, open_embedder
 from tasks.errors import SetupError
-from tasks.settings import EmbeddingBackend, TaskRunnerKind
+from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind
 from tasks.store import QdrantStore
 
 RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards carry chunks and vectors, not corpora; Ray's default is 30 % of RAM
 # Ray's longest socket path adds "/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store"
 # (at most 65 bytes) to its temp directory; Unix socket paths have at most 107.
 RAY_TEMP_DIR_MAX = 107 - 65
+# What a run's vLLM embedding engines on one machine take of each GPU together (vLLM's default is 0.92).
+GPU_SHARE_PER_MACHINE = 0.9
 # Ray leaves each instance's session directory (logs, about 200 KB) behind; the newest are kept.
 RAY_SESSIONS_KEPT = 10
 
@@ -70,6 +72,7 @@ class EmbedderSpec:
     data_dir: Path
     device: str | None = None
     batch_size: int = 64
+    gpu_share: float | None = None
 
     def open(self) -> Embedder:
         return _open_embedder(self)
@@ -78,7 +81,18 @@ class EmbedderSpec:
 @cache
 def _open_embedder(spec: EmbedderSpec) -> Embedder:
     return open_embedder(spec.backend, model_name=spec.model_name, data_dir=spec.data_dir, device=spec.device,
-                         batch_size=spec.batch_size)
+                         batch_size=spec.batch_size, gpu_share=spec.gpu_share)
+
+
+def embedding_gpu_share(params: IngestParams) -> float:
+    """Each vLLM embedding engine's share of a GPU: `embedding_gpu_share`, or GPU_SHARE_PER_MACHINE split
+    evenly among the engines this run starts on its machine, its own (which also measures the vectors'
+    dimension) and one per worker of a local cluster. vLLM checks at start that an engine's whole
+    share is still free, so shares that add up to more than the GPU stop the later engines."""
+    if params.embedding_gpu_share is not None:
+        return params.embedding_gpu_share
+    local_workers = params.shards if params.task_runner != TaskRunnerKind.threads and not params.cluster_address else 0
+    return round(GPU_SHARE_PER_MACHINE / (1 + local_workers), 6)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ def test_vllm_pooling_gives_the_sentence_transformers_vectors(embedder: Sentence
 
 
 def test_the_backend_is_chosen_by_configuration(tmp_path):
-    assert isinstance(open_embedder(EmbeddingBackend.vllm, model_name="m", data_dir=tmp_path), VLLMEmbedder)
+    vllm = open_embedder(EmbeddingBackend.vllm, model_name="all-MiniLM-L6-v2", data_dir=tmp_path, gpu_share=0.2)
+    assert isinstance(vllm, VLLMEmbedder)
+    assert vllm.engine_args(cuda=True)["gpu_memory_utilization"] == 0.2  # the arguments only: no GPU here
+    assert "gpu_memory_utilization" not in vllm.engine_args(cuda=False)
     default = open_embedder(EmbeddingBackend.sentence_transformers, model_name="m", data_dir=tmp_path, batch_size=8)
     assert isinstance(default, SentenceTransformerEmbedder) and default.batch_size == 8

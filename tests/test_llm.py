@@ -2,6 +2,7 @@
 
 
 import pytest
+from pydantic import ValidationError
 
 from tasks.llm import (
     LLMServerError,
@@ -12,9 +13,11 @@ from tasks.llm import (
     VLLMGenerator,
     load_chat_tokenizer,
 )
+from tasks.generation import generator_gpu_share
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
 from tasks.child_process import free_port
 from tasks.serving import vllm_server_command
+from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
 
 from .conftest import SERVED_KEY
 
@@ -105,12 +108,39 @@ def test_resolve_llm_model_keeps_local_paths_and_hub_ids(tmp_path):
 
 def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
-    single = vllm_server_command(**common)
+    single = vllm_server_command(**common, cuda=False)
     assert "--tensor-parallel-size" not in single and "--data-parallel-size" not in single
-    assert single[single.index("--kv-cache-memory-bytes") + 1] == str(2**30)  # on CPU; a GPU's is vLLM's to size
-    spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4)
+    assert single[single.index("--kv-cache-memory-bytes") + 1] == str(2**30)
+    assert "--gpu-memory-utilization" not in single
+    spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4, gpu_memory_utilization=0.7, cuda=True)
     assert spread[spread.index("--tensor-parallel-size") + 1] == "2"
     assert spread[spread.index("--data-parallel-size") + 1] == "4"
+    assert spread[spread.index("--gpu-memory-utilization") + 1] == "0.7" and "--kv-cache-memory-bytes" not in spread
+
+
+def test_engine_arguments_size_memory_by_device(tmp_path):
+    """The GPU arguments are checked here; a run on a GPU is not (none on the test machines)."""
+    generator = VLLMGenerator(model="org/model", tensor_parallel_size=2, kv_cache_gib=1, gpu_memory_utilization=0.8,
+                              cache_dir=tmp_path)
+    gpu = generator.engine_args(cuda=True)
+    assert gpu["gpu_memory_utilization"] == 0.8 and gpu["tensor_parallel_size"] == 2 and "kv_cache_memory_bytes" not in gpu
+    cpu = generator.engine_args(cuda=False)
+    assert cpu["kv_cache_memory_bytes"] == 2**30 and cpu["distributed_executor_backend"] == "uni"
+    assert "gpu_memory_utilization" not in cpu
+
+
+@pytest.mark.parametrize(("backend", "retrieval", "share"), [
+    (EmbeddingBackend.vllm, RetrievalMode.hybrid, 0.75),
+    (EmbeddingBackend.vllm, RetrievalMode.sparse, 0.9),  # no embedding engine
+    (EmbeddingBackend.sentence_transformers, RetrievalMode.dense, 0.9),
+])
+def test_the_generator_leaves_the_gpu_share_of_the_embedding_engine_beside_it(tmp_path, backend, retrieval, share):
+    params = AnswerParams(questions=tmp_path / "q.jsonl", collection="kb", data_dir=tmp_path, embedding_backend=backend,
+                          retrieval=retrieval, gpu_memory_utilization=0.9, embedding_gpu_share=0.15)
+    assert generator_gpu_share(params) == share
+    with pytest.raises(ValidationError, match="embedding_gpu_share .* must be smaller than gpu_memory_utilization"):
+        AnswerParams(questions=tmp_path / "q.jsonl", collection="kb", data_dir=tmp_path,
+                     embedding_backend=EmbeddingBackend.vllm, gpu_memory_utilization=0.5, embedding_gpu_share=0.5)
 
 
 @pytest.mark.slow

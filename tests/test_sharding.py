@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from flows.ingest import ingest
 from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
-from tasks.sharding import RAY_SESSIONS_KEPT, local_ray_settings, split_shards, task_runner
+from tasks.sharding import RAY_SESSIONS_KEPT, embedding_gpu_share, local_ray_settings, split_shards, task_runner
 from tasks.store import QdrantStore
 
 from .conftest import SAMPLE_CORPUS
@@ -31,6 +31,18 @@ def test_shards_hold_whole_documents_in_order():
         assert {c.doc_id for c in shard.chunks}.isdisjoint({c.doc_id for other in shards if other is not shard for c in other.chunks})
     assert sorted(p for shard in shards for p in shard.previous_chunks.items()) == [("d2", 6), ("d4", 1)]
     assert [len(shard.chunks) for shard in shards] == [4, 4, 4]
+
+
+@pytest.mark.parametrize(("options", "share"), [
+    ({}, 0.9),
+    ({"task_runner": TaskRunnerKind.threads, "shards": 4}, 0.9),  # one engine, shared by the threads
+    ({"task_runner": TaskRunnerKind.dask, "shards": 2}, 0.3),  # the flow's engine and one per local worker
+    ({"task_runner": TaskRunnerKind.ray, "shards": 2, "cluster_address": "ray://gpu-host:10001"}, 0.9),
+    ({"task_runner": TaskRunnerKind.dask, "shards": 2, "embedding_gpu_share": 0.2}, 0.2),
+])
+def test_embedding_engines_on_one_machine_split_its_gpus(tmp_path, options, share):
+    params = IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=tmp_path, **options)
+    assert embedding_gpu_share(params) == share
 
 
 def test_one_shard_or_no_chunks():
