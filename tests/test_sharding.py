@@ -1,15 +1,21 @@
 """Embed/upsert shards: how a batch splits, and the ingest on local Dask and Ray clusters against one process."""
 
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from distributed import Client
 from pydantic import ValidationError
 
 from flows.ingest import ingest
+from tasks.child_process import free_port, stop_group
 from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import RAY_SESSIONS_KEPT, embedding_gpu_share, local_ray_settings, split_shards, task_runner
@@ -87,22 +93,68 @@ def one_process(prefect_api_url, tmp_path_factory) -> tuple:
     return *sharded_run(SAMPLE_CORPUS, data_dir), data_dir
 
 
+@contextmanager
+def existing_dask_cluster(directory: Path) -> Iterator[str]:
+    """A Dask cluster started as an operator starts one (`dask scheduler`, `dask worker`), on loopback;
+    its address. Their output goes to `directory`. The workers need no Prefect settings: each task
+    carries the flow run's (prefect-dask sends the settings context along)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    directory.mkdir(parents=True)
+    commands = {
+        "scheduler": [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        "workers": [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
+                    "--local-directory", str(directory)],
+    }
+    started = []
+    try:
+        for name, command in commands.items():
+            with (directory / f"{name}.log").open("w") as log:
+                started.append(subprocess.Popen(command, start_new_session=True, stdout=log, stderr=log))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for process in reversed(started):
+            stop_group(process, grace_seconds=10)
+
+
+def completed_task_runs(flow_run_id: str, name: str) -> int:
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name),
+                                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]), name=None)),
+        ))
+
+
 @pytest.mark.slow
-def test_ingest_on_a_local_dask_cluster_equals_one_process(one_process, corpus: Path, tmp_path: Path):
+def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(one_process, corpus: Path, tmp_path: Path):
     single, single_index, single_dir = one_process
     sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
     assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
 
-    # Incremental: a shorter document (leftover chunks deleted) and a removed one, on the cluster.
+    # Incremental: a shorter document (leftover chunks deleted) and a removed one, on a cluster that
+    # was running before the flow (`cluster_address`), whose task runs land beside the flow run.
     guide = corpus / "troubleshooting-guide.txt"
     guide.write_text(guide.read_text()[:400])
     (corpus / "glossary.md").unlink()
     shutil.copytree(single_dir, tmp_path / "single")
     single, single_index = sharded_run(corpus, tmp_path / "single")
-    sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
+    with existing_dask_cluster(tmp_path / "workers") as address:
+        sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2,
+                                             cluster_address=address)
     assert sharded.deleted == single.deleted > 0 and sharded.embedded == single.embedded > 0
     assert_same_index(single_index, sharded_index)
+    assert completed_task_runs(sharded.run_id, "embed") >= 1
 
 
 def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
