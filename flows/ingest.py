@@ -40,15 +40,17 @@ def ingest(params: IngestParams) -> IngestReport:
     # Fails here, before any store work, if the source is unusable.
     rows = read_rows(params.source, params.format, max_chars=params.max_chars)
     # Deployment runs queue for the collection; any second run in this data directory refuses.
-    with exclusive(params.store, params.collection, writes=True), CollectionLock(params.data_dir, params.collection):
-        report = _index(params, rows, run_id)
+    with (exclusive(params.store, params.collection, writes=True), CollectionLock(params.data_dir, params.collection),
+          task_runner(params.task_runner, workers=params.shards, address=params.cluster_address,
+                      api_url=str(get_client(sync_client=True).api_url), state_dir=params.data_dir) as runner):
+        report = _index(params, rows, run_id, runner)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
     get_run_logger().info("ingest finished: %s", report.model_dump_json())
     return report
 
 
-def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> IngestReport:
+def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner: TaskRunner) -> IngestReport:
     store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
         embedder = EmbedderSpec(params.embedding_backend, params.embedding_model, params.data_dir, params.device,
@@ -77,9 +79,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str) -> Inge
         progress = RunProgress(key=artifact_key("ingest-progress", params.collection), label=f"ingest {params.collection}",
                                total=count_rows(params.source, params.format), terminal=params.show_progress)
         batches = batched(rows, params.batch_docs)
-        runner = task_runner(params.task_runner, workers=params.shards, address=params.cluster_address,
-                             api_url=str(get_client(sync_client=True).api_url), state_dir=params.data_dir)
-        with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine, runner:
+        with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
             while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)
                 valid, rejected = steps.validate(validator, batch)

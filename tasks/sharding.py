@@ -15,17 +15,20 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from prefect.task_runners import TaskRunner
 from pydantic import SecretStr
 
 from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import Chunk
 from tasks.embedding import Embedder, open_embedder
 from tasks.errors import SetupError
+from tasks.llm import first_line
 from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind
 from tasks.store import QdrantStore
 
@@ -111,17 +114,41 @@ def _connect(spec: ServerSpec) -> QdrantStore:
     return QdrantStore.connect(spec.url, api_key=spec.api_key)
 
 
+@contextmanager
 def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None,
-                state_dir: Path | None = None):
-    """The Prefect task runner for the shards: `workers` threads, or a local Dask/Ray cluster of
-    `workers` single-threaded processes on loopback that end with this process, or the Dask
-    scheduler / Ray cluster at `address`.
+                state_dir: Path | None = None) -> Iterator[TaskRunner]:
+    """The Prefect task runner for the shards, started: `workers` threads, or a local Dask/Ray cluster
+    of `workers` single-threaded processes on loopback that end with this process, or connected to
+    the Dask scheduler / Ray cluster at `address` (at once, so an unreachable cluster ends the run
+    before any work, with one line).
 
     Local worker processes get `api_url`, the Prefect API this run reports to, so their task runs land
     beside the flow run even when that API is the temporary server of a run without PREFECT_API_URL
     (otherwise each worker would start a temporary server of its own). A local cluster keeps its
     files in `state_dir`: Dask's worker directories in `dask/`, Ray's session (see `local_ray_settings`).
     """
+    runner = _new_task_runner(kind, workers=workers, address=address, api_url=api_url, state_dir=state_dir)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(runner)
+            if kind == TaskRunnerKind.dask and address:
+                runner.client  # noqa: B018 -- prefect-dask connects on first use, after the first batch's work
+        except OSError as exc:  # ConnectionError and TimeoutError too
+            raise SetupError(_unreachable(kind, address, exc)) from None
+        yield runner
+
+
+def _unreachable(kind: TaskRunnerKind, address: str | None, exc: OSError) -> str:
+    if not address:
+        return f"cannot start a local {kind.value} cluster: {first_line(exc)}"
+    hint = ""
+    if kind == TaskRunnerKind.ray:  # Ray's client only says it timed out
+        hint = "; a Ray cluster with token authentication also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here"
+    return f"cannot reach the {kind.value} cluster at {address}: {first_line(exc)}{hint}"
+
+
+def _new_task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None, api_url: str | None,
+                     state_dir: Path | None) -> TaskRunner:
     if kind == TaskRunnerKind.threads:
         from prefect.task_runners import ThreadPoolTaskRunner
 

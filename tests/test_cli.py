@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import psutil
 import pytest
 
@@ -42,6 +43,8 @@ ERROR_CASES = [
     (["ingest", "{tmp}/t.csv", "--collection", "x", "--format", "jsonl"], "t.csv: 2 of 2 rows (100%) failed validation"),
     (["ingest", "{corpus}", "--collection", "x", "--store", "http://127.0.0.1:{port}"], "cannot reach Qdrant at http://127.0.0.1:{port}"),
     (["ingest", "{corpus}", "--collection", "x", "--store", "qdrant.example"], "unknown store 'qdrant.example'"),
+    (["ingest", "{corpus}", "--collection", "x", "--task-runner", "dask", "--cluster-address", "tcp://127.0.0.1:{port}"],
+     "cannot reach the dask cluster at tcp://127.0.0.1:{port}: Timed out trying to connect"),
     (["ingest", "{corpus}", "--collection", "x", "--chunk-tokens", "lots"], "invalid --chunk-tokens"),
     (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
     (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
@@ -63,7 +66,8 @@ LISTENER = socket.create_server(("127.0.0.1", 0))  # a port that is taken, for `
 def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, data_dir, monkeypatch, capsys, args, message):
     monkeypatch.setenv("RAGBATCH_DATA_DIR", str(data_dir))
     args, message = fill(args, message, tmp_path, corpus)
-    assert main(args) != 0
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):  # Dask tries an address for 30 s
+        assert main(args) != 0
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("ragbatch: error: ")]
     assert message in line

@@ -1,9 +1,13 @@
 """Embed/upsert shards: how a batch splits, and the ingest on local Dask and Ray clusters against one process."""
 
+import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,6 +159,54 @@ def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(o
     assert sharded.deleted == single.deleted > 0 and sharded.embedded == single.embedded > 0
     assert_same_index(single_index, sharded_index)
     assert completed_task_runs(sharded.run_id, "embed") >= 1
+
+
+@contextmanager
+def existing_ray_cluster(directory: Path, env: dict[str, str]) -> Iterator[str]:
+    """A Ray cluster started as an operator starts one (`ray start --head`, token authentication from
+    `env`), on loopback, its session files in `directory`; its Ray client address."""
+    client_port = free_port()
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(free_port()), "--ray-client-server-port", str(client_port), "--num-cpus", "2",
+               "--include-dashboard", "false", "--temp-dir", str(directory), "--disable-usage-stats"]
+    with (directory / "head.log").open("w") as log:
+        head = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["ss", "-ltnH", f"sport = :{client_port}"], capture_output=True, text=True).stdout == "":
+            assert head.poll() is None and time.monotonic() < deadline, (directory / "head.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield f"ray://127.0.0.1:{client_port}"
+    finally:
+        stop_group(head, grace_seconds=10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RAGBATCH_RAY_CLUSTER"),
+                    reason="RAGBATCH_RAY_CLUSTER=1: starts a Ray cluster and waits out a refused connection (about 2 minutes)")
+def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subprocess_env, tmp_path):
+    single, single_index, _ = one_process
+    token = secrets.token_hex(32)
+    env = {**subprocess_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    state = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short enough for Ray's sockets
+    command = [sys.executable, "-m", "flows.cli", "ingest", str(SAMPLE_CORPUS), "--collection", "kb", "--batch-docs", "8",
+               "--retrieval", "dense", "--task-runner", "ray", "--shards", "2", "--json"]
+    try:
+        with existing_ray_cluster(state, env) as address:
+            refused = subprocess.run([*command, "--cluster-address", address], capture_output=True, text=True, timeout=300,
+                                     env={**env, "RAY_AUTH_MODE": "", "RAGBATCH_DATA_DIR": str(tmp_path / "refused")})
+            result = subprocess.run([*command, "--cluster-address", address], capture_output=True, text=True, timeout=600,
+                                    env={**env, "RAGBATCH_DATA_DIR": str(tmp_path / "ray")})
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    # Ray's client sends the token only when told the cluster wants one; the error says so, in one line.
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("ragbatch: error: ")]
+    assert f"cannot reach the ray cluster at {address}" in line and "RAY_AUTH_MODE=token" in line
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["points"] == single.points
+    assert_same_index(single_index, snapshot(f"edge:{tmp_path / 'ray' / 'edge'}", "kb"))
 
 
 def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
