@@ -56,7 +56,8 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         embedder = EmbedderSpec(params.embedding_backend, params.embedding_model, params.data_dir, params.device,
                                 params.embed_batch_size, embedding_gpu_share(params))
         target = prepare_target(
-            store, params.collection, rebuild=params.rebuild, embedder=embedder.open(),
+            store, params.collection, rebuild=params.rebuild, embedding_model=params.embedding_model,
+            dimension=lambda: runner.submit(steps.embedding_dimension, dict(embedder=embedder)).result(),
             chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap, retrieval=params.retrieval,
             shard_number=params.shard_number, replication_factor=params.replication_factor,
         )

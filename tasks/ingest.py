@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
 from tasks.chunking import Chunk
-from tasks.embedding import Embedder
 from tasks.errors import QuarantineThresholdExceeded, StoreError
 from tasks.settings import RetrievalMode
 from tasks.sparse import B, K1, Bm25, mean_length
@@ -80,22 +79,24 @@ def collection_metadata(
 
 
 def prepare_target(
-    store: QdrantStore, alias: str, *, rebuild: bool, embedder: Embedder, chunk_tokens: int, chunk_overlap: int,
-    retrieval: RetrievalMode | None = None, shard_number: int | None = None, replication_factor: int | None = None,
+    store: QdrantStore, alias: str, *, rebuild: bool, embedding_model: str, dimension: Callable[[], int],
+    chunk_tokens: int, chunk_overlap: int, retrieval: RetrievalMode | None = None, shard_number: int | None = None,
+    replication_factor: int | None = None,
 ) -> Target:
     """Reuse the collection behind `alias`, or create a new physical one (first run or rebuild).
 
     `retrieval` picks the vectors of a new collection (default hybrid); an existing collection keeps
-    its own, and asking for others needs a rebuild. `shard_number` and `replication_factor` place a
-    new collection on a Qdrant cluster.
+    its own, and asking for others needs a rebuild. `dimension` gives the embedding model's vector
+    size; it is called only for a new collection with dense vectors. `shard_number` and
+    `replication_factor` place a new collection on a Qdrant cluster.
     """
     current = store.resolve(alias)
     if current is not None and not rebuild:
         metadata = store.collection_metadata(current)
         built_with = metadata.get("embedding_model")
-        if built_with and built_with != embedder.model_name:
+        if built_with and built_with != embedding_model:
             raise StoreError(
-                f"collection {alias!r} was built with embedding model {built_with!r}, not {embedder.model_name!r}; "
+                f"collection {alias!r} was built with embedding model {built_with!r}, not {embedding_model!r}; "
                 "use --rebuild to re-embed with the new model"
             )
         layout = VectorLayout.from_metadata(metadata)
@@ -108,12 +109,12 @@ def prepare_target(
     if current == alias:
         raise StoreError(f"{alias!r} is a plain collection, not a ragbatch alias; cannot rebuild it atomically")
     layout = LAYOUTS[retrieval or RetrievalMode.hybrid]
-    dimension = embedder.dimension if layout.dense else 0
+    size = dimension() if layout.dense else 0
     physical = new_physical_name(alias)
     store.create_collection(
         physical,
-        dimension=dimension,
-        metadata=collection_metadata(embedder.model_name, dimension, chunk_tokens, chunk_overlap, layout),
+        dimension=size,
+        metadata=collection_metadata(embedding_model, size, chunk_tokens, chunk_overlap, layout),
         layout=layout,
         shard_number=shard_number,
         replication_factor=replication_factor,

@@ -134,8 +134,7 @@ class IngestParams(StoreParams):
     device: str | None = Field(None, description="Torch device for embedding; default CUDA when present, else CPU.")
     embedding_gpu_share: float | None = Field(
         None, gt=0, lt=1, description="GPU only, embedding_backend vllm: share of each GPU's memory for each embedding "
-        "engine. Default: 0.9 split evenly among the engines of this machine (the run's own, plus one per worker "
-        "of a local Dask/Ray cluster).",
+        "engine. Default: 0.9, split evenly among the workers of a local Dask/Ray cluster.",
     )
     chunk_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in tokens of the embedding model.")
     chunk_overlap: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")

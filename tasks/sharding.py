@@ -89,13 +89,13 @@ def _open_embedder(spec: EmbedderSpec) -> Embedder:
 
 def embedding_gpu_share(params: IngestParams) -> float:
     """Each vLLM embedding engine's share of a GPU: `embedding_gpu_share`, or GPU_SHARE_PER_MACHINE split
-    evenly among the engines this run starts on its machine, its own (which also measures the vectors'
-    dimension) and one per worker of a local cluster. vLLM checks at start that an engine's whole
-    share is still free, so shares that add up to more than the GPU stop the later engines."""
+    evenly among the engines this run starts on its machine: one per worker of a local cluster, else
+    the run's own. vLLM checks at start that an engine's whole share is still free, so shares that add
+    up to more than the GPU stop the later engines."""
     if params.embedding_gpu_share is not None:
         return params.embedding_gpu_share
-    local_workers = params.shards if params.task_runner != TaskRunnerKind.threads and not params.cluster_address else 0
-    return round(GPU_SHARE_PER_MACHINE / (1 + local_workers), 6)
+    local_cluster = params.task_runner != TaskRunnerKind.threads and not params.cluster_address
+    return round(GPU_SHARE_PER_MACHINE / (params.shards if local_cluster else 1), 6)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,13 @@ def chunk(chunker: TokenChunker, plan: indexing.BatchPlan) -> list[Chunk]:
     return chunker.chunk(plan.changed)
 
 
+@task(name="embedding-dimension", **STEP)
+def embedding_dimension(embedder: EmbedderSpec) -> int:
+    """The model's vector size for a new collection, measured where the shards embed: a cluster's
+    worker, so the flow's process does not load a model (or need the workers' device) for it."""
+    return embedder.open().dimension
+
+
 @task(name="embed", **STEP)
 def embed(embedder: EmbedderSpec, chunks: Sequence[Chunk]) -> np.ndarray:
     """Runs on the shard task runner (a thread or a worker process), which opens the model once."""

@@ -129,7 +129,8 @@ def test_a_reader_of_the_alias_never_sees_an_error_or_an_empty_result_during_a_r
     fingerprint = indexing.index_fingerprint(embedding_model=embedder.model_name, chunk_tokens=64, chunk_overlap=8)
 
     def build(rebuild: bool) -> str:
-        target = prepare_target(store, "kb", rebuild=rebuild, embedder=embedder, chunk_tokens=64, chunk_overlap=8)
+        target = prepare_target(store, "kb", rebuild=rebuild, embedding_model=embedder.model_name,
+                                dimension=lambda: embedder.dimension, chunk_tokens=64, chunk_overlap=8)
         seen: set[str] = set()
         for batch in batched(read_rows(corpus), 4):
             seen.update(row.doc_id for row in batch)

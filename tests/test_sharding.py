@@ -22,7 +22,9 @@ from flows.ingest import ingest
 from tasks.child_process import free_port, stop_group
 from tasks.chunking import Chunk
 from tasks.settings import IngestParams, TaskRunnerKind
-from tasks.sharding import RAY_SESSIONS_KEPT, embedding_gpu_share, local_ray_settings, split_shards, task_runner
+from tasks.sharding import (
+    RAY_SESSIONS_KEPT, _open_embedder, embedding_gpu_share, local_ray_settings, split_shards, task_runner,
+)
 from tasks.store import QdrantStore
 
 from .conftest import SAMPLE_CORPUS
@@ -46,7 +48,7 @@ def test_shards_hold_whole_documents_in_order():
 @pytest.mark.parametrize(("options", "share"), [
     ({}, 0.9),
     ({"task_runner": TaskRunnerKind.threads, "shards": 4}, 0.9),  # one engine, shared by the threads
-    ({"task_runner": TaskRunnerKind.dask, "shards": 2}, 0.3),  # the flow's engine and one per local worker
+    ({"task_runner": TaskRunnerKind.dask, "shards": 2}, 0.45),  # one engine per local worker
     ({"task_runner": TaskRunnerKind.ray, "shards": 2, "cluster_address": "ray://gpu-host:10001"}, 0.9),
     ({"task_runner": TaskRunnerKind.dask, "shards": 2, "embedding_gpu_share": 0.2}, 0.2),
 ])
@@ -142,9 +144,13 @@ def completed_task_runs(flow_run_id: str, name: str) -> int:
 @pytest.mark.slow
 def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(one_process, corpus: Path, tmp_path: Path):
     single, single_index, single_dir = one_process
+    models_here = _open_embedder.cache_info().currsize
     sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
     assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
+    # The workers load the model and measure the new collection's vector size; the flow's process does neither.
+    assert _open_embedder.cache_info().currsize == models_here
+    assert completed_task_runs(sharded.run_id, "embedding-dimension") == 1
 
     # Incremental: a shorter document (leftover chunks deleted) and a removed one, on a cluster that
     # was running before the flow (`cluster_address`), whose task runs land beside the flow run.
