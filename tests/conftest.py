@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,19 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+def completed_task_runs(name_like: str, flow_runs: Any) -> int:
+    """Task runs whose name contains `name_like`, completed in the flow runs a `FlowRunFilter` selects."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    completed = TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]), name=None)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=flow_runs,
+                                     task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name_like), state=completed))
+    return len(runs)
 
 
 @pytest.fixture

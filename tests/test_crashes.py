@@ -29,26 +29,15 @@ from tasks.settings import IngestParams
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore, VectorLayout
 
-from .conftest import ROOT
+from .conftest import ROOT, completed_task_runs
 from .test_concurrency import small_corpus, snapshot
 
 
 def completed_upserts(since: datetime) -> int:
     """Upsert task runs completed in ingest runs started after `since` (tests run one at a time)."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterStartTime, TaskRunFilter, TaskRunFilterName, TaskRunFilterState,
-        TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="upsert"),
-                                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]), name=None)),
-        )
-    return len(runs)
+    return completed_task_runs("upsert", FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
 
 
 @pytest.mark.slow

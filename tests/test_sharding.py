@@ -27,7 +27,7 @@ from tasks.sharding import (
 )
 from tasks.store import QdrantStore
 
-from .conftest import SAMPLE_CORPUS
+from .conftest import SAMPLE_CORPUS, completed_task_runs
 
 
 def chunks_of(*sizes: int) -> list[Chunk]:
@@ -126,19 +126,10 @@ def existing_dask_cluster(directory: Path) -> Iterator[str]:
             stop_group(process, grace_seconds=10)
 
 
-def completed_task_runs(flow_run_id: str, name: str) -> int:
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
+def completed_in(flow_run_id: str, name_like: str) -> int:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        return len(client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name),
-                                          state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.COMPLETED]), name=None)),
-        ))
+    return completed_task_runs(name_like, FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
 @pytest.mark.slow
@@ -150,7 +141,7 @@ def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(o
     assert_same_index(single_index, sharded_index)
     # The workers load the model and measure the new collection's vector size; the flow's process does neither.
     assert _open_embedder.cache_info().currsize == models_here
-    assert completed_task_runs(sharded.run_id, "embedding-dimension") == 1
+    assert completed_in(sharded.run_id, "embedding-dimension") == 1
 
     # Incremental: a shorter document (leftover chunks deleted) and a removed one, on a cluster that
     # was running before the flow (`cluster_address`), whose task runs land beside the flow run.
@@ -164,7 +155,7 @@ def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(o
                                              cluster_address=address)
     assert sharded.deleted == single.deleted > 0 and sharded.embedded == single.embedded > 0
     assert_same_index(single_index, sharded_index)
-    assert completed_task_runs(sharded.run_id, "embed") >= 1
+    assert completed_in(sharded.run_id, "embed") >= 1
 
 
 @contextmanager
