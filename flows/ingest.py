@@ -24,7 +24,7 @@ from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
-from tasks.sharding import EmbedderSpec, ServerSpec, Shard, embedding_gpu_share, split_shards, task_runner
+from tasks.sharding import EmbedderSpec, ServerSpec, Shard, split_shards, task_runner
 from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.sparse import Bm25
 from tasks.store import QdrantStore, is_server
@@ -53,8 +53,7 @@ def ingest(params: IngestParams) -> IngestReport:
 def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner: TaskRunner) -> IngestReport:
     store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
     try:
-        embedder = EmbedderSpec(params.embedding_backend, params.embedding_model, params.data_dir, params.device,
-                                params.embed_batch_size, embedding_gpu_share(params))
+        embedder = EmbedderSpec.of(params)
         target = prepare_target(
             store, params.collection, rebuild=params.rebuild, embedding_model=params.embedding_model,
             dimension=lambda: runner.submit(steps.embedding_dimension, dict(embedder=embedder)).result(),

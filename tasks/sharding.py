@@ -29,7 +29,7 @@ from tasks.chunking import Chunk
 from tasks.embedding import Embedder, open_embedder
 from tasks.errors import SetupError
 from tasks.llm import first_line
-from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind
+from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind, default_data_dir
 from tasks.store import QdrantStore
 
 RAY_OBJECT_STORE_BYTES = 256 * 2**20  # shards carry chunks and vectors, not corpora; Ray's default is 30 % of RAM
@@ -68,14 +68,23 @@ def split_shards(chunks: Sequence[Chunk], previous_chunks: dict[str, int], count
 
 @dataclass(frozen=True)
 class EmbedderSpec:
-    """How to open the embedding model; `open()` loads it once per process (flow process or worker)."""
+    """How to open the embedding model; `open()` loads it once per process (flow process or worker).
+
+    `data_dir` holds the vLLM backend's caches; None is the data directory of the process that opens
+    it (`RAGBATCH_DATA_DIR` there), for workers on other machines, where the flow's path may not exist."""
 
     backend: EmbeddingBackend
     model_name: str
-    data_dir: Path
+    data_dir: Path | None
     device: str | None = None
     batch_size: int = 64
     gpu_share: float | None = None
+
+    @classmethod
+    def of(cls, params: IngestParams) -> EmbedderSpec:
+        """The run's embedder; workers of an existing cluster keep their caches in their own data directory."""
+        return cls(params.embedding_backend, params.embedding_model, None if params.cluster_address else params.data_dir,
+                   params.device, params.embed_batch_size, embedding_gpu_share(params))
 
     def open(self) -> Embedder:
         return _open_embedder(self)
@@ -83,8 +92,8 @@ class EmbedderSpec:
 
 @cache
 def _open_embedder(spec: EmbedderSpec) -> Embedder:
-    return open_embedder(spec.backend, model_name=spec.model_name, data_dir=spec.data_dir, device=spec.device,
-                         batch_size=spec.batch_size, gpu_share=spec.gpu_share)
+    return open_embedder(spec.backend, model_name=spec.model_name, data_dir=spec.data_dir or default_data_dir(),
+                         device=spec.device, batch_size=spec.batch_size, gpu_share=spec.gpu_share)
 
 
 def embedding_gpu_share(params: IngestParams) -> float:

@@ -23,9 +23,10 @@ from pydantic import ValidationError
 from flows.ingest import ingest
 from tasks.child_process import free_port, stop_group
 from tasks.chunking import Chunk
+from tasks.embedding import VLLMEmbedder
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import (
-    RAY_SESSIONS_KEPT, _open_embedder, embedding_gpu_share, local_ray_settings, split_shards, task_runner,
+    RAY_SESSIONS_KEPT, EmbedderSpec, _open_embedder, embedding_gpu_share, local_ray_settings, split_shards, task_runner,
 )
 from tasks.store import QdrantStore
 
@@ -57,6 +58,17 @@ def test_shards_hold_whole_documents_in_order():
 def test_embedding_engines_on_one_machine_split_its_gpus(tmp_path, options, share):
     params = IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=tmp_path, **options)
     assert embedding_gpu_share(params) == share
+
+
+@pytest.mark.parametrize(("cluster_address", "cache_dir"), [(None, "flow/cache"), ("tcp://10.0.0.7:8786", "worker/cache")])
+def test_vllm_caches_stay_on_the_machine_that_embeds(tmp_path, monkeypatch, cluster_address, cache_dir):
+    """A worker of an existing cluster may run on another machine, where the flow's data directory does
+    not exist: it keeps the vLLM engine's caches in its own (its RAGBATCH_DATA_DIR). The engine is not started."""
+    params = IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=tmp_path / "flow", embedding_backend="vllm",
+                          task_runner=TaskRunnerKind.dask, cluster_address=cluster_address)
+    monkeypatch.setenv("RAGBATCH_DATA_DIR", str(tmp_path / "worker"))  # as on the worker that opens the spec
+    embedder = EmbedderSpec.of(params).open()
+    assert isinstance(embedder, VLLMEmbedder) and embedder.cache_dir == tmp_path / cache_dir
 
 
 def test_one_shard_or_no_chunks():
