@@ -25,6 +25,8 @@ import psutil
 _PR_SET_PDEATHSIG = 1
 REAP_GRACE_SECONDS = 10.0
 REAP_POLL_SECONDS = 1.0
+# Set in a watched process's environment, so every process it starts afterwards carries it.
+REAP_MARK_VARIABLE = "RAGBATCH_ENDS_WITH"
 
 
 def free_port() -> int:
@@ -118,18 +120,23 @@ def end_descendants_with_this_process() -> None:
 
 @functools.cache
 def _watcher(pid: int) -> subprocess.Popen:
-    """Without this process's stdout and stderr: a pipe reading them would wait for the watcher too."""
-    return subprocess.Popen([sys.executable, "-m", "tasks.child_process", "reap", str(pid), str(REAP_GRACE_SECONDS)],
+    """Marks this process's environment (see `reap`); the watcher runs without this process's stdout
+    and stderr: a pipe reading them would wait for the watcher too."""
+    mark = f"{pid}-{psutil.Process(pid).create_time()}"
+    os.environ[REAP_MARK_VARIABLE] = mark
+    return subprocess.Popen([sys.executable, "-m", "tasks.child_process", "reap", str(pid), str(REAP_GRACE_SECONDS), mark],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             process_group=0)
 
 
-def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_SECONDS) -> None:
+def reap(parent_pid: int, grace_seconds: float, mark: str, poll_seconds: float = REAP_POLL_SECONDS) -> None:
     """Wait for this process's parent `parent_pid` to end, noting its descendants every `poll_seconds`;
-    then SIGTERM those still running, and SIGKILL them after `grace_seconds`.
+    then SIGTERM those still running and every process started with `mark` in its environment, and
+    SIGKILL them after `grace_seconds`.
 
-    The descendants are noted while the parent lives because once it is gone they belong to init. A
-    process started in the last `poll_seconds` before the parent's death can be missed.
+    The descendants are noted while the parent lives because once it is gone they belong to init.
+    The mark finds the ones started since the last look (or that left the tree), unless they were
+    started with an environment of their own.
     """
     me = os.getpid()
     known: dict[int, psutil.Process] = {}
@@ -139,6 +146,7 @@ def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_
             current = {process.pid: process for process in parent.children(recursive=True) if process.pid != me}
             known = {pid: process for pid, process in known.items() if process.is_running()} | current
             time.sleep(poll_seconds)
+    known |= {process.pid: process for process in _marked(mark) if process.pid != me}
     survivors = [process for process in known.values() if process.is_running()]
     for process in survivors:
         with suppress(psutil.NoSuchProcess):
@@ -146,8 +154,18 @@ def reap(parent_pid: int, grace_seconds: float, poll_seconds: float = REAP_POLL_
     _kill_survivors(survivors, grace_seconds)
 
 
+def _marked(mark: str) -> list[psutil.Process]:
+    """The processes (of this user) whose environment holds `mark`."""
+    found = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error):
+            if process.environ().get(REAP_MARK_VARIABLE) == mark:
+                found.append(process)
+    return found
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "reap":
-        reap(int(sys.argv[2]), float(sys.argv[3]))
+        reap(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
     else:
         sys.exit(supervise(sys.argv[4:], float(sys.argv[2])))

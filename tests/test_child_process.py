@@ -28,6 +28,17 @@ STARTS_A_TREE = textwrap.dedent("""
     time.sleep(300)
 """)
 
+STARTS_AND_DIES = textwrap.dedent("""
+    import os, subprocess, sys
+    from tasks.child_process import end_descendants_with_this_process
+
+    end_descendants_with_this_process()
+    started = [subprocess.Popen(["sleep", "301"], stdout=subprocess.DEVNULL).pid]  # a child
+    subprocess.run(["sh", "-c", "sleep 302 >/dev/null & echo $!"])                 # one that left the tree at once
+    print(*started, flush=True)
+    os.kill(os.getpid(), 9)                                             # before the watcher looked
+""")
+
 STARTS_AN_ENGINE_PROCESS = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -96,6 +107,29 @@ def test_a_killed_process_takes_the_processes_it_started_along():
     commands = [" ".join(child.cmdline()) for child in descendants]
     assert sum(command == "sleep 300" for command in commands) == 2 and any("tasks.child_process reap" in c for c in commands)
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="their parent was killed")  # the watcher too
+
+
+def test_processes_started_just_before_a_kill_end_too():
+    """The watcher notes the tree once a second; what was started since, or left the tree, carries the
+    process's mark in its environment."""
+    output = subprocess.run([sys.executable, "-c", STARTS_AND_DIES], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, timeout=60).stdout
+    started = [int(pid) for pid in output.split()]
+    assert len(started) == 2
+    deadline = time.monotonic() + REAP_GRACE_SECONDS + 10
+    while (alive := [pid for pid in started if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        psutil.Process(pid).kill()
+    assert not alive, "sleeps started just before their parent was killed are still running"
+
+
+def running(pid: int) -> bool:
+    """Not ended (the watcher's victims are orphans: init reaps them, a moment later)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, tmp_path: Path):
