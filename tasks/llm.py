@@ -73,12 +73,16 @@ class Generator(Protocol):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (of the first error, for pydantic), or its type."""
+    """The first non-empty line of an exception's message (of the first error, for pydantic), or its type.
+    A first line that only introduces what follows ("...failure from server:" and a remote traceback)
+    gets the last line too, where the traceback's error is."""
     from pydantic import ValidationError
 
     text = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) and exc.errors() else str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:

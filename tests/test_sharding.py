@@ -26,7 +26,8 @@ from tasks.chunking import Chunk
 from tasks.embedding import VLLMEmbedder
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import (
-    RAY_SESSIONS_KEPT, EmbedderSpec, _open_embedder, embedding_gpu_share, local_ray_settings, split_shards, task_runner,
+    RAY_SESSIONS_KEPT, EmbedderSpec, _open_embedder, _unreachable, embedding_gpu_share, local_ray_settings, split_shards,
+    task_runner,
 )
 from tasks.store import QdrantStore
 
@@ -227,6 +228,16 @@ def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subpr
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["points"] == single.points
     assert_same_index(single_index, snapshot(f"edge:{tmp_path / 'ray' / 'edge'}", "kb"))
+
+
+def test_a_refused_ray_connection_names_the_servers_error():
+    """Ray's client puts the server's traceback under one introducing line; the error names the cause."""
+    refused = ConnectionAbortedError("Initialization failure from server:\nTraceback (most recent call last):\n"
+                                     '  File "proxier.py", line 767, in Datapath\n'
+                                     "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err\n")
+    assert _unreachable(TaskRunnerKind.ray, "ray://head:10001", refused).startswith(
+        "cannot reach the ray cluster at ray://head:10001: Initialization failure from server: RuntimeError: Starting Ray "
+        "client server failed. See ray_client_server_23001.err; ")
 
 
 def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
