@@ -1,5 +1,7 @@
 """The Prefect task layer: store steps retry when the store is unreachable, then fail clearly."""
 
+import time
+
 import pytest
 
 from tasks import steps
@@ -11,12 +13,27 @@ from .test_store import closed_port
 
 
 def test_store_steps_retry_an_unreachable_store_then_fail(prefect_api_url):
-    from prefect import get_client
-
     store = QdrantStore.connect(f"http://127.0.0.1:{closed_port()}", timeout=2)
-    state = steps.find_changed(store, "docs", [SourceRow("a", "a", "text")], "f", return_state=True)
+    undelayed = steps.find_changed.with_options(retry_delay_seconds=0)  # the step's retries, without 15 s of waiting
+    state = undelayed(store, "docs", [SourceRow("a", "a", "text")], "f", return_state=True)
     with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
         state.result()
+    assert final_task_run(state.state_details.task_run_id).run_count == 1 + len(steps.STORE_RETRIES["retry_delay_seconds"])
+
+
+def final_task_run(task_run_id, timeout: float = 30):
+    """The task run as the API has it once it is finished: task runs reach the API as events, a moment later."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        task_run = client.read_task_run(state.state_details.task_run_id)
-    assert task_run.run_count == 1 + len(steps.STORE_RETRIES["retry_delay_seconds"])
+        while True:
+            try:
+                task_run = client.read_task_run(task_run_id)
+                if task_run.state and task_run.state.is_final():
+                    return task_run
+            except ObjectNotFound:
+                pass
+            assert time.monotonic() < deadline, f"task run {task_run_id} did not finish in the API"
+            time.sleep(0.2)
