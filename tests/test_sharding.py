@@ -219,13 +219,16 @@ def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subpr
                                      env={**env, "RAY_AUTH_MODE": "", "RAGBATCH_DATA_DIR": str(tmp_path / "refused")})
             result = subprocess.run([*command, "--cluster-address", address], capture_output=True, text=True, timeout=600,
                                     env={**env, "RAGBATCH_DATA_DIR": str(tmp_path / "ray")})
+        # What Ray's client servers said, for a failure (their session directory goes next).
+        server_logs = "".join(f"\n{log.name}: {log.read_text()[-1500:]}" for log in
+                              sorted(state.glob("session_latest/logs/ray_client_server*.err")) if log.read_text().strip())
     finally:
         shutil.rmtree(state, ignore_errors=True)
     # Ray's client sends the token only when told the cluster wants one; the error says so, in one line.
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     [line] = [line for line in refused.stderr.splitlines() if line.startswith("ragbatch: error: ")]
     assert f"cannot reach the ray cluster at {address}" in line and "RAY_AUTH_MODE=token" in line
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:] + server_logs
     assert json.loads(result.stdout.strip().splitlines()[-1])["points"] == single.points
     assert_same_index(single_index, snapshot(f"edge:{tmp_path / 'ray' / 'edge'}", "kb"))
 
