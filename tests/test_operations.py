@@ -37,18 +37,33 @@ class Stack:
     def __init__(self, process: subprocess.Popen, port: int, data_dir: Path) -> None:
         self.process = process
         self.ui = f"http://127.0.0.1:{port}"
-        self._client = httpx.Client(base_url=f"{self.ui}/api", timeout=30)
+        self._client = httpx.Client(base_url=f"{self.ui}/api", timeout=60)  # Prefect's client default
         self.data_dir = data_dir
+
+    def log_tails(self, lines: int = 40) -> str:
+        """The last lines of the server's and the worker's logs, for failure messages."""
+        tails = []
+        for log in sorted((self.data_dir / "prefect" / "logs").glob("*.log")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            tails.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(tails)
 
     def call(self, method: str, path: str, **kwargs) -> httpx.Response:
         """One API request, retried as Prefect's own client does while the server answers 503 (its SQLite
-        database busy, e.g. with the worker and a deployment writing at the same moment)."""
+        database busy, e.g. with the worker and a deployment writing at the same moment) or, for reads,
+        does not answer in time; the last failure carries the tails of the stack's logs."""
         for attempt in range(8):
-            response = self._client.request(method, path, **kwargs)
-            if response.status_code != 503:
-                break
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except (httpx.TimeoutException, httpx.ReadError, httpx.RemoteProtocolError) as error:
+                if attempt == 7 or not (method == "GET" or path.endswith("/filter")):  # never repeat a write
+                    raise AssertionError(f"{method} {path}: {error!r}\n{self.log_tails()}") from error
+            else:
+                if response.status_code != 503:
+                    break
             time.sleep(min(0.5 * 2**attempt, 5))
-        response.raise_for_status()
+        if response.is_error:
+            raise AssertionError(f"{method} {path}: {response.status_code} {response.text[:300]}\n{self.log_tails()}")
         return response
 
     def deployment(self, flow: str, name: str) -> dict:
@@ -65,7 +80,7 @@ class Stack:
             if run["state_type"] in FINAL_STATES:
                 return run
             time.sleep(1)
-        raise AssertionError(f"flow run {run_id} still {run['state_type']} after {timeout} s")
+        raise AssertionError(f"flow run {run_id} still {run['state_type']} after {timeout} s\n{self.log_tails()}")
 
     def artifacts(self, run_id: str) -> dict[str, dict]:
         response = self.call("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
@@ -124,7 +139,7 @@ def runs(stack: Stack, smollm2_models_dir: Path) -> dict[str, dict]:
     }})
     finished["answer"] = stack.wait(answer)
     for name, run in finished.items():
-        assert run["state_type"] == "COMPLETED", f"{name}: {run['state_name']}\n{stack.logs(run['id'])}"
+        assert run["state_type"] == "COMPLETED", f"{name}: {run['state_name']}\n{stack.logs(run['id'])}\n{stack.log_tails()}"
     return finished
 
 
