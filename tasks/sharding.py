@@ -151,7 +151,12 @@ def _unreachable(kind: TaskRunnerKind, address: str | None, exc: OSError) -> str
     if not address:
         return f"cannot start a local {kind.value} cluster: {first_line(exc)}"
     hint = ""
-    if kind == TaskRunnerKind.ray:  # Ray's client only says it timed out
+    if kind == TaskRunnerKind.ray and "Starting Ray client server failed" in str(exc):
+        # The head's client proxy forks each client's server while gRPC's fork handlers race its own
+        # threads; the server dies at once (ray-project/ray#63202).
+        hint = ("; the cluster's Ray client proxy lost the server it started for this run, an intermittent Ray bug: "
+                "run again, and start the head node with GRPC_ENABLE_FORK_SUPPORT=false to avoid it")
+    elif kind == TaskRunnerKind.ray:  # Ray's client only says it timed out
         hint = "; a Ray cluster with token authentication also needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here"
     return f"cannot reach the {kind.value} cluster at {address}: {first_line(exc)}{hint}"
 

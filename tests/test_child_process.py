@@ -36,7 +36,7 @@ STARTS_AND_DIES = textwrap.dedent("""
     started = [subprocess.Popen(["sleep", "301"], stdout=subprocess.DEVNULL).pid]  # a child
     subprocess.run(["sh", "-c", "sleep 302 >/dev/null & echo $!"])                 # one that left the tree at once
     print(*started, flush=True)
-    os.kill(os.getpid(), 9)                                             # before the watcher looked
+    os.kill(os.getpid(), 9)                                                        # before the watcher looked
 """)
 
 STARTS_AN_ENGINE_PROCESS = textwrap.dedent("""

@@ -190,7 +190,10 @@ def existing_ray_cluster(directory: Path, env: dict[str, str]) -> Iterator[str]:
                "--port", str(free_port()), "--ray-client-server-port", str(client_port), "--num-cpus", "2",
                "--include-dashboard", "false", "--temp-dir", str(directory), "--disable-usage-stats"]
     with (directory / "head.log").open("w") as log:
-        head = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=log)
+        # As deployments/README.md advises: without it the server Ray's client proxy forks for each client
+        # died at once in about one run in five (ray-project/ray#63202).
+        head = subprocess.Popen(command, env={**env, "GRPC_ENABLE_FORK_SUPPORT": "false"}, start_new_session=True,
+                                stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 120
         while not listens(client_port):
@@ -204,7 +207,7 @@ def existing_ray_cluster(directory: Path, env: dict[str, str]) -> Iterator[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RAGBATCH_RAY_CLUSTER"),
                     reason="RAGBATCH_RAY_CLUSTER=1: starts a Ray cluster and waits out a refused connection (about 2 "
-                    "minutes); flaky here (deployments/README.md)")
+                    "minutes)")
 def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subprocess_env, tmp_path):
     single, single_index, _ = one_process
     token = secrets.token_hex(32)
@@ -219,9 +222,11 @@ def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subpr
                                      env={**env, "RAY_AUTH_MODE": "", "RAGBATCH_DATA_DIR": str(tmp_path / "refused")})
             result = subprocess.run([*command, "--cluster-address", address], capture_output=True, text=True, timeout=600,
                                     env={**env, "RAGBATCH_DATA_DIR": str(tmp_path / "ray")})
-        # What Ray's client servers said, for a failure (their session directory goes next).
-        server_logs = "".join(f"\n{log.name}: {log.read_text()[-1500:]}" for log in
-                              sorted(state.glob("session_latest/logs/ray_client_server*.err")) if log.read_text().strip())
+        # Ray's logs, for a failure (their session directory goes next): kept with the test's directory.
+        shutil.copytree(state / "session_latest" / "logs", tmp_path / "ray-logs")
+        server_logs = f"\nRay's logs: {tmp_path / 'ray-logs'}" + "".join(
+            f"\n{log.name}: {log.read_text()[-3000:]}" for log in sorted((tmp_path / "ray-logs").glob("ray_client_server*.err"))
+            if log.read_text().strip())
     finally:
         shutil.rmtree(state, ignore_errors=True)
     # Ray's client sends the token only when told the cluster wants one; the error says so, in one line.
@@ -234,13 +239,16 @@ def test_ingest_on_an_existing_ray_cluster_equals_one_process(one_process, subpr
 
 
 def test_a_refused_ray_connection_names_the_servers_error():
-    """Ray's client puts the server's traceback under one introducing line; the error names the cause."""
+    """Ray's client puts the server's traceback under one introducing line; the error names the cause and
+    what avoids it."""
     refused = ConnectionAbortedError("Initialization failure from server:\nTraceback (most recent call last):\n"
                                      '  File "proxier.py", line 767, in Datapath\n'
                                      "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err\n")
-    assert _unreachable(TaskRunnerKind.ray, "ray://head:10001", refused).startswith(
+    assert _unreachable(TaskRunnerKind.ray, "ray://head:10001", refused) == (
         "cannot reach the ray cluster at ray://head:10001: Initialization failure from server: RuntimeError: Starting Ray "
-        "client server failed. See ray_client_server_23001.err; ")
+        "client server failed. See ray_client_server_23001.err; the cluster's Ray client proxy lost the server it "
+        "started for this run, an intermittent Ray bug: run again, and start the head node with "
+        "GRPC_ENABLE_FORK_SUPPORT=false to avoid it")
 
 
 def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
