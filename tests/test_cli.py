@@ -83,21 +83,31 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert message in line
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
-def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path, how):
+def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path):
     """`ragbatch serve` runs vLLM's server (and its engine process) as children; stopped by a supervisor's
-    SIGTERM the server outlived it, still answering on the port with the model loaded."""
+    SIGTERM the server outlived it, still answering on the port with the model loaded. One `serve` is
+    stopped, one killed; they start side by side (each spends half a minute importing on one core)."""
     from tasks.child_process import free_port
 
-    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path)}
-    command = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),
-                                "--port", str(free_port()), "--max-model-len", "1024", "--kv-cache-gib", "1"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while not any(child.name().startswith("VLLM::EngineCor") for child in psutil.Process(command.pid).children(recursive=True)):
-        assert command.poll() is None and time.monotonic() < deadline, "the server's engine never started"
-        time.sleep(0.2)
-    descendants = psutil.Process(command.pid).children(recursive=True)
-    command.send_signal(how)
-    command.wait(timeout=120)
-    assert_all_end(descendants, timeout=60, after="`ragbatch serve` ended")
+    servers = {}
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path / how.name)}
+        servers[how] = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),
+                                         "--port", str(free_port()), "--max-model-len", "1024", "--kv-cache-gib", "1"],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        for how, command in servers.items():
+            while not any(child.name().startswith("VLLM::EngineCor") for child in psutil.Process(command.pid).children(recursive=True)):
+                assert command.poll() is None and time.monotonic() < deadline, f"{how.name}: the server's engine never started"
+                time.sleep(0.2)
+        for how, command in servers.items():
+            descendants = psutil.Process(command.pid).children(recursive=True)
+            command.send_signal(how)
+            command.wait(timeout=120)
+            assert_all_end(descendants, timeout=60, after=f"`ragbatch serve` ended by {how.name}")
+    finally:
+        for command in servers.values():
+            if command.poll() is None:
+                command.terminate()
+                command.wait(timeout=120)
