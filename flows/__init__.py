@@ -1,12 +1,16 @@
 """ragbatch's Prefect flows and the `ragbatch` command line."""
 
 import os
+import warnings
 from pathlib import Path
 
 # Offline, no telemetry, state under the data directory: set before Prefect, torch or Hugging Face load.
 _data_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
 if "PREFECT_HOME" not in os.environ:
-    (_data_dir / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+    try:
+        (_data_dir / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level itself
+    except OSError:  # the command refuses this data directory in one line (tasks.disk.prepare_data_dir)
+        warnings.filterwarnings("ignore", "Failed to create the Prefect home directory")
     os.environ["PREFECT_HOME"] = str(_data_dir / "prefect")
 # torch creates its compile cache when transformers loads, in /tmp unless told (tasks.llm.cpu_environment's path).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_data_dir / "cache" / "torchinductor"))

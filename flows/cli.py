@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 import flows  # noqa: F401  (environment defaults before Prefect loads)
-from tasks.disk import MIN_FREE_BYTES, require_free_space
+from tasks.disk import MIN_FREE_BYTES, prepare_data_dir, require_free_space
 from tasks.errors import RagbatchError
 from tasks.settings import AnswerParams, EvaluateParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
 
@@ -51,17 +52,32 @@ def params_from_args(model: type[BaseModel], args: argparse.Namespace) -> Any:
     return model(**given)
 
 
+def _command_params(model: type[RagbatchSettings], args: argparse.Namespace, command: str) -> Any:
+    """The command's parameters, once its data directory has room and exists: Prefect's database and the
+    embedded store live there, and on a full disk Prefect's server never starts (a traceback after two
+    minutes) and the store dies of SIGBUS."""
+    params = params_from_args(model, args)
+    require_free_space(params.data_dir, MIN_FREE_BYTES, command)
+    prepare_data_dir(params.data_dir)
+    return params
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "parameters"
     return f"invalid --{where.replace('_', '-')}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
 
 
+def _is_file_error(exc: BaseException) -> bool:
+    """A file-system error naming its file (no space, no permission, not a directory): one line says it all."""
+    return isinstance(exc, OSError) and bool(exc.filename)
+
+
 class _DropKnownErrors(logging.Filter):
-    """The CLI prints RagbatchErrors itself as one line; drop Prefect's copy with its traceback."""
+    """The CLI prints RagbatchErrors and file errors itself as one line; drop Prefect's copy with its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], RagbatchError))
+        return not (record.exc_info and (isinstance(record.exc_info[1], RagbatchError) or _is_file_error(record.exc_info[1])))
 
 
 def _configure_console(verbose: bool) -> None:
@@ -80,10 +96,7 @@ def _flow_command(model: type[RagbatchSettings], flow_name: str):
     """A subcommand that builds the flow's parameters from the flags and runs the flow in-process."""
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
-        params = params_from_args(model, args)
-        # Prefect's database and the embedded store live there: on a full disk Prefect's temporary server
-        # never starts (a traceback after two minutes) and the store dies of SIGBUS.
-        require_free_space(params.data_dir, MIN_FREE_BYTES, flow_name)
+        params = _command_params(model, args, flow_name)
         if args.show_progress is None:
             params.show_progress = sys.stderr.isatty()
         flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
@@ -139,7 +152,7 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.llm_models import resolve_llm_model
     from tasks.serving import STOP_GRACE_SECONDS, vllm_server_command
 
-    params = params_from_args(ServeParams, args)
+    params = _command_params(ServeParams, args, "serve")
     model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
     command = vllm_server_command(
         model_dir=model_dir, served_name=params.llm_model, host=params.host, port=params.port,
@@ -170,7 +183,7 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    params = params_from_args(PrefectServerParams, args)
+    params = _command_params(PrefectServerParams, args, "server")
     stack = PrefectStack(params)
     print(f"starting Prefect on {stack.ui_url} (state and logs in {stack.home})", file=sys.stderr)
     stack.start()
@@ -190,7 +203,7 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
 def _run_models_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.llm_models import DEFAULT_LLM, prepare_smollm2
 
-    params = params_from_args(RagbatchSettings, args)
+    params = _command_params(RagbatchSettings, args, "models prepare")
     return {"model": DEFAULT_LLM, "path": str(prepare_smollm2(params.data_dir / "models"))}
 
 
@@ -251,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"ragbatch: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not _is_file_error(exc):  # a socket, say: keep the traceback
+            raise
+        hint = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"ragbatch: error: {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("ragbatch: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ log's size; ragbatch checks the same way before each write, before building an i
 rewrites the collection), before converting the bundled LLM (whose libraries fail deep inside on a
 full disk) and before a run starts (Prefect's database lives there too). Files written the ordinary
 way (answer and evaluation Parquet, possibly on another disk) get ENOSPC instead, also made one line.
+A data directory that cannot be created (a file in its path, no permission) is refused the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.errors import DiskSpaceError
+from tasks.errors import DataDirError, DiskSpaceError
 
 MIB = 1024 * 1024
 # Headroom kept free below every write: two WAL segments (2 x 32 MiB) and a segment page (32 MiB)
@@ -49,6 +50,29 @@ def require_free_space(path: Path, needed: int, action: str) -> None:
             f"{action}: only {free / MIB:.0f} MiB free on the disk of {path}, at least {needed / MIB:.0f} MiB "
             "needed to write safely (free some space, or set RAGBATCH_DATA_DIR / --store to another disk)"
         )
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data directory, or raise `DataDirError` naming it when it cannot be created or written."""
+    path = Path(path).absolute()
+    problem = _data_dir_problem(path)
+    if problem:
+        raise DataDirError(f"cannot use {path} as the data directory: {problem}; "
+                           "set --data-dir or RAGBATCH_DATA_DIR to a directory you can write")
+
+
+def _data_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be ragbatch's data directory (creating it if need be), or None if it can."""
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror.lower()
+    if os.access(path, os.W_OK | os.X_OK):
+        return None
+    return "read-only file system" if os.statvfs(path).f_flag & os.ST_RDONLY else "permission denied"
 
 
 @contextmanager

@@ -21,6 +21,10 @@ class DiskSpaceError(RagbatchError):
     """The disk of the data directory or store is too full to write safely."""
 
 
+class DataDirError(RagbatchError):
+    """The data directory cannot be created or written."""
+
+
 class QuarantineThresholdExceeded(RagbatchError):
     """Too large a share of the input failed validation; the index is left untouched."""
 

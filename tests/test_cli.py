@@ -49,6 +49,12 @@ ERROR_CASES = [
     (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
     (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
     (["server", "--port", "{listening}", "--project-dir", "{root}"], "127.0.0.1:{listening} is already in use"),
+    (["ingest", "{corpus}", "--collection", "x", "--store", "edge:{tmp}/t.csv/edge"], "{tmp}/t.csv/edge/collections: Not a directory"),
+    (["ingest", "{corpus}", "--collection", "x", "--data-dir", "{tmp}/t.csv/state"],
+     "cannot use {tmp}/t.csv/state as the data directory: {tmp}/t.csv is not a directory; set --data-dir or RAGBATCH_DATA_DIR"),
+    (["serve", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory: {tmp}/t.csv is not a directory"),
+    (["server", "--data-dir", "{tmp}/t.csv", "--project-dir", "{root}"], "cannot use {tmp}/t.csv as the data directory"),
+    (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
 ]
 
 
@@ -73,7 +79,7 @@ def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, 
     assert message in line
 
 
-@pytest.mark.parametrize("case", [0, 4])
+@pytest.mark.parametrize("case", [0, 4, 11])  # a source error, a store error, a file error inside the flow
 def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env, case):
     args, message = fill(*ERROR_CASES[case], tmp_path, corpus)
     result = ragbatch(*args, env=subprocess_env)
@@ -81,6 +87,18 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("ragbatch: error: ")]
     assert message in line
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line_before_anything_starts(tmp_path, corpus, subprocess_env):
+    """RAGBATCH_DATA_DIR is read when the package loads, to put Prefect's home there: a file in its path
+    must not end the command there with a traceback (or Prefect's warning) instead."""
+    (tmp_path / "t.csv").write_text("id,text\n")
+    env = {name: value for name, value in subprocess_env.items() if name != "PREFECT_HOME"}
+    env["RAGBATCH_DATA_DIR"] = str(tmp_path / "t.csv" / "state")
+    result = ragbatch("ingest", str(corpus), "--collection", "x", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"ragbatch: error: cannot use {tmp_path}/t.csv/state as the data directory: {tmp_path}/t.csv "
+                                     "is not a directory; set --data-dir or RAGBATCH_DATA_DIR to a directory you can write")
 
 
 def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path):

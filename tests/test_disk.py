@@ -10,9 +10,9 @@ import pytest
 from qdrant_client import models
 
 from flows.cli import main
-from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes
+from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes, prepare_data_dir
 from tasks.edge_store import EdgeStore
-from tasks.errors import DiskSpaceError
+from tasks.errors import DataDirError, DiskSpaceError
 from tasks.outputs import AnswerCheckpoint
 from tasks.store import VectorLayout
 
@@ -67,7 +67,7 @@ FILL_UNTIL_REFUSED = textwrap.dedent("""
     import sys
     from qdrant_client import models
     from tasks.edge_store import EdgeStore
-    from tasks.errors import DiskSpaceError
+    from tasks.errors import DataDirError, DiskSpaceError
     from tasks.store import VectorLayout
 
     store = EdgeStore.open("edge:" + sys.argv[1])
@@ -139,3 +139,12 @@ def test_preparing_smollm2_without_room_fails_at_once_in_one_line(tmpfs, monkeyp
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"ragbatch: error: preparing SmolLM2-135M-Instruct: only 256 MiB free on the disk of {disk / 'state'}")
     assert not list((disk / "state" / "models").iterdir())
+
+
+def test_a_data_dir_on_a_read_only_disk_is_refused_in_one_line(tmpfs):
+    disk = tmpfs(1)
+    prepare_data_dir(disk / "writable")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    for data_dir in (disk / "writable", disk / "state"):  # one that exists already, one to be created
+        with pytest.raises(DataDirError, match=rf"^cannot use {data_dir} as the data directory: read-only file system; set --data-dir"):
+            prepare_data_dir(data_dir)
