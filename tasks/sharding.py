@@ -181,7 +181,9 @@ def _new_task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None,
     if address:
         return _ray_task_runner()(address=address)
     ray_environment, temp_dir = local_ray_settings(state_dir / "ray" if state_dir else None)
-    os.environ.update(ray_environment)  # for this process and the Ray processes it starts
+    # For this process and the Ray processes it starts; kept after the run, because Ray's token loader
+    # caches the token for the life of the process: a later run with a new one timed out starting its instance.
+    os.environ.update(ray_environment)
     if (ray_constants := sys.modules.get("ray._private.ray_constants")) is not None:
         # Ray read the variable when it was imported, which any Prefect block load does (it imports
         # every Prefect collection, prefect-ray too); this is the value Ray's node-address lookup reads.
