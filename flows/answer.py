@@ -14,6 +14,7 @@ from tasks import steps
 from tasks.child_process import end_descendants_with_this_process
 from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
+from tasks.errors import SourceError
 from tasks.generation import open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
@@ -93,6 +94,8 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                     logger.info("answered %d questions (%d so far)", len(part), report.questions - report.quarantined)
                 progress.advance(len(batch))
         progress.close()
+        if not report.questions:
+            raise SourceError(f"{params.questions}: no questions found; nothing was answered")
         report.quarantine_path = str(quarantine_path)
         table = checkpoint.finalize()
     finally:

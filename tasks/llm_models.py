@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tasks.disk import MIB, MIN_FREE_BYTES, require_free_space
 from tasks.errors import RagbatchError
-from tasks.llm import first_line
+from tasks.llm import ModelError, first_line
 
 DEFAULT_LLM = "SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (DEFAULT_LLM, "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -112,6 +112,9 @@ def resolve_llm_model(name: str, models_dir: Path) -> str:
     if name in SMOLLM2_NAMES:
         return str(prepare_smollm2(models_dir))
     path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():  # vLLM would fail deep inside, naming a tokenizer backend
+        raise ModelError(f"{path}: not a model directory (no config.json); give a Hugging Face model directory, "
+                         f"a GGUF file, a hub id or {DEFAULT_LLM}")
     if path.exists():
         return str(path.resolve())
     return name

@@ -164,7 +164,7 @@ class AnswerCheckpoint:
             if question_id not in seen:
                 seen.add(question_id)
                 keep.append(index)
-        table = table.take(keep)
+        table = table.take(pa.array(keep, type=pa.int64()))  # typed: an empty list would be a null array
         self.output.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.output.with_name(self.output.name + ".tmp")
         with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):

@@ -258,3 +258,30 @@ def test_hostile_question_set_each_question_answered_failed_or_quarantined_once(
         "invalid JSON at column 43", "duplicate id 'ok'", "missing id", "id is not a string or an integer",
         "binary content", "not valid UTF-8", "question is empty or whitespace only", "question has 20,000 characters, more than the limit of 4,000",
     ])
+
+
+@pytest.mark.slow
+def test_a_question_set_without_a_valid_question_gives_an_empty_output_and_an_empty_one_an_error(
+        prefect_api_url, tmp_path, data_dir, tiny_llm_dir):
+    """Every question quarantined: the run completes with an output of no rows (the engine never starts).
+    No question at all (an empty file or directory): one line, as for an empty source to ingest."""
+    from flows.answer import answer
+    from tasks.errors import SourceError
+    from tasks.settings import AnswerParams
+
+    from .test_concurrency import small_corpus
+
+    ingest(IngestParams(source=small_corpus(tmp_path / "corpus", 2), collection="kb", data_dir=data_dir))
+
+    def run(questions: Path):
+        return answer(AnswerParams(questions=questions, out=tmp_path / f"{questions.name}.parquet", collection="kb",
+                                   data_dir=data_dir, llm_model=str(tiny_llm_dir), max_model_len=512, kv_cache_gib=1.0))
+
+    report = run(write(tmp_path / "invalid.jsonl", b'{"id": "a", "question": " "}\n{"id": "b", "question": "unterminated\n'))
+    assert report.questions == report.quarantined == 2 and report.answered == report.failed == 0
+    assert pq.read_table(report.output).num_rows == 0 and pq.read_table(report.quarantine_path).num_rows == 2
+
+    (tmp_path / "none").mkdir()
+    for empty in (write(tmp_path / "empty.jsonl", b""), tmp_path / "none"):
+        with pytest.raises(SourceError, match=rf"^{empty}: no questions found; nothing was answered$"):
+            run(empty)

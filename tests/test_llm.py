@@ -101,9 +101,15 @@ def test_unreachable_server_is_a_one_line_error_without_the_key():
 
 
 def test_resolve_llm_model_keeps_local_paths_and_hub_ids(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_llm_model(str(tmp_path), tmp_path / "models") == str(tmp_path.resolve())
     assert resolve_llm_model("Qwen/Qwen2.5-0.5B-Instruct", tmp_path / "models") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert not (tmp_path / "models").exists()
+
+
+def test_a_directory_without_a_model_is_named_as_such(tmp_path):
+    with pytest.raises(ModelError, match=rf"^{tmp_path}: not a model directory \(no config.json\); give a Hugging Face"):
+        resolve_llm_model(str(tmp_path), tmp_path / "models")
 
 
 def test_server_command_spreads_the_model_over_gpus_only_when_asked():
