@@ -128,11 +128,12 @@ def _print_answer(result: dict[str, Any]) -> None:
 
 def _print_evaluate(result: dict[str, Any]) -> None:
     mode = result["retrieval"] + (f" ({result['fusion']})" if result.get("fusion") else "")
-    print(
-        f"{result['collection']}, {mode} retrieval, {result['queries']} queries: nDCG@10 {result['ndcg@10']:.4f}, "
-        f"recall@10 {result['recall@10']:.4f}, recall@100 {result['recall@100']:.4f}, MRR@10 {result['mrr@10']:.4f} "
-        f"({result['seconds']:.1f} s)"
-    )
+    if result["queries"]:
+        measures = (f"{result['queries']} queries: nDCG@10 {result['ndcg@10']:.4f}, recall@10 {result['recall@10']:.4f}, "
+                    f"recall@100 {result['recall@100']:.4f}, MRR@10 {result['mrr@10']:.4f}")
+    else:
+        measures = "no query has relevance judgements"
+    print(f"{result['collection']}, {mode} retrieval, {measures} ({result['seconds']:.1f} s)")
     if result.get("answers") is not None:
         shares = ", ".join(f"{name} {result[name]:.4f}" for name in
                            ("exact_match", "token_f1", "answers_citing", "citations_valid", "cited_relevant")

@@ -10,7 +10,8 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.child_process import end_descendants_with_this_process
-from tasks.evaluation import EvaluateReport, add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
+from tasks.evaluation import (EvaluateReport, add_answer_metrics, check_measurable, load_dataset, query_rows, summarize,
+                              write_outputs)
 from tasks.concurrency import exclusive
 from tasks.outputs import artifact_key, run_file
 from tasks.progress import RunProgress
@@ -30,6 +31,7 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
     queries = load_dataset(params.dataset, params.split)
+    check_measurable(queries, dataset=params.dataset, answers=params.answers)
     with exclusive(params.store, params.collection, writes=False):
         store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
         try:

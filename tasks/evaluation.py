@@ -57,6 +57,13 @@ def load_dataset(path: Path, split: str = "test") -> list[EvalQuery]:
     return queries
 
 
+def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Path | None) -> None:
+    """Refuse a run with nothing to measure: no query with relevance judgements, and no answers to score."""
+    if answers is None and not any(query.relevant for query in queries):
+        raise SourceError(f"{dataset}: no question has relevance judgements (a {' or '.join(RELEVANT_COLUMNS)} field) "
+                          "and no --answers to score: nothing to measure")
+
+
 def _load_beir(path: Path, split: str) -> list[EvalQuery]:
     queries_path, qrels_path = path / "queries.jsonl", path / "qrels" / f"{split}.tsv"
     for required in (queries_path, qrels_path):
@@ -144,10 +151,10 @@ class EvaluateReport(BaseModel):
     retrieval: str
     fusion: str | None = None
     queries: int = 0
-    ndcg_at_10: float = Field(0.0, alias="ndcg@10")
-    recall_at_10: float = Field(0.0, alias="recall@10")
-    recall_at_100: float = Field(0.0, alias="recall@100")
-    mrr_at_10: float = Field(0.0, alias="mrr@10")
+    ndcg_at_10: float | None = Field(None, alias="ndcg@10")
+    recall_at_10: float | None = Field(None, alias="recall@10")
+    recall_at_100: float | None = Field(None, alias="recall@100")
+    mrr_at_10: float | None = Field(None, alias="mrr@10")
     answers: int | None = None
     exact_match: float | None = None
     token_f1: float | None = None
@@ -169,7 +176,7 @@ def summarize(rows: Sequence[dict[str, Any]], **fields: Any) -> EvaluateReport:
     """Means over the judged queries (retrieval) and over the answered queries (answers)."""
     judged = [row for row in rows if row["ndcg@10"] is not None]
     report = EvaluateReport(queries=len(judged), **fields,
-                            **{name: _mean([row[name] for row in judged]) or 0.0 for name in RETRIEVAL_MEASURES})
+                            **{name: _mean([row[name] for row in judged]) for name in RETRIEVAL_MEASURES})
     answered = [row for row in rows if "cites" in row]
     if answered:
         citations = sum(row["citations"] for row in answered)

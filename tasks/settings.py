@@ -5,14 +5,24 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.store import is_server
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+
+
+def _not_a_directory(path: Path | None) -> Path | None:
+    """An output file's path: an existing directory there is named before the run, not by a write at its end."""
+    if path is not None and path.is_dir():
+        raise ValueError(f"{path} is a directory; name a Parquet file, e.g. {path / 'out.parquet'}")
+    return path
+
+
+OutputFile = Annotated[Path | None, AfterValidator(_not_a_directory)]
 
 
 class SourceFormat(str, Enum):
@@ -211,7 +221,7 @@ class AnswerParams(StoreParams, EngineParams):
     form_first: ClassVar[tuple[str, ...]] = ("questions", "collection", "out", "llm_model", "retrieval")
 
     questions: Path = Field(description="Question set: JSONL, CSV or Parquet with id, question, optional reference_answers and filter.")
-    out: Path | None = Field(
+    out: OutputFile = Field(
         None, description="Output Parquet file; parts are checkpointed beside it until the run completes. "
         "Default: <data dir>/answers/<collection>.parquet."
     )
@@ -283,7 +293,7 @@ class EvaluateParams(StoreParams):
         "enough for 100 distinct documents.",
     )
     answers: Path | None = Field(None, description="Answers Parquet of `ragbatch answer` on this dataset: adds answer metrics.")
-    out: Path | None = Field(None, description="Per-query Parquet output; the summary JSON goes beside it. Default: the run directory.")
+    out: OutputFile = Field(None, description="Per-query Parquet output; the summary JSON goes beside it. Default: the run directory.")
     embed_batch_size: int = Field(64, ge=1, description="Queries per forward pass of the embedding model.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
 

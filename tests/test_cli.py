@@ -55,6 +55,8 @@ ERROR_CASES = [
     (["serve", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory: {tmp}/t.csv is not a directory"),
     (["server", "--data-dir", "{tmp}/t.csv", "--project-dir", "{root}"], "cannot use {tmp}/t.csv as the data directory"),
     (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
+    (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory; name a Parquet file"),
+    (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory"),
 ]
 
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.errors import SourceError
-from tasks.evaluation import EvalQuery, add_answer_metrics, load_dataset, query_rows, summarize, write_outputs
+from tasks.evaluation import EvalQuery, add_answer_metrics, check_measurable, load_dataset, query_rows, summarize, write_outputs
 from tasks.outputs import ANSWER_SCHEMA
 
 from .conftest import ROOT
@@ -66,6 +66,28 @@ def test_rows_summary_and_outputs(tmp_path):
     write_outputs(rows, report, tmp_path / "out" / "eval.parquet")
     assert pq.read_table(tmp_path / "out" / "eval.parquet").num_rows == 3
     assert json.loads((tmp_path / "out" / "eval.summary.json").read_text()) == report.model_dump()
+
+
+def test_a_question_set_without_judgements_is_measured_by_its_answers_or_refused(tmp_path, capsys):
+    """Retrieval measures of no judged query are not zeros; with no answers either, there is nothing to run."""
+    from flows.cli import _print_evaluate
+
+    queries = [EvalQuery("a", "qa", {}, ["wind sensor"]), EvalQuery("b", "qb")]
+    with pytest.raises(SourceError, match=rf"^{tmp_path}/q.jsonl: no question has relevance judgements \(a relevant_doc_ids or source "
+                                          r"field\) and no --answers to score: nothing to measure$"):
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=None)
+    check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "answers.parquet")
+    check_measurable([*queries, EvalQuery("c", "qc", {"x": 1})], dataset=tmp_path / "q.jsonl", answers=None)
+
+    rows = query_rows(queries, {"a": ["x"], "b": ["y"]})
+    add_answer_metrics(rows, queries, answers_parquet(tmp_path / "answers.parquet", [("a", "Wind sensor.", ["x"], [])]))
+    report = summarize(rows, collection="kb", dataset="q.jsonl", retrieval="dense")
+    assert report.queries == 0 and report.ndcg_at_10 is report.recall_at_10 is report.mrr_at_10 is None
+    assert report.answers == 1 and report.exact_match == 1.0
+    _print_evaluate(report.model_dump())
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "kb, dense retrieval, no query has relevance judgements (0.0 s)",
+        "1 answers: exact_match 1.0000, token_f1 1.0000, answers_citing 0.0000"]
 
 
 def answers_parquet(path, answers):
