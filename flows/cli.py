@@ -268,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if not _is_file_error(exc):  # a socket, say: keep the traceback
             raise
-        hint = "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        print(f"ragbatch: error: {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
+        problem = exc.strerror
+        if isinstance(exc, FileExistsError) and os.path.isfile(exc.filename):  # what mkdir says of a file in the way
+            problem = "a file, where a directory is needed"
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            problem += "; free some space and run again"
+        print(f"ragbatch: error: {exc.filename}: {problem}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("ragbatch: interrupted", file=sys.stderr)

@@ -50,6 +50,7 @@ ERROR_CASES = [
     (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
     (["server", "--port", "{listening}", "--project-dir", "{root}"], "127.0.0.1:{listening} is already in use"),
     (["ingest", "{corpus}", "--collection", "x", "--store", "edge:{tmp}/t.csv/edge"], "{tmp}/t.csv/edge/collections: Not a directory"),
+    (["ingest", "{corpus}", "--collection", "x", "--store", "local:{tmp}/t.csv"], "{tmp}/t.csv: a file, where a directory is needed"),
     (["ingest", "{corpus}", "--collection", "x", "--data-dir", "{tmp}/t.csv/state"],
      "cannot use {tmp}/t.csv/state as the data directory: {tmp}/t.csv is not a directory; set --data-dir or RAGBATCH_DATA_DIR"),
     (["serve", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory: {tmp}/t.csv is not a directory"),
