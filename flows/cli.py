@@ -74,10 +74,14 @@ def _is_file_error(exc: BaseException) -> bool:
 
 
 class _DropKnownErrors(logging.Filter):
-    """The CLI prints RagbatchErrors and file errors itself as one line; drop Prefect's copy with its traceback."""
+    """The CLI prints RagbatchErrors and file errors itself as one line; drop Prefect's copy with its
+    traceback, and the failed task's "Finished in state Failed(...)" that repeats the error (a traceback
+    for any other error still comes with the exception's own record)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and (isinstance(record.exc_info[1], RagbatchError) or _is_file_error(record.exc_info[1])))
+        if record.exc_info:
+            return not (isinstance(record.exc_info[1], RagbatchError) or _is_file_error(record.exc_info[1]))
+        return not str(record.msg).startswith("Finished in state Failed")
 
 
 def _configure_console(verbose: bool) -> None:

@@ -82,12 +82,12 @@ def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, 
     assert message in line
 
 
-@pytest.mark.parametrize("case", [0, 4, 11])  # a source error, a store error, a file error inside the flow
+@pytest.mark.parametrize("case", [0, 2, 4, 11])  # source errors before and in a task, a store error, a file error in the flow
 def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env, case):
     args, message = fill(*ERROR_CASES[case], tmp_path, corpus)
     result = ragbatch(*args, env=subprocess_env)
     assert result.returncode == 1
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "Finished in state Failed" not in result.stderr, result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("ragbatch: error: ")]
     assert message in line
 
