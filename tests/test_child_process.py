@@ -71,15 +71,25 @@ def assert_all_end(processes: list[psutil.Process], *, timeout: float, after: st
 def kill_when(process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float) -> list[psutil.Process]:
     """Wait until `ready()` and for the watcher to have seen the processes that `process` started,
     SIGKILL it; those processes."""
+    return kill_all_when({process: ready}, timeout=timeout)[process]
+
+
+def kill_all_when(ready: dict[subprocess.Popen, Callable[[], bool]], *, timeout: float) -> dict[subprocess.Popen, list[psutil.Process]]:
+    """`kill_when` for processes running side by side: each is killed once all are ready."""
     try:
         deadline = time.monotonic() + timeout
-        while not ready():
-            assert process.poll() is None and time.monotonic() < deadline, f"the process ended or stalled (exit {process.poll()})"
+        waiting = dict(ready)
+        while waiting:
+            for process, is_ready in list(waiting.items()):
+                assert process.poll() is None and time.monotonic() < deadline, f"a process ended or stalled (exit {process.poll()})"
+                if is_ready():
+                    del waiting[process]
         time.sleep(2 * REAP_POLL_SECONDS)
-        return psutil.Process(process.pid).children(recursive=True)
+        return {process: psutil.Process(process.pid).children(recursive=True) for process in ready}
     finally:
-        process.kill()
-        process.wait()
+        for process in ready:
+            process.kill()
+            process.wait()
 
 
 def python(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -142,20 +152,15 @@ def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, t
     assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the command holding the engine was killed")
 
 
-def test_a_killed_command_takes_its_temporary_prefect_server_along(corpus: Path, data_dir: Path):
-    """Without PREFECT_API_URL a command runs a Prefect server of its own (Prefect's temporary one
-    outlived a killed command, holding its port and database); SIGKILLed mid-run, nothing stays."""
+def test_a_killed_command_or_flow_run_takes_its_temporary_prefect_server_along(corpus: Path, data_dir: Path):
+    """Without PREFECT_API_URL a command runs a Prefect server of its own, and a flow called from Python
+    one that Prefect starts; both outlived a killed process before, holding their port and database.
+    The two are SIGKILLed mid-run side by side; nothing stays."""
+    command_dir, flow_dir = data_dir / "command", data_dir / "flow"
     command = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "killed"],
-                               env=without_prefect_api(data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    descendants = kill_when(command, flow_runs(data_dir), timeout=300)
-    assert descendants, "no Prefect server process found"
-    assert_all_end(descendants, timeout=30, after="the command was killed")
-
-
-def test_a_killed_flow_run_takes_prefects_temporary_server_along(corpus: Path, data_dir: Path):
-    """A flow called from Python without PREFECT_API_URL runs against a temporary API server that
-    Prefect starts; it outlived the killed process before, holding its port and database."""
-    process = python(RUNS_A_FLOW, str(corpus), env=without_prefect_api(data_dir))
-    descendants = kill_when(process, flow_runs(data_dir), timeout=300)
-    assert any("uvicorn" in child.cmdline() for child in descendants), "no Prefect server process found"
-    assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the process running the flow was killed")
+                               env=without_prefect_api(command_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flow = python(RUNS_A_FLOW, str(corpus), env=without_prefect_api(flow_dir))
+    descendants = kill_all_when({command: flow_runs(command_dir), flow: flow_runs(flow_dir)}, timeout=300)
+    assert descendants[command], "no Prefect server process found for the command"
+    assert any("uvicorn" in child.cmdline() for child in descendants[flow]), "no Prefect server process found for the flow run"
+    assert_all_end([*descendants[command], *descendants[flow]], timeout=30, after="the command and the flow run were killed")
