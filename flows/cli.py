@@ -115,10 +115,13 @@ def _prefect_api() -> AbstractContextManager[Any]:
     """The configured Prefect API, or else a temporary server of this command's own that dies with it."""
     from prefect.settings import get_current_settings
 
-    from tasks.prefect_server import temporary_server
+    from tasks.prefect_server import require_reachable_api, temporary_server
 
     settings = get_current_settings()
-    return nullcontext() if settings.api.url else temporary_server(settings.home)
+    if not settings.api.url:
+        return temporary_server(settings.home)
+    require_reachable_api(settings.api.url)
+    return nullcontext()
 
 
 def _print_answer(result: dict[str, Any]) -> None:

@@ -141,6 +141,18 @@ class PrefectStack:
         wait_healthy(self.api_url, self.children[0].process, self.log_dir / "server.log", timeout)
 
 
+def require_reachable_api(api_url: str, timeout: float = 10) -> None:
+    """Raise `PrefectServerError` in one line when nothing answers at the configured Prefect API: Prefect's
+    client would end the run with a traceback. Any HTTP answer counts (a Cloud workspace URL has no /health)."""
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+    except httpx.TransportError as exc:
+        raise PrefectServerError(
+            f"cannot reach the Prefect API at {api_url} (PREFECT_API_URL): {str(exc) or type(exc).__name__}; start that "
+            "server (`ragbatch server` for a local one), or unset PREFECT_API_URL to run with a temporary one"
+        ) from None
+
+
 def wait_healthy(api_url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
     """Return once the server at `api_url` answers its health check; one-line error if it exits or times out."""
     deadline = time.monotonic() + timeout

@@ -92,6 +92,16 @@ def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env,
     assert message in line
 
 
+def test_an_unreachable_prefect_api_is_one_line(corpus, subprocess_env):
+    """A team's PREFECT_API_URL with its server down: Prefect's client ended the run with a traceback."""
+    api = f"http://127.0.0.1:{closed_port()}/api"
+    result = ragbatch("ingest", str(corpus), "--collection", "x", env={**subprocess_env, "PREFECT_API_URL": api})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): ")
+    assert line.endswith("; start that server (`ragbatch server` for a local one), or unset PREFECT_API_URL to run with a temporary one")
+
+
 def test_a_data_dir_that_cannot_be_created_is_one_line_before_anything_starts(tmp_path, corpus, subprocess_env):
     """RAGBATCH_DATA_DIR is read when the package loads, to put Prefect's home there: a file in its path
     must not end the command there with a traceback (or Prefect's warning) instead."""
