@@ -36,6 +36,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Something listens on `host:port` already (a server started there would fail with a traceback)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def die_with_parent() -> None:
     """`preexec_fn` for a server's process: default SIGINT and SIGTERM handling (a shell that starts
     ragbatch in the background makes it ignore SIGINT, and children inherit that), and on Linux

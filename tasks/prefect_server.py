@@ -9,7 +9,6 @@ does not stop on one signal, see NOTES.md) and dies with its parent.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,23 +20,13 @@ from typing import IO
 
 import httpx
 
-from tasks.child_process import die_with_parent, free_port, stop_group
+from tasks.child_process import die_with_parent, free_port, port_in_use, stop_group
 from tasks.errors import RagbatchError
 from tasks.settings import PrefectServerParams
 
 
 class PrefectServerError(RagbatchError):
     """The local Prefect stack could not start or one of its processes died."""
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 @dataclass

@@ -49,6 +49,7 @@ ERROR_CASES = [
     (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
     (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
     (["server", "--port", "{listening}", "--project-dir", "{root}"], "127.0.0.1:{listening} is already in use"),
+    (["serve", "--port", "{listening}"], "127.0.0.1:{listening} is already in use; pick another port with --port"),
     (["ingest", "{corpus}", "--collection", "x", "--store", "edge:{tmp}/t.csv/edge"], "{tmp}/t.csv/edge/collections: Not a directory"),
     (["ingest", "{corpus}", "--collection", "x", "--store", "local:{tmp}/t.csv"], "{tmp}/t.csv: a file, where a directory is needed"),
     (["ingest", "{corpus}", "--collection", "x", "--data-dir", "{tmp}/t.csv/state"],
@@ -82,7 +83,7 @@ def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, 
     assert message in line
 
 
-@pytest.mark.parametrize("case", [0, 2, 4, 11])  # source errors before and in a task, a store error, a file error in the flow
+@pytest.mark.parametrize("case", [0, 2, 4, 12])  # source errors before and in a task, a store error, a file error in the flow
 def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env, case):
     args, message = fill(*ERROR_CASES[case], tmp_path, corpus)
     result = ragbatch(*args, env=subprocess_env)
