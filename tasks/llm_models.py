@@ -117,4 +117,6 @@ def resolve_llm_model(name: str, models_dir: Path) -> str:
                          f"a GGUF file, a hub id or {DEFAULT_LLM}")
     if path.exists():
         return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub id (namespace/name)
+        raise ModelError(f"{name}: no such model directory or file")
     return name
