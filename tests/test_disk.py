@@ -67,7 +67,7 @@ FILL_UNTIL_REFUSED = textwrap.dedent("""
     import sys
     from qdrant_client import models
     from tasks.edge_store import EdgeStore
-    from tasks.errors import DataDirError, DiskSpaceError
+    from tasks.errors import DiskSpaceError
     from tasks.store import VectorLayout
 
     store = EdgeStore.open("edge:" + sys.argv[1])

@@ -263,8 +263,8 @@ def test_hostile_question_set_each_question_answered_failed_or_quarantined_once(
 @pytest.mark.slow
 def test_a_question_set_without_a_valid_question_gives_an_empty_output_and_an_empty_one_an_error(
         prefect_api_url, tmp_path, data_dir, tiny_llm_dir):
-    """Every question quarantined: the run completes with an output of no rows (the engine never starts).
-    No question at all (an empty file or directory): one line, as for an empty source to ingest."""
+    """Every question quarantined: the run completes with an output of no rows. No question at all (an
+    empty file or directory): one line, as for an empty source to ingest."""
     from flows.answer import answer
     from tasks.errors import SourceError
     from tasks.settings import AnswerParams
