@@ -58,10 +58,23 @@ def load_dataset(path: Path, split: str = "test") -> list[EvalQuery]:
 
 
 def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Path | None) -> None:
-    """Refuse a run with nothing to measure: no query with relevance judgements, and no answers to score."""
+    """Refuse, before any retrieval, a run with nothing to measure (no query with relevance judgements and
+    no answers to score) and answers that belong to another question set."""
     if answers is None and not any(query.relevant for query in queries):
         raise SourceError(f"{dataset}: no question has relevance judgements (a {' or '.join(RELEVANT_COLUMNS)} field) "
                           "and no --answers to score: nothing to measure")
+    if answers is not None:
+        answered = set(_read_answers(answers, ["question_id"]).column("question_id").to_pylist())
+        if not answered & {query.id for query in queries}:
+            raise SourceError(f"{answers}: none of its {len(answered)} answers is for a question of {dataset}; "
+                              "give the answers of `ragbatch answer` on this question set")
+
+
+def _read_answers(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` ({exc})") from None
 
 
 def _load_beir(path: Path, split: str) -> list[EvalQuery]:
@@ -114,10 +127,7 @@ def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str
 
 def add_answer_metrics(rows: list[dict[str, Any]], queries: Sequence[EvalQuery], answers_path: Path) -> int:
     """Join an answers Parquet on query id and add answer metrics to the rows; returns answers matched."""
-    try:
-        table = pq.read_table(answers_path, columns=["question_id", "answer", "error", "contexts", "citations", "reference_answers"])
-    except (OSError, pa.ArrowException) as exc:
-        raise SourceError(f"{answers_path}: not an answers Parquet of `ragbatch answer` ({exc})") from None
+    table = _read_answers(answers_path, ["question_id", "answer", "error", "contexts", "citations", "reference_answers"])
     answers = {row["question_id"]: row for row in table.to_pylist()}
     by_id = {query.id: query for query in queries}
     matched = 0

@@ -76,11 +76,17 @@ def test_a_question_set_without_judgements_is_measured_by_its_answers_or_refused
     with pytest.raises(SourceError, match=rf"^{tmp_path}/q.jsonl: no question has relevance judgements \(a relevant_doc_ids or source "
                                           r"field\) and no --answers to score: nothing to measure$"):
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=None)
-    check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "answers.parquet")
     check_measurable([*queries, EvalQuery("c", "qc", {"x": 1})], dataset=tmp_path / "q.jsonl", answers=None)
+    answers = answers_parquet(tmp_path / "answers.parquet", [("a", "Wind sensor.", ["x"], [])])
+    check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=answers)
+    other_set = answers_parquet(tmp_path / "other.parquet", [("z1", "?", [], []), ("z2", "?", [], [])])
+    with pytest.raises(SourceError, match=rf"^{other_set}: none of its 2 answers is for a question of {tmp_path}/q.jsonl; give the"):
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=other_set)
+    with pytest.raises(SourceError, match="not an answers Parquet"):
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=ROOT / "data" / "questions.jsonl")
 
     rows = query_rows(queries, {"a": ["x"], "b": ["y"]})
-    add_answer_metrics(rows, queries, answers_parquet(tmp_path / "answers.parquet", [("a", "Wind sensor.", ["x"], [])]))
+    add_answer_metrics(rows, queries, answers)
     report = summarize(rows, collection="kb", dataset="q.jsonl", retrieval="dense")
     assert report.queries == 0 and report.ndcg_at_10 is report.recall_at_10 is report.mrr_at_10 is None
     assert report.answers == 1 and report.exact_match == 1.0
