@@ -39,7 +39,12 @@ def load_tokenizer(model_path: str):
     """The `tokenizers.Tokenizer` of a model directory or hub id, without truncation or padding."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path).backend_tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path).backend_tokenizer
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError or others for a missing or broken model
+        from tasks.llm import ModelError, first_line
+
+        raise ModelError(f"cannot load the tokenizer of embedding model {model_path}: {first_line(exc)}") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer

@@ -48,7 +48,13 @@ class SentenceTransformerEmbedder:
         from sentence_transformers import SentenceTransformer
 
         device = self.device or default_device()
-        model = SentenceTransformer(resolve_embedding_model(self.model_name), device=device)
+        model_path = resolve_embedding_model(self.model_name)
+        try:
+            model = SentenceTransformer(model_path, device=device)
+        except Exception as exc:  # noqa: BLE001 - sentence-transformers passes on whatever transformers raises
+            from tasks.llm import ModelError, first_line
+
+            raise ModelError(f"cannot load embedding model {self.model_name}: {first_line(exc)}") from None
         if device.startswith("cuda"):
             model.half()
         return model

@@ -17,6 +17,7 @@ from pathlib import Path
 from tasks.disk import MIB, MIN_FREE_BYTES, require_free_space
 from tasks.errors import RagbatchError
 from tasks.llm import ModelError, first_line
+from tasks.models import is_path_name
 
 DEFAULT_LLM = "SmolLM2-135M-Instruct"
 SMOLLM2_NAMES = (DEFAULT_LLM, "HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -117,6 +118,6 @@ def resolve_llm_model(name: str, models_dir: Path) -> str:
                          f"a GGUF file, a hub id or {DEFAULT_LLM}")
     if path.exists():
         return str(path.resolve())
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub id (namespace/name)
+    if is_path_name(name):
         raise ModelError(f"{name}: no such model directory or file")
     return name

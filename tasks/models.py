@@ -18,6 +18,11 @@ BUNDLED_EMBEDDING_MODELS = {
 }
 
 
+def is_path_name(name: str) -> bool:
+    """A model name that can only be a path: a hub id is `name` or `namespace/name`."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def resolve_embedding_model(name: str) -> str:
     """Return a local directory for a bundled name or an existing path; otherwise the name (a hub id)."""
     if name in BUNDLED_EMBEDDING_MODELS:
@@ -25,4 +30,8 @@ def resolve_embedding_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
+    if is_path_name(name):
+        from tasks.llm import ModelError
+
+        raise ModelError(f"{name}: no such model directory or file")
     return name

@@ -41,3 +41,23 @@ def test_the_backend_is_chosen_by_configuration(tmp_path):
     assert "gpu_memory_utilization" not in vllm.engine_args(cuda=False)
     default = open_embedder(EmbeddingBackend.sentence_transformers, model_name="m", data_dir=tmp_path, batch_size=8)
     assert isinstance(default, SentenceTransformerEmbedder) and default.batch_size == 8
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no-such-org/no-such-model", "^cannot load embedding model no-such-org/no-such-model: We couldn't connect to 'https://huggingface.co'"),
+    ("/no/such/model", "^/no/such/model: no such model directory or file$"),
+    ("{tmp}", "^cannot load embedding model {tmp}: Unrecognized model in {tmp}"),
+])
+def test_an_embedding_model_that_cannot_be_loaded_is_one_line(tmp_path, name, message):
+    """Transformers' OSError or ValueError (a traceback at the command line before) becomes a one-line ModelError."""
+    from tasks.chunking import load_tokenizer
+    from tasks.llm import ModelError
+    from tasks.models import resolve_embedding_model
+
+    name, message = name.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=message):
+        _ = SentenceTransformerEmbedder(model_name=name, device="cpu").model
+    if not name.startswith("/no/"):
+        with pytest.raises(ModelError, match="^cannot load the tokenizer of embedding model "):
+            load_tokenizer(resolve_embedding_model(name))
