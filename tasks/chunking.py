@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.errors import ModelError, first_line
 from tasks.sources import SourceRow
 
 # The splitter runs many texts on a Rust thread pool that does not survive fork(): a forked child that
@@ -42,8 +43,6 @@ def load_tokenizer(model_path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path).backend_tokenizer
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError or others for a missing or broken model
-        from tasks.llm import ModelError, first_line
-
         raise ModelError(f"cannot load the tokenizer of embedding model {model_path}: {first_line(exc)}") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()

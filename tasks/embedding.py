@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tasks.child_process import end_descendants_with_this_process
+from tasks.errors import ModelError, first_line
 from tasks.models import resolve_embedding_model
 from tasks.settings import EmbeddingBackend
 
@@ -52,8 +53,6 @@ class SentenceTransformerEmbedder:
         try:
             model = SentenceTransformer(model_path, device=device)
         except Exception as exc:  # noqa: BLE001 - sentence-transformers passes on whatever transformers raises
-            from tasks.llm import ModelError, first_line
-
             raise ModelError(f"cannot load embedding model {self.model_name}: {first_line(exc)}") from None
         if device.startswith("cuda"):
             model.half()
@@ -128,7 +127,7 @@ class VLLMEmbedder:
 
     @cached_property
     def llm(self):
-        from tasks.llm import ModelError, cpu_environment, first_line
+        from tasks.llm import cpu_environment
 
         cuda = not (self.device or default_device()).startswith("cpu")
         if not cuda:

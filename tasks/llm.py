@@ -20,16 +20,12 @@ from typing import Any, Protocol
 from pydantic import SecretStr
 
 from tasks.child_process import end_descendants_with_this_process
-from tasks.errors import RagbatchError
+from tasks.errors import ModelError, RagbatchError, first_line
 from tasks.secrets import redact, reveal
 
 GiB = 1 << 30
 UNIX_SOCKET_PATH_MAX = 107  # bytes of a socket path (sun_path); vLLM adds "/<uuid4>" to its base path
 UUID_LENGTH = 36
-
-
-class ModelError(RagbatchError):
-    """The model (or its tokenizer) cannot be found or loaded."""
 
 
 class LLMServerError(RagbatchError):
@@ -70,19 +66,6 @@ class Generator(Protocol):
     def max_model_len(self) -> int: ...
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]: ...
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (of the first error, for pydantic), or its type.
-    A first line that only introduces what follows ("...failure from server:" and a remote traceback)
-    gets the last line too, where the traceback's error is."""
-    from pydantic import ValidationError
-
-    text = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) and exc.errors() else str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.disk import MIB, MIN_FREE_BYTES, require_free_space
-from tasks.errors import RagbatchError
-from tasks.llm import ModelError, first_line
+from tasks.errors import ModelError, RagbatchError, first_line
 from tasks.models import is_path_name
 
 DEFAULT_LLM = "SmolLM2-135M-Instruct"

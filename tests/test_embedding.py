@@ -51,7 +51,7 @@ def test_the_backend_is_chosen_by_configuration(tmp_path):
 def test_an_embedding_model_that_cannot_be_loaded_is_one_line(tmp_path, name, message):
     """Transformers' OSError or ValueError (a traceback at the command line before) becomes a one-line ModelError."""
     from tasks.chunking import load_tokenizer
-    from tasks.llm import ModelError
+    from tasks.errors import ModelError
     from tasks.models import resolve_embedding_model
 
     name, message = name.format(tmp=tmp_path), message.format(tmp=tmp_path)

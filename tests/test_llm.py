@@ -4,10 +4,10 @@
 import pytest
 from pydantic import ValidationError
 
+from tasks.errors import ModelError
 from tasks.llm import (
     LLMServerError,
     LLMUnavailable,
-    ModelError,
     OpenAIGenerator,
     SamplingConfig,
     VLLMGenerator,
