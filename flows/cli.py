@@ -155,14 +155,13 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     import signal
     import subprocess
 
-    from tasks.child_process import die_with_parent, port_in_use, supervised
-    from tasks.llm import LLMServerError, cpu_environment
+    from tasks.child_process import die_with_parent, require_free_port, supervised
+    from tasks.llm import cpu_environment
     from tasks.llm_models import resolve_llm_model
     from tasks.serving import STOP_GRACE_SECONDS, vllm_server_command
 
     params = _command_params(ServeParams, args, "serve")
-    if port_in_use(params.host, params.port):
-        raise LLMServerError(f"{params.host}:{params.port} is already in use; pick another port with --port")
+    require_free_port(params.host, params.port)
     model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
     command = vllm_server_command(
         model_dir=model_dir, served_name=params.llm_model, host=params.host, port=params.port,

@@ -22,6 +22,8 @@ from contextlib import suppress
 
 import psutil
 
+from tasks.errors import PortInUseError
+
 _PR_SET_PDEATHSIG = 1
 REAP_GRACE_SECONDS = 10.0
 REAP_POLL_SECONDS = 1.0
@@ -36,15 +38,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Something listens on `host:port` already (a server started there would fail with a traceback)."""
+def require_free_port(host: str, port: int) -> None:
+    """Raise `PortInUseError` when something holds `host:port` already: a server started there would
+    fail with a traceback of its own, after its start-up."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
-            return True
-    return False
+            raise PortInUseError(f"{host}:{port} is already in use; pick another port with --port") from None
 
 
 def die_with_parent() -> None:

@@ -42,6 +42,10 @@ class ModelError(RagbatchError):
     """A model (or its tokenizer) cannot be found or loaded."""
 
 
+class PortInUseError(RagbatchError):
+    """A server was asked to listen on a port that something else holds."""
+
+
 class QuarantineThresholdExceeded(RagbatchError):
     """Too large a share of the input failed validation; the index is left untouched."""
 

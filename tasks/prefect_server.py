@@ -20,7 +20,7 @@ from typing import IO
 
 import httpx
 
-from tasks.child_process import die_with_parent, free_port, port_in_use, stop_group
+from tasks.child_process import die_with_parent, free_port, require_free_port, stop_group
 from tasks.errors import RagbatchError
 from tasks.settings import PrefectServerParams
 
@@ -76,8 +76,7 @@ class PrefectStack:
         """Server, then work pool and deployments, then worker; stops what started if a step fails."""
         if not (self.params.project_dir / "prefect.yaml").is_file():
             raise PrefectServerError(f"no prefect.yaml in {self.params.project_dir}; run from the project directory or pass --project-dir")
-        if port_in_use(self.params.host, self.params.port):
-            raise PrefectServerError(f"{self.params.host}:{self.params.port} is already in use; pick another port with --port")
+        require_free_port(self.params.host, self.params.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._spawn("server", ["server", "start", "--host", self.params.host, "--port", str(self.params.port)])
