@@ -34,7 +34,7 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
     from tasks.answering import Pending, build_prompts, retrieve_part
     from tasks.llm import load_chat_tokenizer
     from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
-    from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder
+    from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder, TokenizerChat
     from tasks.questions import QUESTION_COLUMN, to_question
     from tasks.retrieval import open_retriever
     from tasks.settings import AnswerParams, IngestParams
@@ -44,7 +44,8 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
     params = IngestParams(source=ROOT / "data" / "corpus", collection="bench", data_dir=work)
     ingest(params)
     model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
-    builder = PromptBuilder(tokenizer=load_chat_tokenizer(model_dir), template=DEFAULT_TEMPLATE, max_model_len=2048, max_tokens=128)
+    builder = PromptBuilder(chat=TokenizerChat(load_chat_tokenizer(model_dir)), template=DEFAULT_TEMPLATE,
+                            max_model_len=2048, max_tokens=128)
     questions = [to_question(r) for r in read_rows(ROOT / "data" / "questions.jsonl", text_column=QUESTION_COLUMN)]
     store = QdrantStore.connect(params.store)
     retriever = open_retriever(store, "bench", AnswerParams.model_fields["retrieval"].default)  # the answer flow's default

@@ -52,7 +52,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
                                    embed_batch_size=params.embed_batch_size, backend=params.embedding_backend,
                                    data_dir=params.data_dir, gpu_share=params.embedding_gpu_share)
-        generator, tokenizer = open_generator(params)
+        generator, chat_format = open_generator(params)
         sampling = sampling_config(params)
         checkpoint = AnswerCheckpoint(params.out)
         if params.overwrite:
@@ -62,7 +62,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
 
         @cache
         def prompt_builder() -> PromptBuilder:
-            return PromptBuilder(tokenizer=tokenizer(), template=template,
+            return PromptBuilder(chat=chat_format(), template=template,
                                  max_model_len=generator.max_model_len, max_tokens=params.max_tokens)
 
         report = AnswerReport(collection=params.collection, model=params.llm_model, output=str(params.out), run_id=run_id)

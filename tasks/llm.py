@@ -109,6 +109,60 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _error_message(response: Any) -> str:
+    """The message of an OpenAI-style error body, else the body's first line."""
+    try:
+        return first_line(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return first_line(response.text)
+
+
+class ServerChat:
+    """A vLLM server's own chat template and tokenizer (its `/tokenize` and `/detokenize`), for a served
+    model that is not on this machine: the prompt is templated and counted exactly as the server will.
+
+    `base_url` is the OpenAI base URL (`.../v1`); vLLM serves these two endpoints beside it, at the root.
+    """
+
+    def __init__(self, *, base_url: str, model: str, api_key: SecretStr | str | None = None, timeout: float = 60) -> None:
+        import httpx
+
+        self.base_url = base_url
+        self.model = model
+        self._api_key = api_key
+        self._root = base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {reveal(api_key)}"} if reveal(api_key) else {}
+        self._http = httpx.Client(headers=headers, timeout=timeout)
+
+    def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        where = f"the LLM server at {self.base_url}"
+        try:
+            response = self._http.post(self._root + endpoint, json={"model": self.model, **body})
+        except httpx.TransportError as exc:
+            raise LLMUnavailable(redact(f"cannot reach {where}: {first_line(exc)}", self._api_key)) from None
+        if response.status_code == 404 and "model" not in response.text:
+            raise ModelError(f"{where} has no {endpoint} endpoint (not vLLM?), so it cannot template prompts for "
+                             f"{self.model}; give the model's local directory as --llm-model, or serve it with vLLM")
+        if response.status_code != 200:
+            raise LLMServerError(redact(f"{where} refused {endpoint}: HTTP {response.status_code} "
+                                        f"{_error_message(response)}", self._api_key))
+        return response.json()
+
+    def render(self, content: str) -> str:
+        tokens = self._post("/tokenize", {"messages": [{"role": "user", "content": content}], "add_generation_prompt": True})
+        return self._post("/detokenize", {"tokens": tokens["tokens"]})["prompt"]
+
+    def count(self, text: str) -> int:
+        """Tokens of the text as `/v1/completions` will see it (special tokens added as there)."""
+        return int(self._post("/tokenize", {"prompt": text})["count"])
+
+    def max_model_len(self) -> int:
+        """The context length the server was started with."""
+        return int(self._post("/tokenize", {"prompt": ""})["max_model_len"])
+
+
 def engine_dtype(dtype: str) -> str:
     """The dtype to run in. "auto" on CPU: bfloat16 where the CPU computes it natively (AVX512-BF16 or
     AMX), else float32, which is 5x faster than bfloat16 on an AVX2-only CPU; on GPU the model's own.

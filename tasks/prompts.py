@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tasks.errors import RagbatchError
 from tasks.retrieval import Hit
@@ -59,16 +60,21 @@ def find_citations(answer: str) -> list[int]:
     return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))
 
 
-class PromptBuilder:
-    """Builds prompts that fit `max_model_len` with `max_tokens` left for the answer, dropping the lowest-ranked passages first."""
+class ChatFormat(Protocol):
+    """How a user message becomes the model's input text, and that text's length in the model's tokens."""
 
-    def __init__(self, *, tokenizer, template: str, max_model_len: int, max_tokens: int) -> None:
+    def render(self, content: str) -> str: ...
+
+    def count(self, text: str) -> int: ...
+
+
+class TokenizerChat:
+    """A local transformers tokenizer: its chat template (the plain message when it has none) and token counts."""
+
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.template = template
-        self.budget = max_model_len - max_tokens
 
-    def render(self, question: str, hits: Sequence[Hit]) -> str:
-        content = self.template.replace("{context}", format_passages(hits)).replace("{question}", question)
+    def render(self, content: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -79,12 +85,24 @@ class PromptBuilder:
         """Tokens as the engine will see them (the engine tokenizes the text the same way)."""
         return len(self.tokenizer(text)["input_ids"])
 
+
+class PromptBuilder:
+    """Builds prompts that fit `max_model_len` with `max_tokens` left for the answer, dropping the lowest-ranked passages first."""
+
+    def __init__(self, *, chat: ChatFormat, template: str, max_model_len: int, max_tokens: int) -> None:
+        self.chat = chat
+        self.template = template
+        self.budget = max_model_len - max_tokens
+
+    def render(self, question: str, hits: Sequence[Hit]) -> str:
+        return self.chat.render(self.template.replace("{context}", format_passages(hits)).replace("{question}", question))
+
     def build(self, question: str, hits: Sequence[Hit]) -> Prompt:
         """The prompt with as many top-ranked passages as fit; at least one when any was retrieved."""
         kept = list(hits)
         while True:
             text = self.render(question, kept)
-            tokens = self.count(text)
+            tokens = self.chat.count(text)
             if tokens <= self.budget:
                 return Prompt(text, tokens, kept, len(hits) - len(kept))
             if len(kept) <= 1:

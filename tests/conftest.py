@@ -120,14 +120,16 @@ def smollm2_models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     """`ragbatch serve` on the tiny model, requiring SERVED_KEY, for the whole session (one server start
-    of about 45 s); its OpenAI base URL. The model is served under the name `str(tiny_llm_dir)`."""
+    of about 45 s); its OpenAI base URL. The server runs beside the model's directory and serves it
+    under its relative path, `tiny_llm_dir.name`, a name that is no model on the tests' side, as a
+    model on another machine would be."""
     from tasks.child_process import free_port
 
     port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir), "--port", str(port),
+    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", tiny_llm_dir.name, "--port", str(port),
                "--max-model-len", "1024", "--kv-cache-gib", "1"]
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "VLLM_API_KEY": SERVED_KEY}
-    with running_server(command, env, host="127.0.0.1", port=port) as base_url:
+    with running_server(command, env, host="127.0.0.1", port=port, cwd=tiny_llm_dir.parent) as base_url:
         yield base_url
 
 
@@ -145,6 +147,7 @@ def running_server(
     *,
     host: str,
     port: int,
+    cwd: Path | None = None,
     startup_timeout: float = 300,
 ) -> Iterator[str]:
     """Run a server until the block ends; yields its OpenAI base URL once `GET /health` answers 200.
@@ -162,7 +165,7 @@ def running_server(
     log = tempfile.TemporaryFile()
     try:
         process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             process_group=0, preexec_fn=die_with_parent,
         )
         try:

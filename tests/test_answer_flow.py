@@ -182,13 +182,14 @@ def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, s
 
 
 @pytest.mark.slow
-def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, monkeypatch,
-                                                                       prefect_api_url):
+def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, tiny_llm_dir,
+                                                                       monkeypatch, prefect_api_url):
     lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
     questions = write(tmp_path / "six.jsonl", "\n".join(lines[:6]) + "\n")
     local = answer(params(questions, out=tmp_path / "local.parquet"))
     monkeypatch.setenv("RAGBATCH_LLM_API_KEY", SERVED_KEY)
-    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm))
+    # Served under a name that is no model here: the server templates and counts the prompts.
+    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm, llm_model=tiny_llm_dir.name))
     assert remote.answered == local.answered == 6
 
     def answers(path):

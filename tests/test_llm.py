@@ -10,11 +10,13 @@ from tasks.llm import (
     LLMUnavailable,
     OpenAIGenerator,
     SamplingConfig,
+    ServerChat,
     VLLMGenerator,
     load_chat_tokenizer,
 )
 from tasks.generation import generator_gpu_share
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
+from tasks.prompts import TokenizerChat
 from tasks.child_process import free_port
 from tasks.serving import vllm_server_command
 from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
@@ -156,13 +158,49 @@ def test_the_generator_leaves_the_gpu_share_of_the_embedding_engine_beside_it(tm
 def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, served_tiny_llm):
     assert served_tiny_llm.startswith("http://127.0.0.1:") and served_tiny_llm.endswith("/v1")
     sampling = SamplingConfig(max_tokens=16)
-    served = OpenAIGenerator(base_url=served_tiny_llm, model=str(tiny_llm_dir), max_model_len=512, api_key=SERVED_KEY)
+    served = OpenAIGenerator(base_url=served_tiny_llm, model=tiny_llm_dir.name, max_model_len=512, api_key=SERVED_KEY)
     remote = served.generate(prompts, sampling)
-    stranger = OpenAIGenerator(base_url=served_tiny_llm, model=str(tiny_llm_dir), max_model_len=512, api_key="wrong-key")
+    stranger = OpenAIGenerator(base_url=served_tiny_llm, model=tiny_llm_dir.name, max_model_len=512, api_key="wrong-key")
     with pytest.raises(LLMServerError, match="HTTP 401") as error:
         stranger.generate(prompts[:1], sampling)
     assert "wrong-key" not in str(error.value)
     assert remote == tiny_llm.generate(prompts, sampling)
+
+
+@pytest.mark.slow
+def test_a_served_model_is_templated_counted_and_sized_by_its_server_as_by_its_local_tokenizer(tiny_llm_dir,
+                                                                                              served_tiny_llm):
+    local = TokenizerChat(load_chat_tokenizer(str(tiny_llm_dir)))
+    served = ServerChat(base_url=served_tiny_llm, model=tiny_llm_dir.name, api_key=SERVED_KEY)
+    for content in ["What is E-219?", "Context:\n[1] Ünïcode — and \"quotes\"\n\n[2] a second passage\n\nQuestion: why?"]:
+        text = served.render(content)
+        assert text == local.render(content) and text.endswith("<|im_start|>assistant\n")
+        assert served.count(text) == local.count(text) > len(content) // 8
+    assert served.max_model_len() == 1024  # the server's --max-model-len, not the model config's
+    with pytest.raises(LLMServerError, match="HTTP 404 The model `no-such-model` does not exist"):
+        ServerChat(base_url=served_tiny_llm, model="no-such-model").count("x")
+
+
+def test_a_server_without_the_tokenizer_endpoints_or_none_at_all_is_one_clear_error():
+    """A server that is not vLLM has no /tokenize: say so and what to do; a closed port cannot be reached."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        chat = ServerChat(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="org/model")
+        with pytest.raises(ModelError, match=r"has no /tokenize endpoint \(not vLLM\?\).*give the model's local directory"):
+            chat.render("hello")
+        server.shutdown()
+    with pytest.raises(LLMUnavailable, match="cannot reach the LLM server at http://127.0.0.1:"):
+        ServerChat(base_url=f"http://127.0.0.1:{free_port()}/v1", model="org/model").max_model_len()
 
 
 @pytest.mark.slow
