@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, ServerChat, VLLMGenerator, load_chat_tokenizer
-from tasks.llm_models import resolve_llm_model
+from tasks.llm_models import is_local_llm_model, resolve_llm_model
 from tasks.prompts import ChatFormat, TokenizerChat
 from tasks.secrets import LLM_API_KEY_ENV, resolve_secret
 from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
@@ -40,10 +39,10 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFo
     only when the first prompt is generated. With `llm_url`, a model that is not on this machine (a
     name the server knows it by) is templated, counted and sized by the server itself.
     """
+    if params.llm_url:
+        return _server_generator(params)
     model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
     local_chat = cache(lambda: TokenizerChat(load_chat_tokenizer(model_path)))
-    if params.llm_url:
-        return _server_generator(params, model_path, local_chat)
     return VLLMGenerator(
         model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,
         tensor_parallel_size=params.tensor_parallel_size, kv_cache_gib=params.kv_cache_gib,
@@ -53,13 +52,13 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFo
     ), local_chat
 
 
-def _server_generator(
-    params: AnswerParams, model_path: str, local_chat: Callable[[], ChatFormat]
-) -> tuple[Generator, Callable[[], ChatFormat]]:
+def _server_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFormat]]:
     """`OpenAIGenerator` on `llm_url`; a model on this machine is templated and counted here, else by the server."""
     api_key = resolve_secret(params.llm_api_key_block, LLM_API_KEY_ENV, "LLM endpoint key")
-    if Path(model_path).exists():
-        chat, max_model_len = local_chat, params.max_model_len or model_max_len(model_path)
+    if is_local_llm_model(params.llm_model):
+        model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
+        chat = cache(lambda: TokenizerChat(load_chat_tokenizer(model_path)))
+        max_model_len = params.max_model_len or model_max_len(model_path)
     else:
         server_chat = ServerChat(base_url=params.llm_url, model=params.llm_model, api_key=api_key)
         chat, max_model_len = (lambda: server_chat), params.max_model_len or server_chat.max_model_len()

@@ -107,6 +107,12 @@ def prepare_smollm2(models_dir: Path) -> Path:
     return _publish(models_dir / DEFAULT_LLM, build)
 
 
+def is_local_llm_model(name: str) -> bool:
+    """Whether `name` is a model this machine has or prepares (SmolLM2's names, an existing path),
+    rather than a name only a server knows (a hub id, or a path on the server's machine)."""
+    return name in SMOLLM2_NAMES or Path(name).expanduser().exists()
+
+
 def resolve_llm_model(name: str, models_dir: Path) -> str:
     """A local model directory for SmolLM2's names (prepared on first use) or an existing path; else the name (a hub id)."""
     if name in SMOLLM2_NAMES:

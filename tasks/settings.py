@@ -233,7 +233,8 @@ class AnswerParams(StoreParams, EngineParams):
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
     llm_url: str | None = Field(
         None, description="Base URL of an OpenAI-compatible server (e.g. ragbatch serve) to use instead of the in-process engine. "
-        "Key from llm_api_key_block or RAGBATCH_LLM_API_KEY."
+        "Key from llm_api_key_block or RAGBATCH_LLM_API_KEY. llm_model is then the served name; a vLLM server "
+        "templates and counts the prompts of a model that is not on this machine."
     )
     llm_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the LLM endpoint's key; default: RAGBATCH_LLM_API_KEY."

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = ROOT / "data" / "corpus"
 SHARED = ROOT.parent / "shared"
 SERVED_KEY = "test-key"
+SERVED_MODEL = "./tiny-llama"  # the tiny model's name on its server: a path there, nothing on the tests' side
 
 
 @pytest.fixture(scope="session")
@@ -121,12 +122,13 @@ def smollm2_models_dir(tmp_path_factory) -> Path:
 def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     """`ragbatch serve` on the tiny model, requiring SERVED_KEY, for the whole session (one server start
     of about 45 s); its OpenAI base URL. The server runs beside the model's directory and serves it
-    under its relative path, `tiny_llm_dir.name`, a name that is no model on the tests' side, as a
-    model on another machine would be."""
+    under its relative path, SERVED_MODEL, a path that is no model on the tests' side, as a model on
+    another machine would be."""
     from tasks.child_process import free_port
 
+    assert (tiny_llm_dir.parent / SERVED_MODEL).resolve() == tiny_llm_dir.resolve()
     port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", tiny_llm_dir.name, "--port", str(port),
+    command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", SERVED_MODEL, "--port", str(port),
                "--max-model-len", "1024", "--kv-cache-gib", "1"]
     env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "VLLM_API_KEY": SERVED_KEY}
     with running_server(command, env, host="127.0.0.1", port=port, cwd=tiny_llm_dir.parent) as base_url:

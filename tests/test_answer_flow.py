@@ -12,7 +12,7 @@ from tasks.errors import RagbatchError, SourceError, StoreError
 from tasks.outputs import ANSWER_SCHEMA
 from tasks.settings import AnswerParams, IngestParams
 
-from .conftest import ROOT, SAMPLE_CORPUS, SERVED_KEY
+from .conftest import ROOT, SAMPLE_CORPUS, SERVED_KEY, SERVED_MODEL
 
 MAX_MODEL_LEN = 1024
 MAX_TOKENS = 16
@@ -189,7 +189,7 @@ def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tm
     local = answer(params(questions, out=tmp_path / "local.parquet"))
     monkeypatch.setenv("RAGBATCH_LLM_API_KEY", SERVED_KEY)
     # Served under a name that is no model here: the server templates and counts the prompts.
-    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm, llm_model=tiny_llm_dir.name))
+    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm, llm_model=SERVED_MODEL))
     assert remote.answered == local.answered == 6
 
     def answers(path):

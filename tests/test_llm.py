@@ -21,7 +21,7 @@ from tasks.child_process import free_port
 from tasks.serving import vllm_server_command
 from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
 
-from .conftest import SERVED_KEY
+from .conftest import SERVED_KEY, SERVED_MODEL
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -158,9 +158,9 @@ def test_the_generator_leaves_the_gpu_share_of_the_embedding_engine_beside_it(tm
 def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_llm, tiny_llm_dir, prompts, served_tiny_llm):
     assert served_tiny_llm.startswith("http://127.0.0.1:") and served_tiny_llm.endswith("/v1")
     sampling = SamplingConfig(max_tokens=16)
-    served = OpenAIGenerator(base_url=served_tiny_llm, model=tiny_llm_dir.name, max_model_len=512, api_key=SERVED_KEY)
+    served = OpenAIGenerator(base_url=served_tiny_llm, model=SERVED_MODEL, max_model_len=512, api_key=SERVED_KEY)
     remote = served.generate(prompts, sampling)
-    stranger = OpenAIGenerator(base_url=served_tiny_llm, model=tiny_llm_dir.name, max_model_len=512, api_key="wrong-key")
+    stranger = OpenAIGenerator(base_url=served_tiny_llm, model=SERVED_MODEL, max_model_len=512, api_key="wrong-key")
     with pytest.raises(LLMServerError, match="HTTP 401") as error:
         stranger.generate(prompts[:1], sampling)
     assert "wrong-key" not in str(error.value)
@@ -171,7 +171,7 @@ def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_
 def test_a_served_model_is_templated_counted_and_sized_by_its_server_as_by_its_local_tokenizer(tiny_llm_dir,
                                                                                               served_tiny_llm):
     local = TokenizerChat(load_chat_tokenizer(str(tiny_llm_dir)))
-    served = ServerChat(base_url=served_tiny_llm, model=tiny_llm_dir.name, api_key=SERVED_KEY)
+    served = ServerChat(base_url=served_tiny_llm, model=SERVED_MODEL, api_key=SERVED_KEY)
     for content in ["What is E-219?", "Context:\n[1] Ünïcode — and \"quotes\"\n\n[2] a second passage\n\nQuestion: why?"]:
         text = served.render(content)
         assert text == local.render(content) and text.endswith("<|im_start|>assistant\n")
