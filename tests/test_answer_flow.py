@@ -182,8 +182,8 @@ def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, s
 
 
 @pytest.mark.slow
-def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, tiny_llm_dir,
-                                                                       monkeypatch, prefect_api_url):
+def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, monkeypatch,
+                                                                       prefect_api_url):
     lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
     questions = write(tmp_path / "six.jsonl", "\n".join(lines[:6]) + "\n")
     local = answer(params(questions, out=tmp_path / "local.parquet"))
