@@ -132,7 +132,8 @@ class ServerChat:
         self._api_key = api_key
         self._root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {reveal(api_key)}"} if reveal(api_key) else {}
-        self._http = httpx.Client(headers=headers, timeout=timeout)
+        # A failed connection is tried twice more, as the generator's OpenAI client does.
+        self._http = httpx.Client(headers=headers, timeout=timeout, transport=httpx.HTTPTransport(retries=2))
 
     def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx
