@@ -28,13 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 
 
-def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str]]:
-    """Distinct chat-templated RAG prompts: every sample question with 4, 3, 2 and 1 passages."""
+def retrieved_sample_questions(work: Path, top_ks: tuple[int, ...]) -> list:
+    """The sample corpus ingested under `work`; the sample questions with their passages, once per top_k
+    (a list of `Pending` per top_k), retrieved as the answer flow does by default."""
     from flows.ingest import ingest
-    from tasks.answering import Pending, build_prompts, retrieve_part
-    from tasks.llm import load_chat_tokenizer
-    from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
-    from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder, TokenizerChat
+    from tasks.answering import Pending, retrieve_part
     from tasks.questions import QUESTION_COLUMN, to_question
     from tasks.retrieval import open_retriever
     from tasks.settings import AnswerParams, IngestParams
@@ -43,19 +41,32 @@ def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str
 
     params = IngestParams(source=ROOT / "data" / "corpus", collection="bench", data_dir=work)
     ingest(params)
-    model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
-    builder = PromptBuilder(chat=TokenizerChat(load_chat_tokenizer(model_dir)), template=DEFAULT_TEMPLATE,
-                            max_model_len=2048, max_tokens=128)
     questions = [to_question(r) for r in read_rows(ROOT / "data" / "questions.jsonl", text_column=QUESTION_COLUMN)]
     store = QdrantStore.connect(params.store)
     retriever = open_retriever(store, "bench", AnswerParams.model_fields["retrieval"].default)  # the answer flow's default
-    prompts: list[str] = []
-    for top_k in (4, 3, 2, 1):
+    parts = []
+    for top_k in top_ks:
         part = [Pending(q) for q in questions]
         retrieve_part(part, store, retriever, top_k=top_k, score_threshold=None)
+        parts.append(part)
+    store.close()
+    return parts
+
+
+def rag_prompts(work: Path, models_dir: Path, count: int) -> tuple[str, list[str]]:
+    """Distinct chat-templated RAG prompts: every sample question with 4, 3, 2 and 1 passages."""
+    from tasks.answering import build_prompts
+    from tasks.llm import load_chat_tokenizer
+    from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
+    from tasks.prompts import DEFAULT_TEMPLATE, PromptBuilder, TokenizerChat
+
+    model_dir = resolve_llm_model(DEFAULT_LLM, models_dir)
+    builder = PromptBuilder(chat=TokenizerChat(load_chat_tokenizer(model_dir)), template=DEFAULT_TEMPLATE,
+                            max_model_len=2048, max_tokens=128)
+    prompts: list[str] = []
+    for part in retrieved_sample_questions(work, (4, 3, 2, 1)):
         build_prompts(part, builder)
         prompts += [item.prompt.text for item in part]
-    store.close()
     return model_dir, prompts[:count]
 
 

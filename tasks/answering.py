@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -70,13 +71,23 @@ def retrieve_part(
 
 
 def build_prompts(part: list[Pending], builder: PromptBuilder) -> None:
-    for item in part:
-        if not item.ok:
-            continue
+    """Each answerable question's prompt, or its error when not even one passage fits; built
+    `builder.chat.concurrency` at a time, so a server's templating round trips overlap."""
+
+    def build(item: Pending) -> None:
         try:
             item.prompt = builder.build(item.question.text, item.hits)
         except PromptTooLong as exc:
             item.error = str(exc)
+
+    ready = [item for item in part if item.ok]
+    threads = min(builder.chat.concurrency, len(ready))
+    if threads <= 1:
+        for item in ready:
+            build(item)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="prompts") as pool:
+        list(pool.map(build, ready))  # the first error is raised and the questions not yet started are cancelled
 
 
 def generate_part(part: list[Pending], generator: Generator, sampling: SamplingConfig) -> None:

@@ -42,14 +42,13 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFo
     if params.llm_url:
         return _server_generator(params)
     model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
-    local_chat = cache(lambda: TokenizerChat(load_chat_tokenizer(model_path)))
     return VLLMGenerator(
         model=model_path, model_name=params.llm_model, max_model_len=params.max_model_len, dtype=params.dtype,
         tensor_parallel_size=params.tensor_parallel_size, kv_cache_gib=params.kv_cache_gib,
         gpu_memory_utilization=generator_gpu_share(params),
         enforce_eager=params.enforce_eager, cache_dir=params.data_dir / "cache", seed=params.seed,
         use_tqdm=params.show_progress,
-    ), local_chat
+    ), _local_chat(model_path)
 
 
 def _server_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFormat]]:
@@ -57,10 +56,16 @@ def _server_generator(params: AnswerParams) -> tuple[Generator, Callable[[], Cha
     api_key = resolve_secret(params.llm_api_key_block, LLM_API_KEY_ENV, "LLM endpoint key")
     if is_local_llm_model(params.llm_model):
         model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
-        chat = cache(lambda: TokenizerChat(load_chat_tokenizer(model_path)))
+        chat = _local_chat(model_path)
         max_model_len = params.max_model_len or model_max_len(model_path)
     else:
-        server_chat = ServerChat(base_url=params.llm_url, model=params.llm_model, api_key=api_key)
+        server_chat = ServerChat(base_url=params.llm_url, model=params.llm_model, api_key=api_key,
+                                 concurrency=params.llm_concurrency)
         chat, max_model_len = (lambda: server_chat), params.max_model_len or server_chat.max_model_len()
     return OpenAIGenerator(base_url=params.llm_url, model=params.llm_model, max_model_len=max_model_len,
                            api_key=api_key, concurrency=params.llm_concurrency), chat
+
+
+def _local_chat(model_path: str) -> Callable[[], ChatFormat]:
+    """A loader of the local model's tokenizer, loaded once on first use (only a run with prompts to build needs it)."""
+    return cache(lambda: TokenizerChat(load_chat_tokenizer(model_path)))

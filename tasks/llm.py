@@ -122,18 +122,22 @@ class ServerChat:
     model that is not on this machine: the prompt is templated and counted exactly as the server will.
 
     `base_url` is the OpenAI base URL (`.../v1`); vLLM serves these two endpoints beside it, at the root.
+    Prompts are built `concurrency` at a time, as the generator's requests are sent.
     """
 
-    def __init__(self, *, base_url: str, model: str, api_key: SecretStr | str | None = None, timeout: float = 60) -> None:
+    def __init__(self, *, base_url: str, model: str, api_key: SecretStr | str | None = None, timeout: float = 60,
+                 concurrency: int = 8) -> None:
         import httpx
 
         self.base_url = base_url
         self.model = model
+        self.concurrency = concurrency
         self._api_key = api_key
         self._root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {reveal(api_key)}"} if reveal(api_key) else {}
         # A failed connection is tried twice more, as the generator's OpenAI client does.
-        self._http = httpx.Client(headers=headers, timeout=timeout, transport=httpx.HTTPTransport(retries=2))
+        self._http = httpx.Client(headers=headers, timeout=timeout, transport=httpx.HTTPTransport(
+            retries=2, limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)))
 
     def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx

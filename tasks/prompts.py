@@ -61,7 +61,13 @@ def find_citations(answer: str) -> list[int]:
 
 
 class ChatFormat(Protocol):
-    """How a user message becomes the model's input text, and that text's length in the model's tokens."""
+    """How a user message becomes the model's input text, and that text's length in the model's tokens.
+
+    `concurrency` is how many prompts may be built at once: 1 for a local tokenizer, more for a server
+    whose round trips overlap.
+    """
+
+    concurrency: int
 
     def render(self, content: str) -> str: ...
 
@@ -70,6 +76,8 @@ class ChatFormat(Protocol):
 
 class TokenizerChat:
     """A local transformers tokenizer: its chat template (the plain message when it has none) and token counts."""
+
+    concurrency = 1
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer

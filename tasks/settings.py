@@ -240,7 +240,8 @@ class AnswerParams(StoreParams, EngineParams):
         None, description="Name of a Prefect Secret block holding the LLM endpoint's key; default: RAGBATCH_LLM_API_KEY."
     )
     llm_concurrency: int = Field(
-        8, ge=1, le=1024, description="Requests in flight to llm_url; raise it for a server with several GPUs (data parallel)."
+        8, ge=1, le=1024, description="Requests in flight to llm_url (answers, and prompt templating when the "
+        "server does it); raise it for a server with several GPUs (data parallel)."
     )
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")

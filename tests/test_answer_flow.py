@@ -186,13 +186,16 @@ def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tm
                                                                        prefect_api_url):
     lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()
     questions = write(tmp_path / "six.jsonl", "\n".join(lines[:6]) + "\n")
-    local = answer(params(questions, out=tmp_path / "local.parquet"))
+    local = answer(params(questions, out=tmp_path / "local.parquet", top_k=4))
     monkeypatch.setenv("RAGBATCH_LLM_API_KEY", SERVED_KEY)
-    # Served under a name that is no model here: the server templates and counts the prompts.
-    remote = answer(params(questions, out=tmp_path / "remote.parquet", llm_url=served_tiny_llm, llm_model=SERVED_MODEL))
+    # Served under a name that is no model here: the server templates and counts the prompts, several at a time.
+    remote = answer(params(questions, out=tmp_path / "remote.parquet", top_k=4, llm_url=served_tiny_llm,
+                           llm_model=SERVED_MODEL, llm_concurrency=3))
     assert remote.answered == local.answered == 6
 
     def answers(path):
-        return [(r["question_id"], r["answer"], r["completion_tokens"]) for r in pq.read_table(path).to_pylist()]
+        return [(r["question_id"], r["answer"], r["completion_tokens"], r["prompt_tokens"], r["dropped_passages"])
+                for r in pq.read_table(path).to_pylist()]
 
     assert answers(remote.output) == answers(local.output)
+    assert any(dropped for *_, dropped in answers(remote.output))  # fitted to the context by the server's counts
