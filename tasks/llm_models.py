@@ -6,6 +6,7 @@ GGUF file, which vLLM cannot load; transformers converts it once into a plain Ll
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -113,14 +114,28 @@ def is_local_llm_model(name: str) -> bool:
     return name in SMOLLM2_NAMES or Path(name).expanduser().exists()
 
 
+def _require_model_config(model_dir: Path) -> None:
+    """A model directory has a config.json holding a JSON object; else vLLM fails deep inside, naming a
+    tokenizer backend, or (`serve`) prints its own traceback."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{model_dir}: not a model directory (no config.json); give a Hugging Face model directory, "
+                         f"a GGUF file, a hub id or {DEFAULT_LLM}")
+    try:
+        content = json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config}: not a readable model config ({first_line(exc)})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{config}: not a model config (a JSON {type(content).__name__}, not an object)")
+
+
 def resolve_llm_model(name: str, models_dir: Path) -> str:
     """A local model directory for SmolLM2's names (prepared on first use) or an existing path; else the name (a hub id)."""
     if name in SMOLLM2_NAMES:
         return str(prepare_smollm2(models_dir))
     path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():  # vLLM would fail deep inside, naming a tokenizer backend
-        raise ModelError(f"{path}: not a model directory (no config.json); give a Hugging Face model directory, "
-                         f"a GGUF file, a hub id or {DEFAULT_LLM}")
+    if path.is_dir():
+        _require_model_config(path)
     if path.exists():
         return str(path.resolve())
     if is_path_name(name):

@@ -55,6 +55,7 @@ ERROR_CASES = [
     (["ingest", "{corpus}", "--collection", "x", "--data-dir", "{tmp}/t.csv/state"],
      "cannot use {tmp}/t.csv/state as the data directory: {tmp}/t.csv is not a directory; set --data-dir or RAGBATCH_DATA_DIR"),
     (["serve", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory: {tmp}/t.csv is not a directory"),
+    (["serve", "--llm-model", "{tmp}/broken", "--port", "{port}"], "{tmp}/broken/config.json: not a readable model config"),
     (["server", "--data-dir", "{tmp}/t.csv", "--project-dir", "{root}"], "cannot use {tmp}/t.csv as the data directory"),
     (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
     (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory; name a Parquet file"),
@@ -65,6 +66,8 @@ ERROR_CASES = [
 def fill(args, message, tmp_path, corpus):
     (tmp_path / "notes.pdf").write_bytes(b"%PDF-1.4")
     (tmp_path / "t.csv").write_text("id,body\n1,x\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama",')  # cut short
     values = {"tmp": tmp_path, "corpus": corpus, "port": closed_port(), "root": ROOT, "listening": LISTENER.getsockname()[1]}
     return [a.format(**values) for a in args], message.format(**values)
 

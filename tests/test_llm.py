@@ -109,9 +109,15 @@ def test_resolve_llm_model_keeps_local_paths_and_hub_ids(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_a_directory_without_a_model_or_a_missing_path_is_named_as_such(tmp_path):
+def test_a_directory_without_a_model_a_broken_config_or_a_missing_path_is_named_as_such(tmp_path):
     with pytest.raises(ModelError, match=rf"^{tmp_path}: not a model directory \(no config.json\); give a Hugging Face"):
         resolve_llm_model(str(tmp_path), tmp_path / "models")
+    config = tmp_path / "config.json"
+    for broken, problem in (('{"model_type": "llama",', r"not a readable model config \(Expecting property name"),
+                            ("[]", r"not a model config \(a JSON list, not an object\)$")):
+        config.write_text(broken)
+        with pytest.raises(ModelError, match=rf"^{config}: {problem}"):
+            resolve_llm_model(str(tmp_path), tmp_path / "models")
     for missing in (str(tmp_path / "nope"), "./nope", "~/models/nope"):  # not taken for hub ids
         with pytest.raises(ModelError, match=rf"^{missing}: no such model directory or file$"):
             resolve_llm_model(missing, tmp_path / "models")
