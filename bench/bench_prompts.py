@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,28 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 MAX_MODEL_LEN = 1024
 MAX_TOKENS = 128
-
-
-def serve(data_dir: Path, port: int) -> subprocess.Popen:
-    """`ragbatch serve` of SmolLM2 on loopback, returned once `GET /health` answers."""
-    import httpx
-
-    from tasks.child_process import die_with_parent
-
-    command = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-               "--kv-cache-gib", "1"]
-    env = {**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              process_group=0, preexec_fn=die_with_parent)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit(f"the LLM server did not start (exit status {server.poll()})")
 
 
 def timed_build(parts: list, chat) -> tuple[float, list]:
@@ -75,20 +52,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import flows  # noqa: F401  (offline defaults)
-    from tasks.child_process import free_port, stop_group
+    from tasks.child_process import free_port
     from tasks.llm import ServerChat, load_chat_tokenizer
     from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
     from tasks.prompts import TokenizerChat
-    from tasks.serving import STOP_GRACE_SECONDS
+    from tests.conftest import running_server
 
     work = scratch_dir("ragbatch-bench-prompts-")
     data_dir = Path(os.environ.get("RAGBATCH_DATA_DIR", ROOT / ".ragbatch"))
     parts = retrieved_sample_questions(work, (8, 4)) * args.repeat
     prompts = sum(len(part) for part in parts)
     port = free_port()
-    server = serve(data_dir, port)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
+    command = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
+               "--kv-cache-gib", "1"]
+    with running_server(command, {**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}, host="127.0.0.1", port=port,
+                        cwd=ROOT) as url:
         ways = {
             "local tokenizer": TokenizerChat(load_chat_tokenizer(resolve_llm_model(DEFAULT_LLM, data_dir / "models"))),
             "server, 1 at a time": ServerChat(base_url=url, model=DEFAULT_LLM, concurrency=1),
@@ -104,8 +82,6 @@ def main() -> None:
                 if built != expected:
                     raise SystemExit(f"{way} built other prompts (or token counts) than the local tokenizer")
                 seconds[way].append(took)
-    finally:
-        stop_group(server, STOP_GRACE_SECONDS)
     fitted = [prompt for prompt in expected if not isinstance(prompt, str)]
     results = {"prompts": prompts, "prompts_with_passages_dropped_to_fit": sum(1 for p in fitted if p.dropped),
                "fitting_tries_per_prompt": round(sum(p.dropped + 1 for p in fitted) / len(fitted), 2), "rounds": args.rounds,
