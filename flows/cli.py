@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
 from typing import Any, get_args
@@ -85,7 +86,10 @@ class _DropKnownErrors(logging.Filter):
 
 
 def _configure_console(verbose: bool) -> None:
-    """Terminal output: warnings only unless --verbose; the API still receives every log line."""
+    """Terminal output: Prefect's warnings and vLLM's errors only unless --verbose; the API still receives
+    every Prefect log line. vLLM's engine otherwise prints about forty lines of set-up (its platform
+    warnings on CPU among them) that bury the command's result; torch and vLLM read the two variables
+    when first imported, which is later, and pass them on to any engine or cluster worker process."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
@@ -94,6 +98,11 @@ def _configure_console(verbose: bool) -> None:
                 handler.addFilter(_DropKnownErrors())
                 if not verbose:
                     handler.setLevel(logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # what it logs while importing, before its own set-up
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 
 def _flow_command(model: type[RagbatchSettings], flow_name: str):
@@ -229,7 +238,7 @@ def _print_ingest(result: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragbatch", description="Batch RAG: index documents into Qdrant and run question sets.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs on the terminal.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs and vLLM's engine logs on the terminal.")
     commands = parser.add_subparsers(dest="command", required=True)
     ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
     add_model_options(ingest, IngestParams, positional=("source",))

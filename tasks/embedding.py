@@ -118,7 +118,7 @@ class VLLMEmbedder:
         from tasks.llm import engine_dtype
 
         kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0, max_model_len=self.max_seq_length,
-                      dtype=engine_dtype(self.dtype))
+                      dtype=engine_dtype(self.dtype), use_tqdm_on_load=False)
         if not cuda:
             return kwargs | dict(distributed_executor_backend="uni")
         if self.gpu_memory_utilization is not None:

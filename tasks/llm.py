@@ -250,7 +250,7 @@ class VLLMGenerator:
         """The arguments of `vllm.LLM` on GPUs or on CPU."""
         model = str(Path(self.model).expanduser()) if _looks_like_path(self.model) else self.model
         kwargs = dict(model=model, max_model_len=self.requested_max_model_len, enforce_eager=self.enforce_eager,
-                      seed=self.seed)
+                      seed=self.seed, use_tqdm_on_load=self.use_tqdm)
         if cuda:
             return kwargs | dict(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_size,
                                  gpu_memory_utilization=self.gpu_memory_utilization)

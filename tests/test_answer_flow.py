@@ -1,6 +1,7 @@
 """The answer flow end to end on the sample index: real Prefect, real Qdrant, real vLLM (tiny random model)."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -155,6 +156,10 @@ def test_a_killed_run_resumes_without_generating_finished_questions(params, tmp_
 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
+    # Without --verbose the terminal shows the command's result, not the engine's set-up logs.
+    terminal = finished.stdout + finished.stderr
+    assert not re.search(r"^(\(\w+ pid=\d+\) )?(DEBUG|INFO|WARNING) \d\d-\d\d ", terminal, re.M), terminal[-3000:]
+    assert "Loading safetensors" not in terminal and "FutureWarning" not in terminal, terminal[-3000:]
     report = json.loads(finished.stdout.strip().splitlines()[-1])
     assert {"questions", "answered", "failed", "quarantined", "output", "seconds", "prompts_per_s", "output_tokens_per_s"} <= report.keys()
     assert report["resumed"] == len(written)
