@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.disk import no_space_is_one_line
-from tasks.errors import SourceError
+from tasks.errors import SourceError, first_line
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, to_question
 from tasks.settings import SourceFormat
@@ -71,10 +71,16 @@ def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Pa
 
 
 def _read_answers(path: Path, columns: list[str]) -> pa.Table:
+    """`columns` of an answers Parquet; SourceError naming the file and the columns it lacks."""
     try:
+        found = pq.read_schema(path).names
+        missing = [name for name in columns if name not in found]
+        if missing:
+            raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` (no column "
+                              f"{', '.join(map(repr, missing))}; found: {', '.join(found) or 'none'})")
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
-        raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` ({exc})") from None
+        raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` ({first_line(exc)})") from None
 
 
 def _load_beir(path: Path, split: str) -> list[EvalQuery]:

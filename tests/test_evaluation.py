@@ -84,6 +84,12 @@ def test_a_question_set_without_judgements_is_measured_by_its_answers_or_refused
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=other_set)
     with pytest.raises(SourceError, match="not an answers Parquet"):
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=ROOT / "data" / "questions.jsonl")
+    # Some other Parquet: the columns it lacks, in one line (pyarrow's own message lists the schema over lines).
+    pq.write_table(pa.table({"id": ["a"], "text": ["?"]}), tmp_path / "docs.parquet")
+    with pytest.raises(SourceError) as refused:
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "docs.parquet")
+    assert str(refused.value) == (f"{tmp_path}/docs.parquet: not an answers Parquet of `ragbatch answer` "
+                                  "(no column 'question_id'; found: id, text)")
 
     rows = query_rows(queries, {"a": ["x"], "b": ["y"]})
     add_answer_metrics(rows, queries, answers)
