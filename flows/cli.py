@@ -102,6 +102,8 @@ def _configure_console(verbose: bool) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         logging.getLogger("vllm").setLevel(logging.ERROR)  # what it logs while importing, before its own set-up
+        for queue in ("EventsWorker", "APILogWorker"):  # Prefect's senders note their draining at exit as a warning
+            logging.getLogger(queue).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 
