@@ -142,6 +142,8 @@ def _print_answer(result: dict[str, Any]) -> None:
         f"{result['prompts_per_s']} prompts/s, {result['output_tokens_per_s']} output tokens/s ({result['seconds']:.1f} s)"
     )
     print(f"answers: {result['output']}")
+    if result["quarantined"]:
+        print(f"quarantined questions: {result['quarantine_path']}")
 
 
 def _print_evaluate(result: dict[str, Any]) -> None:

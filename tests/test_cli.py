@@ -136,6 +136,18 @@ def test_the_terminal_shows_warnings_of_the_run_not_of_the_machinery_unless_verb
             logging.getLogger(name).setLevel(level)
 
 
+@pytest.mark.parametrize("quarantined", [0, 2])
+def test_answer_names_its_quarantine_file_when_it_put_questions_there(capsys, quarantined):
+    from flows.cli import _print_answer
+
+    _print_answer({"questions": 5, "answered": 5 - quarantined, "failed": 0, "quarantined": quarantined, "resumed": 0,
+                   "prompts_per_s": 1.0, "output_tokens_per_s": 9.0, "seconds": 3.0, "output": "/x/a.parquet",
+                   "quarantine_path": "/x/runs/kb/r/questions-quarantine.parquet"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "answers: /x/a.parquet"
+    assert lines[2:] == (["quarantined questions: /x/runs/kb/r/questions-quarantine.parquet"] if quarantined else [])
+
+
 def test_a_data_dir_that_cannot_be_created_is_one_line_before_anything_starts(tmp_path, corpus, subprocess_env):
     """RAGBATCH_DATA_DIR is read when the package loads, to put Prefect's home there: a file in its path
     must not end the command there with a traceback (or Prefect's warning) instead."""
