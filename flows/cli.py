@@ -85,11 +85,17 @@ class _DropKnownErrors(logging.Filter):
         return not str(record.msg).startswith("Finished in state Failed")
 
 
+# What a command without --verbose keeps to errors: vLLM and torch (read when first imported, and passed on
+# to engine and cluster worker processes); vLLM's logger itself for what it logs while importing, before
+# its own set-up; Prefect's event and log senders, which note their draining at exit as a warning.
+QUIET_ENVIRONMENT = {"VLLM_LOGGING_LEVEL": "ERROR", "TORCH_CPP_LOG_LEVEL": "ERROR"}
+QUIET_LOGGERS = ("vllm", "EventsWorker", "APILogWorker")
+
+
 def _configure_console(verbose: bool) -> None:
     """Terminal output: Prefect's warnings and vLLM's errors only unless --verbose; the API still receives
     every Prefect log line. vLLM's engine otherwise prints about forty lines of set-up (its platform
-    warnings on CPU among them) that bury the command's result; torch and vLLM read the two variables
-    when first imported, which is later, and pass them on to any engine or cluster worker process."""
+    warnings on CPU among them) that bury the command's result. A level the user set for vLLM is kept."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
@@ -99,11 +105,10 @@ def _configure_console(verbose: bool) -> None:
                 if not verbose:
                     handler.setLevel(logging.WARNING)
     if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-        logging.getLogger("vllm").setLevel(logging.ERROR)  # what it logs while importing, before its own set-up
-        for queue in ("EventsWorker", "APILogWorker"):  # Prefect's senders note their draining at exit as a warning
-            logging.getLogger(queue).setLevel(logging.ERROR)
+        for name, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
 
 

@@ -24,6 +24,26 @@ SERVED_KEY = "test-key"
 SERVED_MODEL = "./tiny-llama"  # the tiny model's name on its server: a path there, nothing on the tests' side
 
 
+@pytest.fixture(autouse=True)
+def cli_console_restored(monkeypatch) -> Iterator[None]:
+    """`ragbatch` commands run in this process (`flows.cli.main`) quiet vLLM, torch and Prefect's senders
+    for the whole process; each test ends with them as it found them, so no later test or subprocess
+    inherits that."""
+    import logging
+
+    from flows.cli import QUIET_ENVIRONMENT, QUIET_LOGGERS
+
+    for name in QUIET_ENVIRONMENT:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])  # recorded, so restored whatever the test sets
+        else:
+            monkeypatch.delenv(name, raising=False)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def embedder():
     from tasks.embedding import SentenceTransformerEmbedder

@@ -110,30 +110,27 @@ def test_an_unreachable_prefect_api_is_one_line(corpus, subprocess_env):
 def test_the_terminal_shows_warnings_of_the_run_not_of_the_machinery_unless_verbose(monkeypatch, verbose):
     """vLLM's engine set-up (about forty lines) and Prefect's senders noting "Still processing items" as
     a failed command shuts down (in some runs, so no subprocess test catches it reliably) buried the
-    command's one line. A level the user set for vLLM is kept."""
+    command's one line. A level the user set for vLLM is kept. (conftest restores what this changes.)"""
     import logging
     import warnings
 
-    from flows.cli import _configure_console
+    from flows.cli import QUIET_LOGGERS, _configure_console
 
-    quieted = ["vllm", "vllm.triton_utils.importing", "EventsWorker", "APILogWorker"]
-    levels = {name: logging.getLogger(name).level for name in quieted}
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")
-    try:
-        with warnings.catch_warnings():
-            _configure_console(verbose)
-            filtered = any(action == "ignore" and category is FutureWarning and module and module.match("vllm.triton_utils")
-                           for action, _, category, module, _ in warnings.filters)
-        assert filtered is not verbose
-        for name in quieted:
-            assert logging.getLogger(name).isEnabledFor(logging.WARNING) is verbose, name
-            assert logging.getLogger(name).isEnabledFor(logging.ERROR), name
-        assert os.environ.get("VLLM_LOGGING_LEVEL") == (None if verbose else "ERROR")
-        assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    with warnings.catch_warnings():
+        _configure_console(verbose)
+        filtered = any(action == "ignore" and category is FutureWarning and module and module.match("vllm.triton_utils")
+                       for action, _, category, module, _ in warnings.filters)
+    assert filtered is not verbose
+    for name in [*QUIET_LOGGERS, "vllm.triton_utils.importing"]:
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING) is verbose, name
+        assert logging.getLogger(name).isEnabledFor(logging.ERROR), name
+    assert os.environ.get("VLLM_LOGGING_LEVEL") == (None if verbose else "ERROR")
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    assert {"EventsWorker", "APILogWorker", "vllm"} <= set(QUIET_LOGGERS)
 
 
 @pytest.mark.parametrize("quarantined", [0, 2])
