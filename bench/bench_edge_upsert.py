@@ -8,7 +8,8 @@ them), batches of 1,000. Per point it reports the time spent constructing `Point
 upsert operation in the binding (Python objects -> Rust, under the GIL) and the time in
 `EdgeShard.update` (the engine: WAL, segment, payload indexes). The conversion alone sets a ceiling
 on points/s that no engine setting can lift; what one payload value of each type costs in it comes
-next (a string costs most: the binding tries the other types first). Then it times writes in a second thread overlapping the
+next (a string costs most: the binding tries the other types first), then what a point's vectors cost
+by how they are passed (named ones are first tried as lists). Then it times writes in a second thread overlapping the
 next batch's conversion, against both in turn. Then `--growth-points` points (4 keys) through
 `EdgeStore.upsert` twice: never flushing the shard, and flushing every `FLUSH_INTERVAL_S` as the store
 does; upsert time per point in each tenth of the load shows whether writes slow down as the shard
@@ -116,6 +117,32 @@ def value_costs(points: int) -> dict:
             for kind, value in VALUE_KINDS.items()}
 
 
+def vector_costs(points: int) -> dict:
+    """Microseconds the binding spends converting one point's vectors (no payload), by how they are passed:
+    the unnamed dense list, the store's `{"dense": list}`, and a hybrid point's dense list and BM25 sparse
+    vector (12 terms). A dict is first tried as a dense and a multi-dense list, and a sparse vector as a
+    dense list, each failure a Python exception, so names cost more than the floats behind them."""
+    import gc
+
+    import qdrant_edge as edge
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(points, DIM)).astype(np.float32).tolist()
+    sparse = [edge.SparseVector(indices=sorted(rng.choice(30_000, 12, replace=False).tolist()), values=[0.5] * 12)
+              for _ in range(1000)]
+    shapes = {"unnamed dense list": lambda i: vectors[i], "named dense (the store)": lambda i: {"dense": vectors[i]},
+              "named dense + sparse (hybrid)": lambda i: {"dense": vectors[i], "sparse": sparse[i % 1000]}}
+
+    def convert_us(shape) -> float:
+        given = [shape(i) for i in range(points)]
+        gc.collect()
+        clock = time.perf_counter()
+        _ = [edge.Point(i, given[i]) for i in range(points)]
+        return 1e6 * (time.perf_counter() - clock) / points
+
+    return {name: round(min(convert_us(shape) for _ in range(3)), 2) for name, shape in shapes.items()}
+
+
 def overlap(points: int) -> dict:
     """Seconds to convert and write `points` (4-key payload) in turn vs with the writes in a second thread
     while this one converts: equal times mean `EdgeShard.update` holds the GIL."""
@@ -217,12 +244,13 @@ def main() -> None:
 
     rows = [one_shape(name, args.points) for name in PAYLOADS]
     values = value_costs(min(args.points, 40_000))
+    vectors = vector_costs(min(args.points, 40_000))
     threads = overlap(min(args.points, 40_000))
     growths = [growth(args.growth_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     recoveries = [recovery(args.crash_points, interval) for interval in (None, FLUSH_INTERVAL_S)]
     out = ROOT / "bench" / "results" / "edge_upsert.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"shapes": rows, "us_per_payload_value": values, "write_thread": threads, "growth": growths, "recovery": recoveries},
+    out.write_text(json.dumps({"shapes": rows, "us_per_payload_value": values, "us_per_point_vectors": vectors, "write_thread": threads, "growth": growths, "recovery": recoveries},
                               indent=2) + "\n")
     print("| payload | convert us/point | update us/point | points/s | ceiling from conversion alone |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -231,6 +259,8 @@ def main() -> None:
               f"| {row['conversion_ceiling_points_per_s']:,} |")
     print("\n| payload value | " + " | ".join(values) + " |\n| --- |" + " ---: |" * len(values))
     print("| binding's conversion, us per value | " + " | ".join(str(cost) for cost in values.values()) + " |")
+    print("\n| vectors passed as | " + " | ".join(vectors) + " |\n| --- |" + " ---: |" * len(vectors))
+    print("| binding's conversion, us per point | " + " | ".join(str(cost) for cost in vectors.values()) + " |")
     print(f"\n{threads['points']:,} points, 4 keys: convert then write {threads['in_turn_s']} s; "
           f"writes in a second thread {threads['overlapped_s']} s")
     print("\n| EdgeStore.upsert, 4 keys | points/s | us/point in each tenth of the load |\n| --- | ---: | --- |")
