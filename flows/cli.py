@@ -165,6 +165,8 @@ def _print_evaluate(result: dict[str, Any]) -> None:
                            if result.get(name) is not None)
         print(f"{result['answers']} answers: {shares}")
     print(f"per query: {result['per_query_path']}; summary: {result['summary_path']}")
+    if result["quarantined"]:
+        print(f"quarantined questions: {result['quarantined']} of {result['questions']}, in {result['quarantine_path']}")
 
 
 def _run_serve(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The evaluate flow: dataset -> retrieve (dense, sparse or hybrid) -> metrics per query [+ answers] -> Parquet + summary."""
+"""The evaluate flow: dataset (unusable questions quarantined) -> retrieve (dense, sparse or hybrid) -> metrics per
+query [+ answers] -> Parquet + summary."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.child_process import end_descendants_with_this_process
-from tasks.evaluation import (EvaluateReport, add_answer_metrics, check_measurable, load_dataset, query_rows, summarize,
-                              write_outputs)
+from tasks.evaluation import EvaluateReport, add_answer_metrics, check_measurable, query_rows, summarize, write_outputs
 from tasks.concurrency import exclusive
-from tasks.outputs import artifact_key, run_file
+from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.retrieval import open_retriever
 from tasks.secrets import qdrant_api_key
@@ -30,7 +30,10 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     logger = get_run_logger()
     run_id = str(flow_run.get_id() or "local")
-    queries = load_dataset(params.dataset, params.split)
+    queries, quarantined = steps.load_dataset(params.dataset, params.split, max_chars=params.max_question_chars)
+    quarantine_path = run_file(params.data_dir, params.collection, run_id, "questions-quarantine.parquet")
+    with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
+        quarantine.write(quarantined)
     check_measurable(queries, dataset=params.dataset, answers=params.answers)
     with exclusive(params.store, params.collection, writes=False):
         store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
@@ -53,6 +56,7 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     report = summarize(
         rows, collection=params.collection, dataset=str(params.dataset), retrieval=params.retrieval.value,
         fusion=params.fusion.value if params.retrieval == RetrievalMode.hybrid else None, run_id=run_id,
+        questions=len(queries) + len(quarantined), quarantined=len(quarantined), quarantine_path=str(quarantine_path),
     )
     report.seconds = round(time.perf_counter() - started, 3)
     write_outputs(rows, report, params.out or run_file(params.data_dir, params.collection, run_id, "evaluation.parquet"))

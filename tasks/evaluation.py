@@ -3,6 +3,9 @@
 Datasets: a BEIR directory (queries.jsonl and qrels/<split>.tsv; the queries judged in that split)
 or a question set with reference answers, whose `relevant_doc_ids` or `source` column names the
 relevant documents. Retrieval is scored on documents: a document ranks where its best chunk ranks.
+A BEIR split is a published benchmark, scored whole or refused, so that its numbers compare with
+published ones; a question set's unusable rows are quarantined by the answer flow's rules, so both
+flows take the same questions from one file.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from tasks.errors import SourceError, first_line
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, to_question
 from tasks.settings import SourceFormat
-from tasks.sources import read_rows
+from tasks.sources import SourceRow, batched, read_rows
+from tasks.validation import DocumentValidator, QuarantinedRow
 
 RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
 RANKING_KEPT = 100  # documents per query kept in the per-query output
+VALIDATION_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -39,22 +44,32 @@ class EvalQuery:
     references: list[str] = field(default_factory=list)
 
 
-def load_dataset(path: Path, split: str = "test") -> list[EvalQuery]:
-    """The queries of a BEIR split, or of a question set; SourceError when unusable."""
+def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[list[EvalQuery], list[QuarantinedRow]]:
+    """The queries of a BEIR split, or the usable questions of a question set and its quarantined rows
+    (longer than `max_chars`, no id or text, a repeated id, unreadable); SourceError when none is usable."""
     path = Path(path)
     if path.is_dir():
-        return _load_beir(path, split)
-    queries = []
-    for row in read_rows(path, SourceFormat.auto, text_column=QUESTION_COLUMN):
-        if row.error or row.doc_id is None or not (row.text or "").strip():
-            raise SourceError(f"{row.locator}: not a usable question ({row.error or 'no id or text'})")
-        question = to_question(row)
-        relevant = next((row.metadata[name] for name in RELEVANT_COLUMNS if row.metadata.get(name)), None)
-        relevant = [relevant] if isinstance(relevant, str) else relevant or []
-        queries.append(EvalQuery(question.id, question.text, {str(d): 1 for d in relevant}, question.reference_answers))
+        return _load_beir(path, split), []
+    validator = DocumentValidator(max_chars=max_chars, text_label="question")
+    queries: list[EvalQuery] = []
+    quarantined: list[QuarantinedRow] = []
+    for batch in batched(read_rows(path, SourceFormat.auto, text_column=QUESTION_COLUMN, max_chars=max_chars), VALIDATION_BATCH):
+        valid, rejected = validator.validate(batch)
+        queries += map(_eval_query, valid)
+        quarantined += rejected
     if not queries:
-        raise SourceError(f"{path}: no questions")
-    return queries
+        if not quarantined:
+            raise SourceError(f"{path}: no questions")
+        first = quarantined[0]
+        raise SourceError(f"{path}: none of its {len(quarantined)} questions is usable (the first, {first.locator}: {first.reason})")
+    return queries, quarantined
+
+
+def _eval_query(row: SourceRow) -> EvalQuery:
+    question = to_question(row)
+    relevant = next((row.metadata[name] for name in RELEVANT_COLUMNS if row.metadata.get(name)), None)
+    relevant = [relevant] if isinstance(relevant, str) else relevant or []
+    return EvalQuery(question.id, question.text, {str(d): 1 for d in relevant}, question.reference_answers)
 
 
 def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Path | None) -> None:
@@ -166,7 +181,9 @@ class EvaluateReport(BaseModel):
     dataset: str
     retrieval: str
     fusion: str | None = None
-    queries: int = 0
+    questions: int = Field(0, description="Rows of the dataset (a BEIR split: its judged queries), measured or quarantined.")
+    quarantined: int = Field(0, description="Unusable rows of a question set, each with its reason in quarantine_path.")
+    queries: int = Field(0, description="Queries with relevance judgements, over which the retrieval metrics are means.")
     ndcg_at_10: float | None = Field(None, alias="ndcg@10")
     recall_at_10: float | None = Field(None, alias="recall@10")
     recall_at_100: float | None = Field(None, alias="recall@100")
@@ -179,6 +196,7 @@ class EvaluateReport(BaseModel):
     cited_relevant: float | None = Field(None, description="Share of citing answers whose cited passage comes from a relevant document.")
     per_query_path: str = ""
     summary_path: str = ""
+    quarantine_path: str = ""
     seconds: float = 0.0
     run_id: str = ""
 

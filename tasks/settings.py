@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tasks.store import is_server
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+MAX_QUESTION_CHARS = 4000  # answer and evaluate quarantine the same questions of one file
 
 
 def _not_a_directory(path: Path | None) -> Path | None:
@@ -257,7 +258,7 @@ class AnswerParams(StoreParams, EngineParams):
         0.1, gt=0, lt=1, description="GPU only, embedding_backend vllm: the part of gpu_memory_utilization for the "
         "query embedding engine, which runs beside the generator.",
     )
-    max_question_chars: int = Field(4000, ge=1, description="Longer questions are quarantined.")
+    max_question_chars: int = Field(MAX_QUESTION_CHARS, ge=1, description="Longer questions are quarantined.")
     overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
     retrieval: RetrievalMode = Field(RetrievalMode.hybrid, description="Retrieval: dense, sparse (BM25) or hybrid (both, fused).")
@@ -297,6 +298,9 @@ class EvaluateParams(StoreParams):
     answers: Path | None = Field(None, description="Answers Parquet of `ragbatch answer` on this dataset: adds answer metrics.")
     out: OutputFile = Field(None, description="Per-query Parquet output; the summary JSON goes beside it. Default: the run directory.")
     embed_batch_size: int = Field(64, ge=1, description="Queries per forward pass of the embedding model.")
+    max_question_chars: int = Field(
+        MAX_QUESTION_CHARS, ge=1, description="A question set's longer questions are quarantined (as by the answer flow)."
+    )
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
 
 

@@ -7,12 +7,13 @@ off; the incremental index itself is what makes re-runs cheap.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import indexing, ingest, metrics
+from tasks import evaluation, indexing, ingest, metrics
 from tasks.answering import Pending, build_prompts, generate_part, retrieve_part
 from tasks.chunking import Chunk, TokenChunker
 from tasks.evaluation import EvalQuery
@@ -46,11 +47,21 @@ def load(batches: Iterator[list[SourceRow]]) -> list[SourceRow] | None:
 @task(name="validate", **STEP)
 def validate(validator: DocumentValidator, rows: list[SourceRow]) -> tuple[list[SourceRow], list[QuarantinedRow]]:
     valid, quarantined = validator.validate(rows)
-    if quarantined:
-        logger = get_run_logger()
-        for row in quarantined[:20]:
-            logger.warning("quarantined %s: %s", row.locator, row.reason)
+    _log_quarantined(quarantined)
     return valid, quarantined
+
+
+@task(name="load-dataset", **STEP)
+def load_dataset(path: Path, split: str, *, max_chars: int) -> tuple[list[EvalQuery], list[QuarantinedRow]]:
+    queries, quarantined = evaluation.load_dataset(path, split, max_chars=max_chars)
+    _log_quarantined(quarantined)
+    return queries, quarantined
+
+
+def _log_quarantined(rows: list[QuarantinedRow]) -> None:
+    logger = get_run_logger()
+    for row in rows[:20]:
+        logger.warning("quarantined %s: %s", row.locator, row.reason)
 
 
 @task(name="find-changed", **STEP, **STORE_RETRIES)

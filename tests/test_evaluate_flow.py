@@ -65,6 +65,28 @@ def test_answers_add_answer_metrics_and_artifacts(beir_index, tmp_path):
     assert '"ndcg@10"' in str(artifacts["evaluation-tiny"].data) and artifacts["evaluation-queries-tiny"].type == "table"
 
 
+def test_a_question_sets_unusable_rows_are_quarantined_and_the_rest_measured(beir_index, tmp_path, capsys):
+    from flows.cli import _print_evaluate
+
+    dataset, data_dir = beir_index
+    questions = tmp_path / "q.jsonl"
+    rows = [{"id": "1", "question": "What does Q-7731 mean?", "source": "d3"},
+            {"id": "2", "question": "How many vacation days do employees get per year?", "source": "d5"},
+            {"id": "3", "question": "How do I clean a rain gauge?", "source": "d2"},
+            {"id": "4", "question": " ", "source": "d4"},
+            {"id": "1", "question": "What keeps the station charged?", "source": "d4"}]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = evaluate(EvaluateParams(dataset=questions, collection="tiny", data_dir=data_dir, out=tmp_path / "eval.parquet"))
+    assert (report.questions, report.quarantined, report.queries) == (5, 2, 3)
+    assert report.model_dump()["recall@10"] == 1.0
+    assert [row["query_id"] for row in pq.read_table(tmp_path / "eval.parquet").to_pylist()] == ["1", "2", "3"]
+    assert Path(report.quarantine_path).parent == data_dir / "runs" / "tiny" / report.run_id
+    quarantine = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(row["locator"], row["rule"]) for row in quarantine] == [("q.jsonl:4", "blank_text"), ("q.jsonl:5", "duplicate_id")]
+    _print_evaluate(report.model_dump())
+    assert capsys.readouterr().out.splitlines()[-1] == f"quarantined questions: 2 of 5, in {report.quarantine_path}"
+
+
 @pytest.fixture(scope="session")
 def sample_store(prefect_api_url, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("hybrid-state")

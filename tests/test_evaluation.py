@@ -44,17 +44,55 @@ def beir(tmp_path):
 
 
 def test_beir_queries_are_those_judged_in_the_split(beir):
-    queries = load_dataset(beir, "test")
-    assert [q.id for q in queries] == ["1", "2", "3"]
+    queries, quarantined = load_dataset(beir, "test", max_chars=4000)
+    assert [q.id for q in queries] == ["1", "2", "3"] and quarantined == []
     assert queries[2].relevant == {"d2": 2}  # grade 0 is not relevant
     with pytest.raises(SourceError, match=r"not a BEIR dataset with split 'dev' \(missing qrels/dev.tsv\)"):
-        load_dataset(beir, "dev")
+        load_dataset(beir, "dev", max_chars=4000)
 
 
 def test_question_sets_name_relevant_documents_and_references():
-    queries = load_dataset(ROOT / "data" / "questions.jsonl")
+    queries, quarantined = load_dataset(ROOT / "data" / "questions.jsonl", max_chars=4000)
     first = queries[0]
     assert (first.id, first.relevant, first.references) == ("q01", {"troubleshooting-guide.txt": 1}, ["wind sensor bus timeout"])
+    assert len(queries) == 24 and quarantined == []
+
+
+def test_a_question_sets_unusable_rows_are_quarantined_as_the_answer_flow_does(tmp_path):
+    """Each row is measured or quarantined with its reason, never both, never neither; a repeated id is
+    not measured twice. The answer flow's validator rejects the same rows of the same file."""
+    from tasks.questions import QUESTION_COLUMN
+    from tasks.sources import read_rows
+    from tasks.validation import DocumentValidator
+
+    lines = [
+        json.dumps({"id": "a", "question": "What does Q-7731 mean?", "source": "d3"}),
+        json.dumps({"id": "b", "question": "   ", "source": "d5"}),
+        "{not json",
+        json.dumps({"question": "No id here?", "source": "d1"}),
+        json.dumps({"id": "a", "question": "The same id again?", "source": "d1"}),
+        json.dumps({"id": "c", "question": "x" * 81, "source": "d2"}),
+        json.dumps({"id": "d", "question": "How do I clean a rain gauge?", "relevant_doc_ids": ["d2"]}),
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    queries, quarantined = load_dataset(path, max_chars=80)
+    assert [(q.id, q.relevant) for q in queries] == [("a", {"d3": 1}), ("d", {"d2": 1})]
+    assert [(row.locator, row.rule) for row in quarantined] == [
+        ("q.jsonl:2", "blank_text"), ("q.jsonl:3", "load_error"), ("q.jsonl:4", "missing_id"),
+        ("q.jsonl:5", "duplicate_id"), ("q.jsonl:6", "too_long")]
+    assert len(queries) + len(quarantined) == len(lines)
+    answer_flow = DocumentValidator(max_chars=80, text_label="question")
+    _, rejected = answer_flow.validate(list(read_rows(path, text_column=QUESTION_COLUMN, max_chars=80)))
+    assert rejected == quarantined
+
+    path.write_text("\n".join(lines[1:3]) + "\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(path, max_chars=80)
+    assert str(refused.value) == f"{path}: none of its 2 questions is usable (the first, q.jsonl:1: question is empty or whitespace only)"
+    path.write_text("")
+    with pytest.raises(SourceError, match=rf"^{path}: no questions$"):
+        load_dataset(path, max_chars=80)
 
 
 def test_rows_summary_and_outputs(tmp_path):
