@@ -202,7 +202,6 @@ class EdgeStore(QdrantStore):
                  min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.root = root
         self.location = location
-        self.is_local = True
         self.flush_interval_s = flush_interval_s
         self.min_free_bytes = min_free_bytes
         self._shards: dict[str, Any] = {}

@@ -110,7 +110,6 @@ class QdrantStore:
     def __init__(self, client, *, location: str) -> None:
         self.client = client
         self.location = location
-        self.is_local = not is_server(location)
 
     @classmethod
     def connect(cls, spec: str, *, timeout: int = 60, api_key: SecretStr | None = None) -> "QdrantStore":
