@@ -24,6 +24,7 @@ import pytest
 import pyarrow.parquet as pq
 
 from tasks.child_process import free_port
+from tasks.prefect_server import WORKER_QUERY_SECONDS
 
 from .conftest import ROOT
 
@@ -154,6 +155,8 @@ def test_server_deploys_prefect_yaml_with_typed_forms_and_schedule(stack: Stack)
     assert stack.deployment("ingest", "rebuild")["parameters"]["params"]["rebuild"] is True
     assert stack.deployment("answer", "answer")["work_pool_name"] == "ragbatch"
     assert (stack.data_dir / "prefect" / "prefect.db").is_file()
+    [worker] = [p for p in psutil.Process(stack.process.pid).children(recursive=True) if "worker" in p.cmdline()]
+    assert worker.environ()["PREFECT_WORKER_QUERY_SECONDS"] == str(WORKER_QUERY_SECONDS)  # a UI run starts within ~2 s, not 10
 
 
 def test_two_runs_writing_one_collection_queue_instead_of_overlapping(stack: Stack, runs: dict[str, dict]):
