@@ -115,6 +115,7 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
             if grade > 0:
                 qrels.setdefault(query_id, {})[doc_id] = grade
     queries = []
+    first_line_of: dict[str, int] = {}
     with open(queries_path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -124,6 +125,9 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
                 query_id, text = str(record["_id"]), record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id and text") from None
+            if query_id in first_line_of:
+                raise SourceError(f"{queries_path}:{number}: query id {query_id!r} again (first on line {first_line_of[query_id]})")
+            first_line_of[query_id] = number
             if query_id in qrels:
                 queries.append(EvalQuery(query_id, text, qrels[query_id]))
     if not queries:

@@ -49,6 +49,12 @@ def test_beir_queries_are_those_judged_in_the_split(beir):
     assert queries[2].relevant == {"d2": 2}  # grade 0 is not relevant
     with pytest.raises(SourceError, match=r"not a BEIR dataset with split 'dev' \(missing qrels/dev.tsv\)"):
         load_dataset(beir, "dev", max_chars=4000)
+    # A benchmark is scored whole or refused: a repeated query would count twice in every mean.
+    with open(beir / "queries.jsonl", "a") as queries_file:
+        queries_file.write(json.dumps({"_id": "2", "text": "Again?"}) + "\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(beir, "test", max_chars=4000)
+    assert str(refused.value) == f"{beir}/queries.jsonl:5: query id '2' again (first on line 2)"
 
 
 def test_question_sets_name_relevant_documents_and_references():
