@@ -61,7 +61,7 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
         if not quarantined:
             raise SourceError(f"{path}: no questions")
         first = quarantined[0]
-        raise SourceError(f"{path}: none of its {len(quarantined)} questions is usable (the first, {first.locator}: {first.reason})")
+        raise SourceError(f"{path}: no usable question ({len(quarantined)} quarantined; the first, {first.locator}: {first.reason})")
     return queries, quarantined
 
 

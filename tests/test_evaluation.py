@@ -95,7 +95,7 @@ def test_a_question_sets_unusable_rows_are_quarantined_as_the_answer_flow_does(t
     path.write_text("\n".join(lines[1:3]) + "\n")
     with pytest.raises(SourceError) as refused:
         load_dataset(path, max_chars=80)
-    assert str(refused.value) == f"{path}: none of its 2 questions is usable (the first, q.jsonl:1: question is empty or whitespace only)"
+    assert str(refused.value) == f"{path}: no usable question (2 quarantined; the first, q.jsonl:1: question is empty or whitespace only)"
     path.write_text("")
     with pytest.raises(SourceError, match=rf"^{path}: no questions$"):
         load_dataset(path, max_chars=80)
