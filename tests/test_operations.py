@@ -129,14 +129,15 @@ def stack(tmp_path_factory) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def runs(stack: Stack, smollm2_models_dir: Path) -> dict[str, dict]:
-    """A reindex and a rebuild of the same collection triggered together, then an answer run."""
+def runs(stack: Stack, tiny_llm_dir: Path) -> dict[str, dict]:
+    """A reindex and a rebuild of the same collection triggered together, then an answer run (with the tiny
+    random model: what is tested here is operating the runs; SmolLM2's answers are test_answer_flow's)."""
     reindex = stack.trigger("ingest", "reindex")
     rebuild = stack.trigger("ingest", "rebuild")
     finished = {"reindex": stack.wait(reindex), "rebuild": stack.wait(rebuild)}
     answer = stack.trigger("answer", "answer", {"params": {
         "questions": "data/questions.jsonl", "collection": "sample", "max_tokens": 24,
-        "llm_model": str(smollm2_models_dir / "SmolLM2-135M-Instruct"),
+        "llm_model": str(tiny_llm_dir), "kv_cache_gib": 1,
     }})
     finished["answer"] = stack.wait(answer)
     for name, run in finished.items():
