@@ -138,9 +138,10 @@ def bm25_statistics(store: QdrantStore, collection: str, chunks: Sequence[Chunk]
 
 
 def finish_rebuild(store: QdrantStore, target: Target) -> list[str]:
-    """Move the alias to the new collection in one step, then drop every older physical collection."""
+    """Move the alias to the new collection in one step, then drop every older physical collection (the
+    replaced one, abandoned ones); a newer one is a rebuild started after this one, still being written."""
     store.move_alias(target.alias, target.collection)
-    dropped = [name for name in store.physical_collections(target.alias) if name != target.collection]
+    dropped = [name for name in store.physical_collections(target.alias) if name < target.collection]
     for name in dropped:
         store.drop_collection(name)
     return dropped

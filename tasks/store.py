@@ -17,13 +17,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from tasks.errors import StoreError, StoreUnavailable
+from tasks.errors import StoreError, StoreUnavailable, first_line
 
 API_KEY_ENV = ("RAGBATCH_QDRANT_API_KEY", "QDRANT_API_KEY")
 DENSE = "dense"
 SPARSE = "sparse"
 SCROLL_PAGE = 1000
 PHYSICAL_SEPARATOR = "--"
+MIN_SERVER_VERSION = (1, 16)  # collection metadata and `Rrf(k=...)` arrived in Qdrant 1.16
 
 
 def qdrant_api_key() -> str | None:
@@ -37,6 +38,19 @@ def qdrant_api_key() -> str | None:
 def is_server(spec: str) -> bool:
     """Whether a store spec names a Qdrant server (rather than an in-process store)."""
     return spec.startswith(("http://", "https://"))
+
+
+def require_server_version(location: str, version: str) -> None:
+    """Refuse a Qdrant server older than MIN_SERVER_VERSION: an older one silently drops the collection
+    metadata that records how the index was built, and lacks the RRF constant hybrid retrieval sets."""
+    try:
+        found = tuple(int(part) for part in version.split("-")[0].split(".")[:2])
+    except ValueError:
+        return  # a development build's version string; let the server answer for itself
+    if found < MIN_SERVER_VERSION:
+        needed = ".".join(map(str, MIN_SERVER_VERSION))
+        raise StoreError(f"Qdrant at {location} is version {version}; ragbatch needs {needed} or newer "
+                         "(collection metadata, RRF with k)")
 
 
 def new_physical_name(alias: str) -> str:
@@ -85,8 +99,15 @@ class VectorLayout:
 
 
 @contextmanager
-def _translate_errors(location: str, action: str) -> Iterator[None]:
+def _translate_errors(location: str, action: str, *, idempotent: bool = True) -> Iterator[None]:
+    """Qdrant client errors -> one-line `StoreUnavailable` (worth retrying) or `StoreError` (final).
+
+    Timeouts, rate limits (429 with Retry-After) and a busy or unreachable server are retryable; so is
+    an internal error (500) of an `idempotent` action: a cluster reports a replica that is briefly not
+    active, or a consensus that timed out, that way, and every read and point write can be repeated.
+    """
     import httpx
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     try:
@@ -95,9 +116,12 @@ def _translate_errors(location: str, action: str) -> Iterator[None]:
         cause = exc.__cause__ or exc.__context__ or exc
         reason = str(getattr(exc, "source", None) or cause) or type(cause).__name__
         raise StoreUnavailable(f"cannot reach Qdrant at {location} ({action}): {reason}") from None
+    except ResourceExhaustedResponse as exc:
+        raise StoreUnavailable(f"Qdrant at {location} is rate-limiting {action} (retry after {exc.retry_after_s} s): "
+                               f"{first_line(exc)}") from None
     except UnexpectedResponse as exc:
         message = f"Qdrant at {location} refused {action}: HTTP {exc.status_code} {exc.reason_phrase}"
-        if exc.status_code in (408, 429, 502, 503, 504):
+        if exc.status_code in (408, 429, 502, 503, 504) or (exc.status_code == 500 and idempotent):
             raise StoreUnavailable(message) from None
         raise StoreError(message) from None
     except (ValueError, KeyError) as exc:  # local mode reports missing collections this way
@@ -107,9 +131,10 @@ def _translate_errors(location: str, action: str) -> Iterator[None]:
 class QdrantStore:
     """A Qdrant connection with the few operations the pipelines need."""
 
-    def __init__(self, client, *, location: str) -> None:
+    def __init__(self, client, *, location: str, timeout: int = 60) -> None:
         self.client = client
         self.location = location
+        self.timeout = timeout  # also the server's own time limit for collection operations (its default: 10 s)
 
     @classmethod
     def connect(cls, spec: str, *, timeout: int = 60, api_key: SecretStr | None = None) -> "QdrantStore":
@@ -125,7 +150,7 @@ class QdrantStore:
         if is_server(spec):
             key = api_key.get_secret_value() if api_key is not None else qdrant_api_key()
             client = QdrantClient(url=spec, api_key=key, timeout=timeout, check_compatibility=False)
-            return cls(client, location=spec)
+            return cls(client, location=spec, timeout=timeout)
         if spec == ":memory:":
             return cls(QdrantClient(location=":memory:"), location=spec)
         if spec.startswith("local:"):
@@ -175,15 +200,17 @@ class QdrantStore:
 
         dense = {DENSE: models.VectorParams(size=dimension, distance=models.Distance.COSINE)} if layout.dense else {}
         sparse = {SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)} if layout.sparse else None
-        with _translate_errors(self.location, f"creating collection {name}"):
+        with _translate_errors(self.location, f"creating collection {name}", idempotent=False):
+            if is_server(self.location):
+                require_server_version(self.location, self.client.info().version)
             self.client.create_collection(
                 name, vectors_config=dense, sparse_vectors_config=sparse, metadata={**metadata, "vectors": layout.names},
-                shard_number=shard_number, replication_factor=replication_factor,
+                shard_number=shard_number, replication_factor=replication_factor, timeout=self.timeout,
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Payload indexes have no effect")
                 for field in ("doc_id", "source"):
-                    self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
+                    self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD, timeout=self.timeout)
 
     def collection_metadata(self, name: str) -> dict[str, Any]:
         with _translate_errors(self.location, f"reading collection {name}"):
@@ -192,7 +219,7 @@ class QdrantStore:
     def update_metadata(self, name: str, metadata: dict[str, Any]) -> None:
         """Add or replace these metadata keys; the others stay."""
         with _translate_errors(self.location, f"updating collection {name}"):
-            self.client.update_collection(name, metadata=metadata)
+            self.client.update_collection(name, metadata=metadata, timeout=self.timeout)
 
     def readable_collection(self, name: str) -> dict[str, Any]:
         """Metadata of a collection that exists and holds points; one-line errors otherwise."""
@@ -222,11 +249,11 @@ class QdrantStore:
             operations.append(
                 models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))
             )
-            self.client.update_collection_aliases(change_aliases_operations=operations)
+            self.client.update_collection_aliases(change_aliases_operations=operations, timeout=self.timeout)
 
     def drop_collection(self, name: str) -> None:
         with _translate_errors(self.location, f"dropping collection {name}"):
-            self.client.delete_collection(name)
+            self.client.delete_collection(name, timeout=self.timeout)
 
     def optimize(self, collection: str) -> None:
         """Called once after the last write of an ingest; Qdrant servers index in the background and

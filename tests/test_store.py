@@ -1,4 +1,7 @@
+import json
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -20,6 +23,83 @@ def test_unreachable_server_is_a_retryable_one_line_error():
         store.resolve("docs")
     message = str(error.value)
     assert message.startswith("cannot reach Qdrant at http://127.0.0.1:") and "\n" not in message
+
+
+class StubQdrant:
+    """A loopback HTTP server answering each (method, path) with a canned status, headers and body, to
+    put the store's handling of a Qdrant server's failure answers to the test; it records what it got."""
+
+    def __init__(self, answers: dict[tuple[str, str], tuple[int, dict[str, str], dict]]) -> None:
+        self.requests: list[str] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                stub.requests.append(f"{self.command} {self.path}")
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, body = answers.get((self.command, self.path.split("?")[0]), (404, {}, {}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "StubQdrant":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def failure(message: str) -> dict:
+    return {"status": {"error": message}, "time": 0.0}
+
+
+def version(number: str) -> tuple[int, dict, dict]:
+    return 200, {}, {"title": "qdrant - vector search engine", "version": number}
+
+
+def test_a_rate_limited_or_briefly_failing_server_is_retryable_and_a_refusal_final():
+    points = [models.PointStruct(id=1, vector={"dense": [0.1, 0.2]}, payload={})]
+    with StubQdrant({
+        ("GET", "/aliases"): (429, {"Retry-After": "3"}, failure("Too many requests")),
+        ("PUT", "/collections/kb/points"): (500, {}, failure("Failed to apply operation to at least one `Active` replica. Please retry")),
+        ("POST", "/collections/kb/points/delete"): (400, {}, failure("Bad request: wrong input")),
+    }) as qdrant:
+        store = QdrantStore.connect(qdrant.url, timeout=5)
+        with pytest.raises(StoreUnavailable, match=r"^Qdrant at http://127.0.0.1:\d+ is rate-limiting listing aliases "
+                                                   r"\(retry after 3 s\): Too many requests$"):
+            store.resolve("kb")
+        with pytest.raises(StoreUnavailable, match=r"refused writing points to kb: HTTP 500"):
+            store.upsert("kb", points)
+        with pytest.raises(StoreError, match=r"refused deleting points from kb: HTTP 400") as refused:
+            store.delete("kb", ["1"])
+        assert not isinstance(refused.value, StoreUnavailable)
+
+
+def test_collections_are_created_only_on_a_recent_enough_server_and_with_the_clients_time_limit():
+    with StubQdrant({("GET", "/"): version("1.15.4")}) as old:
+        with pytest.raises(StoreError, match=r"^Qdrant at http://127.0.0.1:\d+ is version 1.15.4; ragbatch needs 1.16 or newer"):
+            QdrantStore.connect(old.url, timeout=5).create_collection("kb--1", dimension=4, metadata={})
+        assert old.requests == ["GET /"]
+    with StubQdrant({("GET", "/"): version("1.16.0"),
+                     ("PUT", "/collections/kb--1"): (500, {}, failure("Waiting for consensus operation commit failed"))}) as new:
+        with pytest.raises(StoreError, match="refused creating collection kb--1: HTTP 500") as refused:
+            QdrantStore.connect(new.url, timeout=7).create_collection("kb--1", dimension=4, metadata={})
+        assert not isinstance(refused.value, StoreUnavailable)  # it may have been created: not repeated blindly
+        assert new.requests == ["GET /", "PUT /collections/kb--1?timeout=7"]
 
 
 def test_unknown_store_spec():
@@ -49,6 +129,19 @@ def test_alias_moves_atomically_between_physical_collections():
     store.create_collection("plain", dimension=4, metadata={})
     with pytest.raises(StoreError, match="is a collection, not an alias"):
         store.move_alias("plain", "docs--1")
+
+
+def test_a_finished_rebuild_drops_the_older_collections_and_not_a_rebuild_started_after_it():
+    from tasks.ingest import Target, finish_rebuild
+
+    store = QdrantStore.connect(":memory:")
+    names = ["docs--20261201T101500000000", "docs--20261201T110000000000", "docs--20261201T110100000000",
+             "docs--20261201T110200000000"]  # replaced, abandoned by a crash, this run's, another run's
+    for name in names:
+        store.create_collection(name, dimension=4, metadata={})
+    store.move_alias("docs", names[0])
+    assert finish_rebuild(store, Target("docs", names[2], replaces=names[0])) == names[:2]
+    assert store.resolve("docs") == names[2] and store.physical_collections("docs") == names[2:]
 
 
 def test_readable_collection_names_missing_and_empty_collections():
