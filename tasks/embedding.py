@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ import numpy as np
 
 from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import ModelError, first_line
+from tasks.locks import gpu_start_lock, waiting_for
 from tasks.models import resolve_embedding_model
 from tasks.settings import EmbeddingBackend
 
@@ -34,6 +36,20 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def vllm_on_gpu(device: str | None, *, cuda: bool) -> bool:
+    """Whether a vLLM engine runs on a GPU: on the platform it finds (`cuda`: a GPU is visible), not on
+    a torch device; a `device` it would not honour is refused rather than run with the wrong settings."""
+    if device is None or device == ("cuda" if cuda else "cpu"):
+        return cuda
+    if not cuda:
+        raise ModelError(f"device {device}: vLLM sees no GPU here and embeds on the CPU; leave the device unset")
+    if device.startswith("cuda:"):
+        raise ModelError(f"device {device}: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES, not from a device "
+                         f"index; set CUDA_VISIBLE_DEVICES={device.removeprefix('cuda:')} and leave the device unset")
+    raise ModelError(f"device {device}: vLLM embeds on the GPU it finds; to embed on {device}, use the "
+                     f"{EmbeddingBackend.sentence_transformers.value} embedding backend")
 
 
 class SentenceTransformerEmbedder:
@@ -118,7 +134,7 @@ class VLLMEmbedder:
         from tasks.llm import engine_dtype
 
         kwargs = dict(model=self.path, runner="pooling", enforce_eager=True, seed=0, max_model_len=self.max_seq_length,
-                      dtype=engine_dtype(self.dtype), use_tqdm_on_load=False)
+                      dtype=engine_dtype(self.dtype, cuda=cuda), use_tqdm_on_load=False)
         if not cuda:
             return kwargs | dict(distributed_executor_backend="uni")
         if self.gpu_memory_utilization is not None:
@@ -127,16 +143,17 @@ class VLLMEmbedder:
 
     @cached_property
     def llm(self):
-        from tasks.llm import cpu_environment
+        from tasks.llm import cpu_environment, has_cuda
 
-        cuda = not (self.device or default_device()).startswith("cpu")
+        cuda = vllm_on_gpu(self.device, cuda=has_cuda())
         if not cuda:
             os.environ.update(cpu_environment(self.cache_dir, kv_cache_gib=1))
         try:
             from vllm import LLM
 
             end_descendants_with_this_process()
-            return LLM(**self.engine_args(cuda=cuda))
+            with waiting_for(gpu_start_lock(self.cache_dir)) if cuda else nullcontext():
+                return LLM(**self.engine_args(cuda=cuda))
         except ImportError as exc:
             raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None
         except Exception as exc:

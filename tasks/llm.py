@@ -13,6 +13,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 
 from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import ModelError, RagbatchError, first_line
+from tasks.locks import gpu_start_lock, waiting_for
 from tasks.secrets import redact, reveal
 
 GiB = 1 << 30
@@ -168,11 +170,12 @@ class ServerChat:
         return int(self._post("/tokenize", {"prompt": ""})["max_model_len"])
 
 
-def engine_dtype(dtype: str) -> str:
+def engine_dtype(dtype: str, *, cuda: bool | None = None) -> str:
     """The dtype to run in. "auto" on CPU: bfloat16 where the CPU computes it natively (AVX512-BF16 or
-    AMX), else float32, which is 5x faster than bfloat16 on an AVX2-only CPU; on GPU the model's own.
+    AMX), else float32, which is 5x faster than bfloat16 on an AVX2-only CPU; on GPU (`cuda`, default:
+    detected here) the model's own.
     """
-    if dtype != "auto" or has_cuda():
+    if dtype != "auto" or (has_cuda() if cuda is None else cuda):
         return dtype
     import torch
 
@@ -270,7 +273,8 @@ class VLLMGenerator:
             raise ModelError(f"vLLM is not installed ({first_line(exc)}): pip install 'ragbatch[llm]'") from None
         end_descendants_with_this_process()  # vLLM's engine process (on GPU) would outlive a killed command
         try:
-            return LLM(**kwargs)
+            with waiting_for(gpu_start_lock(self.cache_dir)) if cuda else nullcontext():
+                return LLM(**kwargs)
         except Exception as exc:
             raise ModelError(f"cannot load model {self.model}: {first_line(exc)}") from None
 

@@ -1,4 +1,5 @@
-"""One ingest run per collection at a time: an advisory lock file in the data directory.
+"""One ingest run per collection at a time: an advisory lock file in the data directory. And one vLLM
+engine starting on a machine's GPUs at a time (`waiting_for`).
 
 Two runs writing the same collection would race on its markers and on the deletion of documents
 missing from the source, so the second run refuses with a clear message instead. The lock is a
@@ -14,6 +15,8 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,3 +72,23 @@ def _describe(holder: str) -> str:
         return f"pid {info['pid']} on {info['host']} since {info['since']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+@contextmanager
+def waiting_for(path: Path) -> Iterator[None]:
+    """Wait for, then hold, an exclusive `flock` on `path` (created). Serialises vLLM engine starts on a
+    GPU: an engine sizes its KV cache from the GPU's free memory before and after loading, so another
+    engine loading meanwhile is charged to it (vllm-project/vllm#55827), and one of them fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def gpu_start_lock(cache_dir: Path) -> Path:
+    """The lock file that the vLLM engines keeping their caches in `cache_dir` (those of one data
+    directory: a run's own, its local cluster's workers) take to start on a GPU."""
+    return Path(cache_dir) / "gpu-engine-start.lock"

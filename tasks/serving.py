@@ -36,7 +36,8 @@ def vllm_server_command(
     detected) each engine takes `gpu_memory_utilization` of its GPU and sizes the KV cache from what the
     model leaves of it, as the in-process engine does (`kv_cache_gib` is for CPU), and the server uses
     `tensor_parallel_size` x `data_parallel_size` GPUs: each model copy split over TP GPUs, DP copies
-    answering requests side by side.
+    answering requests side by side. On CPU both are left out, as the in-process engine ignores them:
+    vLLM's CPU executor would want a core list per rank in `VLLM_CPU_OMP_THREADS_BIND`.
     """
     command = [
         sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
@@ -44,19 +45,16 @@ def vllm_server_command(
         "--served-model-name", served_name,
         "--host", host,
         "--port", str(port),
-        "--dtype", engine_dtype(dtype),
-        "--generation-config", "vllm",
-        "--disable-uvicorn-access-log",
     ]
     on_gpu = has_cuda() if cuda is None else cuda
-    if on_gpu:
-        command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
-    else:
-        command += ["--kv-cache-memory-bytes", str(int(kv_cache_gib * GiB))]
+    command += ["--dtype", engine_dtype(dtype, cuda=on_gpu), "--generation-config", "vllm", "--disable-uvicorn-access-log"]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
     if enforce_eager:
         command.append("--enforce-eager")
+    if not on_gpu:
+        return command + ["--kv-cache-memory-bytes", str(int(kv_cache_gib * GiB))]
+    command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if tensor_parallel_size > 1:
         command += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if data_parallel_size > 1:

@@ -10,11 +10,13 @@ process; with a Qdrant server each shard writes its own points.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import secrets
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -81,18 +83,41 @@ class EmbedderSpec:
 
     @classmethod
     def of(cls, params: IngestParams) -> EmbedderSpec:
-        """The run's embedder; workers of an existing cluster keep their caches in their own data directory."""
+        """The run's embedder; workers of an existing cluster keep their caches in their own data directory.
+        vLLM batches by tokens itself: the batch size is sentence-transformers' alone, and is left out of a
+        vLLM spec so that a run with another one reuses a worker's engine."""
+        batch_size = params.embed_batch_size if params.embedding_backend == EmbeddingBackend.sentence_transformers else cls.batch_size
         return cls(params.embedding_backend, params.embedding_model, None if params.cluster_address else params.data_dir,
-                   params.device, params.embed_batch_size, embedding_gpu_share(params))
+                   params.device, batch_size, embedding_gpu_share(params))
 
     def open(self) -> Embedder:
-        return _open_embedder(self)
+        return OPENED_EMBEDDER.get(self)
 
 
-@cache
-def _open_embedder(spec: EmbedderSpec) -> Embedder:
-    return open_embedder(spec.backend, model_name=spec.model_name, data_dir=spec.data_dir or default_data_dir(),
-                         device=spec.device, batch_size=spec.batch_size, gpu_share=spec.gpu_share)
+class OpenedEmbedder:
+    """The embedding model this process opened last, kept for the shards that follow. Opening another
+    (a long-lived worker serving a run with other settings) first lets go of this one: a vLLM engine
+    holds its GPU share until it is collected, and the next engine would not find that share free."""
+
+    def __init__(self) -> None:
+        self.spec: EmbedderSpec | None = None
+        self._embedder: Embedder | None = None
+        self._lock = threading.Lock()  # shards on threads open it together
+
+    def get(self, spec: EmbedderSpec) -> Embedder:
+        with self._lock:
+            if spec != self.spec or self._embedder is None:
+                if self._embedder is not None:
+                    self.spec = self._embedder = None
+                    gc.collect()  # vLLM's engine sits in reference cycles
+                self._embedder = open_embedder(
+                    spec.backend, model_name=spec.model_name, data_dir=spec.data_dir or default_data_dir(),
+                    device=spec.device, batch_size=spec.batch_size, gpu_share=spec.gpu_share)
+                self.spec = spec
+            return self._embedder
+
+
+OPENED_EMBEDDER = OpenedEmbedder()
 
 
 def embedding_gpu_share(params: IngestParams) -> float:

@@ -17,7 +17,7 @@ from flows.ingest import ingest
 from tasks import indexing
 from tasks.chunking import TokenChunker
 from tasks.ingest import finish_rebuild, prepare_target
-from tasks.locks import CollectionBusy, CollectionLock
+from tasks.locks import CollectionBusy, CollectionLock, gpu_start_lock, waiting_for
 from tasks.retrieval import Retriever
 from tasks.settings import IngestParams, RetrievalMode
 from tasks.sources import batched, read_rows
@@ -77,6 +77,33 @@ def test_the_lock_dies_with_its_process_even_on_sigkill(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     CollectionLock(tmp_path, "kb").acquire().release()
+
+
+def test_engines_start_on_a_gpu_one_at_a_time(tmp_path):
+    """vLLM engines of one data directory start on a GPU in turn (the lock alone: no GPU here); a second
+    process waits for the first to let go, even when it was killed."""
+    lock = gpu_start_lock(tmp_path / "cache")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tasks.locks import waiting_for; "
+         "lock = waiting_for(Path(sys.argv[1])); lock.__enter__(); print('held', flush=True); time.sleep(120)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    entered = threading.Event()
+
+    def start_engine() -> None:
+        with waiting_for(lock):
+            entered.set()
+
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = threading.Thread(target=start_engine)
+        waiter.start()
+        assert not entered.wait(1.0)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert entered.wait(10.0)
+    waiter.join()
 
 
 @pytest.mark.slow

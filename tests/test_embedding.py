@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder
+from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder, vllm_on_gpu
+from tasks.errors import ModelError
 from tasks.llm import engine_dtype
 from tasks.settings import EmbeddingBackend
 
@@ -41,6 +42,20 @@ def test_the_backend_is_chosen_by_configuration(tmp_path):
     assert "gpu_memory_utilization" not in vllm.engine_args(cuda=False)
     default = open_embedder(EmbeddingBackend.sentence_transformers, model_name="m", data_dir=tmp_path, batch_size=8)
     assert isinstance(default, SentenceTransformerEmbedder) and default.batch_size == 8
+
+
+def test_vllm_runs_where_it_finds_a_gpu_and_refuses_a_device_it_would_not_honour(tmp_path):
+    """vLLM has no device argument: it took the GPU with CPU settings when asked for the CPU on a GPU host,
+    and GPU 0 when asked for GPU 1. Decided here for both kinds of host; the GPU one is not run."""
+    assert vllm_on_gpu(None, cuda=True) and vllm_on_gpu("cuda", cuda=True)
+    assert not vllm_on_gpu(None, cuda=False) and not vllm_on_gpu("cpu", cuda=False)
+    with pytest.raises(ModelError, match="^device cuda:1: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES, .*CUDA_VISIBLE_DEVICES=1 "):
+        vllm_on_gpu("cuda:1", cuda=True)
+    with pytest.raises(ModelError, match="^device cpu: vLLM embeds on the GPU it finds; to embed on cpu, use the "
+                                         "sentence-transformers embedding backend$"):
+        vllm_on_gpu("cpu", cuda=True)
+    with pytest.raises(ModelError, match="^device cuda: vLLM sees no GPU here and embeds on the CPU; leave the device unset$"):
+        _ = VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=tmp_path, device="cuda").llm  # this host has no GPU
 
 
 @pytest.mark.parametrize("name, message", [

@@ -125,14 +125,16 @@ def test_a_directory_without_a_model_a_broken_config_or_a_missing_path_is_named_
 
 def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
-    single = vllm_server_command(**common, cuda=False)
-    assert "--tensor-parallel-size" not in single and "--data-parallel-size" not in single
+    single = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=2, cuda=False)
+    assert "--tensor-parallel-size" not in single and "--data-parallel-size" not in single  # GPU only, as in-process
     assert single[single.index("--kv-cache-memory-bytes") + 1] == str(2**30)
     assert "--gpu-memory-utilization" not in single
     spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4, gpu_memory_utilization=0.7, cuda=True)
     assert spread[spread.index("--tensor-parallel-size") + 1] == "2"
     assert spread[spread.index("--data-parallel-size") + 1] == "4"
     assert spread[spread.index("--gpu-memory-utilization") + 1] == "0.7" and "--kv-cache-memory-bytes" not in spread
+    on_gpu = vllm_server_command(**common | {"dtype": "auto"}, cuda=True)
+    assert on_gpu[on_gpu.index("--dtype") + 1] == "auto"  # the model's own on a GPU, whatever this machine has
 
 
 def test_engine_arguments_size_memory_by_device(tmp_path):

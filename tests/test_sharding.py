@@ -26,7 +26,7 @@ from tasks.chunking import Chunk
 from tasks.embedding import VLLMEmbedder
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import (
-    RAY_SESSIONS_KEPT, EmbedderSpec, _open_embedder, _unreachable, embedding_gpu_share, local_ray_settings, split_shards,
+    OPENED_EMBEDDER, RAY_SESSIONS_KEPT, EmbedderSpec, OpenedEmbedder, _unreachable, embedding_gpu_share, local_ray_settings, split_shards,
     task_runner,
 )
 from tasks.store import QdrantStore
@@ -59,6 +59,26 @@ def test_shards_hold_whole_documents_in_order():
 def test_embedding_engines_on_one_machine_split_its_gpus(tmp_path, options, share):
     params = IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=tmp_path, **options)
     assert embedding_gpu_share(params) == share
+
+
+def test_a_process_keeps_one_embedding_model_and_lets_go_of_it_before_opening_another(tmp_path):
+    """A long-lived worker that served a run keeps its model for the next run with the same settings; with
+    other settings the old one (a vLLM engine holds its GPU share) is released before the new one opens.
+    vLLM ignores the batch size, so it is not a setting of a vLLM spec. No model is loaded here."""
+    import weakref
+
+    def spec(backend: str, batch_size: int) -> EmbedderSpec:
+        return EmbedderSpec.of(IngestParams(source=SAMPLE_CORPUS, collection="kb", data_dir=tmp_path,
+                                            embedding_backend=backend, embed_batch_size=batch_size))
+
+    assert spec("vllm", 32) == spec("vllm", 256) and spec("sentence-transformers", 32) != spec("sentence-transformers", 256)
+    opened = OpenedEmbedder()
+    first = opened.get(spec("vllm", 32))
+    assert opened.get(spec("vllm", 256)) is first
+    released = weakref.ref(first)
+    del first
+    second = opened.get(spec("sentence-transformers", 32))
+    assert released() is None and opened.spec == spec("sentence-transformers", 32) and second.batch_size == 32
 
 
 @pytest.mark.parametrize(("cluster_address", "cache_dir"), [(None, "flow/cache"), ("tcp://10.0.0.7:8786", "worker/cache")])
@@ -150,12 +170,12 @@ def completed_in(flow_run_id: str, name_like: str) -> int:
 @pytest.mark.slow
 def test_ingest_on_a_local_dask_cluster_and_an_existing_one_equals_one_process(one_process, corpus: Path, tmp_path: Path):
     single, single_index, single_dir = one_process
-    models_here = _open_embedder.cache_info().currsize
+    opened_here = OPENED_EMBEDDER.spec
     sharded, sharded_index = sharded_run(corpus, tmp_path / "dask", task_runner=TaskRunnerKind.dask, shards=2)
     assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
     # The workers load the model and measure the new collection's vector size; the flow's process does neither.
-    assert _open_embedder.cache_info().currsize == models_here
+    assert OPENED_EMBEDDER.spec == opened_here
     assert completed_in(sharded.run_id, "embedding-dimension") == 1
 
     # Incremental: a shorter document (leftover chunks deleted) and a removed one, on a cluster that
