@@ -105,14 +105,21 @@ def _translate_errors(location: str, action: str, *, idempotent: bool = True) ->
     Timeouts, rate limits (429 with Retry-After) and a busy or unreachable server are retryable; so is
     an internal error (500) of an `idempotent` action: a cluster reports a replica that is briefly not
     active, or a consensus that timed out, that way, and every read and point write can be repeated.
+    An answer the client cannot read (a server of another version, or not Qdrant) is final.
     """
     import httpx
+    from pydantic import ValidationError
     from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
     from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     try:
         yield
     except (ResponseHandlingException, httpx.TransportError) as exc:
+        if isinstance(getattr(exc, "source", None), ValidationError):
+            first = exc.source.errors()[0]
+            raise StoreError(f"Qdrant at {location} answered {action} in a form this qdrant-client does not read "
+                             f"(another version, or not a Qdrant server): {'.'.join(map(str, first['loc']))}: "
+                             f"{first['msg']}") from None
         cause = exc.__cause__ or exc.__context__ or exc
         reason = str(getattr(exc, "source", None) or cause) or type(cause).__name__
         raise StoreUnavailable(f"cannot reach Qdrant at {location} ({action}): {reason}") from None

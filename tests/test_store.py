@@ -71,12 +71,13 @@ def version(number: str) -> tuple[int, dict, dict]:
     return 200, {}, {"title": "qdrant - vector search engine", "version": number}
 
 
-def test_a_rate_limited_or_briefly_failing_server_is_retryable_and_a_refusal_final():
+def test_a_rate_limited_or_briefly_failing_server_is_retryable_and_a_refusal_or_an_unreadable_answer_final():
     points = [models.PointStruct(id=1, vector={"dense": [0.1, 0.2]}, payload={})]
     with StubQdrant({
         ("GET", "/aliases"): (429, {"Retry-After": "3"}, failure("Too many requests")),
         ("PUT", "/collections/kb/points"): (500, {}, failure("Failed to apply operation to at least one `Active` replica. Please retry")),
         ("POST", "/collections/kb/points/delete"): (400, {}, failure("Bad request: wrong input")),
+        ("POST", "/collections/kb/points/count"): (200, {}, {"result": {"points": "many"}, "status": "ok"}),
     }) as qdrant:
         store = QdrantStore.connect(qdrant.url, timeout=5)
         with pytest.raises(StoreUnavailable, match=r"^Qdrant at http://127.0.0.1:\d+ is rate-limiting listing aliases "
@@ -87,6 +88,10 @@ def test_a_rate_limited_or_briefly_failing_server_is_retryable_and_a_refusal_fin
         with pytest.raises(StoreError, match=r"refused deleting points from kb: HTTP 400") as refused:
             store.delete("kb", ["1"])
         assert not isinstance(refused.value, StoreUnavailable)
+        with pytest.raises(StoreError, match=r"answered counting kb in a form this qdrant-client does not read .*: "
+                                             r"obj.result.count: Field required$") as unreadable:
+            store.count("kb")
+        assert not isinstance(unreadable.value, StoreUnavailable) and "\n" not in str(unreadable.value)
 
 
 def test_collections_are_created_only_on_a_recent_enough_server_and_with_the_clients_time_limit():
