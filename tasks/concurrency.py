@@ -10,12 +10,14 @@ must not hold a slot that the next one waits on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_client, get_run_logger
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import deployment
 
 # A crashed run's slot is freed when its lease expires; a live run renews it in the background.
@@ -35,6 +37,17 @@ def slot_names(store: str, collection: str, *, writes: bool) -> list[str]:
     return [f"ragbatch-write-{collection}-{_digest(store)}"] if writes else []
 
 
+def ensure_limits(client: SyncPrefectClient, names: Sequence[str]) -> None:
+    """Create each one-slot limit that does not exist. Prefect's upsert reads, then creates: a run starting
+    at the same moment (a scheduled reindex and a manual rebuild of a new collection) may create it in
+    between, and the server's 409 then means it is there, as wanted."""
+    for name in names:
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        except ObjectAlreadyExists:
+            pass
+
+
 @contextmanager
 def exclusive(store: str, collection: str, *, writes: bool) -> Iterator[None]:
     """Hold one slot of each limit from `slot_names` for the block when running from a deployment."""
@@ -43,8 +56,7 @@ def exclusive(store: str, collection: str, *, writes: bool) -> Iterator[None]:
         yield
         return
     with get_client(sync_client=True) as client:
-        for name in names:
-            client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        ensure_limits(client, names)
     get_run_logger().info("waiting for %s", ", ".join(names))
     with concurrency(names, occupy=1, lease_duration=LEASE_SECONDS, strict=True):
         yield

@@ -1,6 +1,8 @@
 """Which Prefect concurrency limits a run holds (the queueing itself is shown in test_operations)."""
 
-from tasks.concurrency import slot_names
+import threading
+
+from tasks.concurrency import ensure_limits, slot_names
 
 
 def test_embedded_store_is_one_slot_per_path_for_readers_and_writers(tmp_path):
@@ -17,3 +19,31 @@ def test_server_store_serialises_writers_of_one_collection_only():
     assert slot_names(url, "docs", writes=True) != slot_names("http://10.0.0.2:6333", "docs", writes=True)
     assert slot_names(url, "docs", writes=False) == []
     assert slot_names(":memory:", "docs", writes=True) == []
+
+
+def test_runs_starting_together_each_find_their_new_limit(prefect_api_url):
+    """Prefect's upsert of a limit reads, then creates: of runs creating one new limit at the same moment,
+    all but the first got a 409 and failed. Eight threads at a time, on each of five new limits."""
+    from prefect import get_client
+
+    names = [f"test-slot-race-{n}" for n in range(5)]
+    failures: list[str] = []
+
+    def create(name: str, start: threading.Barrier) -> None:
+        with get_client(sync_client=True) as client:
+            start.wait()
+            try:
+                ensure_limits(client, [name])
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    for name in names:
+        start = threading.Barrier(8)
+        threads = [threading.Thread(target=create, args=(name, start)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    with get_client(sync_client=True) as client:
+        assert [client.read_global_concurrency_limit_by_name(name).limit for name in names] == [1] * 5
