@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import flows  # noqa: F401  the environment defaults, also when a Prefect worker loads this file as a script
+
 import time
 from collections.abc import Iterator
 from functools import cache

@@ -3,6 +3,8 @@ query [+ answers] -> Parquet + summary."""
 
 from __future__ import annotations
 
+import flows  # noqa: F401  the environment defaults, also when a Prefect worker loads this file as a script
+
 import time
 
 from prefect import flow, get_run_logger

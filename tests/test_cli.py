@@ -77,8 +77,9 @@ LISTENER = socket.create_server(("127.0.0.1", 0))  # a port that is taken, for `
 
 @pytest.mark.slow
 def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subprocess_env, tmp_path, tiny_llm_dir):
-    """ingest, answer (with vLLM in the process) and evaluate, run from an empty directory with an empty
-    home and temporary directory: afterwards all three are still empty and the corpus is unchanged."""
+    """ingest, answer (with vLLM in the process), evaluate and a failing ingest, run from an empty directory
+    with an empty home and temporary directory: afterwards all three are still empty and the corpus is
+    unchanged. (Prefect kept a failed task's exception in ~/.prefect/storage whatever PREFECT_HOME said.)"""
     home, scratch, cwd, data, out = (tmp_path / name for name in ("home", "tmp", "cwd", "data", "out"))
     for directory in (home, scratch, cwd):
         directory.mkdir()
@@ -93,10 +94,11 @@ def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subp
         ["answer", str(questions), "--collection", "kb", "--out", str(answers), "--llm-model", str(tiny_llm_dir),
          "--max-model-len", "1024", "--max-tokens", "8", "--kv-cache-gib", "1"],
         ["evaluate", "--dataset", str(questions), "--collection", "kb", "--answers", str(answers), "--out", str(out / "eval.parquet")],
+        ["ingest", str(questions), "--collection", "kb", "--format", "csv"],  # fails in its validate task
     ):
         result = subprocess.run([sys.executable, "-m", "flows.cli", *command], cwd=cwd, env=env, capture_output=True,
                                 text=True, timeout=600)
-        assert result.returncode == 0, f"{command[0]}: {result.stderr[-2000:]}"
+        assert result.returncode == (1 if "--format" in command else 0), f"{command[0]}: {result.stderr[-2000:]}"
     for directory in (home, scratch, cwd):
         assert not list(directory.rglob("*")), f"written outside the data and output directories: {list(directory.rglob('*'))}"
     assert {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()} == corpus_before
@@ -132,6 +134,19 @@ def test_an_unreachable_prefect_api_is_one_line(corpus, subprocess_env):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): ")
     assert line.endswith("; start that server (`ragbatch server` for a local one), or unset PREFECT_API_URL to run with a temporary one")
+
+
+def test_a_prefect_server_set_in_the_users_profile_is_used(corpus, subprocess_env, tmp_path):
+    """`prefect config set PREFECT_API_URL=...` writes ~/.prefect/profiles.toml; the commands keep their
+    Prefect home in the data directory and ignored that profile, running on a temporary server instead."""
+    api = f"http://127.0.0.1:{closed_port()}/api"
+    home = tmp_path / "home"
+    (home / ".prefect").mkdir(parents=True)
+    (home / ".prefect" / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{api}"\n')
+    env = {k: v for k, v in subprocess_env.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH")}
+    result = ragbatch("ingest", str(corpus), "--collection", "x", env={**env, "HOME": str(home)})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): "), result.stderr
 
 
 @pytest.mark.parametrize("verbose", [False, True])

@@ -1,6 +1,10 @@
 """prefect.yaml stays deployable: every entrypoint imports and every parameter default validates."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -57,3 +61,20 @@ def test_ui_form_starts_with_what_a_person_fills_in_and_describes_every_field(en
     assert list(model["properties"])[-1] == "data_dir"
     undocumented = [name for name, field in model["properties"].items() if not field.get("description")]
     assert not undocumented
+
+
+OFFLINE_AND_NO_TELEMETRY = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                            "DO_NOT_TRACK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.mark.parametrize("path", sorted({d["entrypoint"].split(":")[0] for d in DEPLOYMENTS}))
+def test_a_worker_loading_a_flow_file_as_a_script_sets_the_environment_defaults(path, tmp_path):
+    """A worker of a Prefect server loads `flows/ingest.py` as a module of its own, not as `flows.ingest`:
+    the package's defaults (offline, no telemetry) applied only to the `ragbatch` command before."""
+    code = ("import json, os, sys; from prefect.utilities.importtools import load_script_as_module; "
+            "load_script_as_module(sys.argv[1]); print(json.dumps({k: os.environ.get(k) for k in sys.argv[2:]}))")
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_AND_NO_TELEMETRY} | {"RAGBATCH_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code, path, *OFFLINE_AND_NO_TELEMETRY], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == OFFLINE_AND_NO_TELEMETRY
