@@ -9,6 +9,7 @@ does not stop on one signal, see NOTES.md) and dies with its parent.
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -135,11 +136,27 @@ class PrefectStack:
         wait_healthy(self.api_url, self.children[0].process, self.log_dir / "server.log", timeout)
 
 
+def prefect_tls_verify() -> ssl.SSLContext:
+    """How Prefect's own client checks an https API's certificate: not at all with
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY, else against PREFECT_API_SSL_CERT_FILE (a team's private CA), else certifi's."""
+    import certifi
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    if api.tls_insecure_skip_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=api.ssl_cert_file or certifi.where())
+
+
 def require_reachable_api(api_url: str, timeout: float = 10) -> None:
     """Raise `PrefectServerError` in one line when nothing answers at the configured Prefect API: Prefect's
-    client would end the run with a traceback. Any HTTP answer counts (a Cloud workspace URL has no /health)."""
+    client would end the run with a traceback. Any HTTP answer counts (a Cloud workspace URL has no /health).
+    An https API's certificate is checked as Prefect's client checks it."""
     try:
-        httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout)
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=timeout, verify=prefect_tls_verify())
     except httpx.TransportError as exc:
         raise PrefectServerError(
             f"cannot reach the Prefect API at {api_url} (PREFECT_API_URL): {str(exc) or type(exc).__name__}; start that "

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dask
 import psutil
@@ -134,6 +135,73 @@ def test_an_unreachable_prefect_api_is_one_line(corpus, subprocess_env):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): ")
     assert line.endswith("; start that server (`ragbatch server` for a local one), or unset PREFECT_API_URL to run with a temporary one")
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, as a team's private CA would issue one."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ragbatch test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert, key_file = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert, key_file
+
+
+def test_an_https_prefect_api_is_checked_with_prefects_own_certificate_settings(tmp_path):
+    """A team's Prefect server behind a private CA: the reachability check used certifi alone and called
+    it unreachable, though Prefect's client (PREFECT_API_SSL_CERT_FILE) would have connected."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+
+    from tasks.prefect_server import PrefectServerError, require_reachable_api
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    cert, key = self_signed_certificate(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"https://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        with temporary_settings(updates={PREFECT_API_SSL_CERT_FILE: None}):
+            with pytest.raises(PrefectServerError, match="CERTIFICATE_VERIFY_FAILED"):
+                require_reachable_api(api, timeout=5)
+        with temporary_settings(updates={PREFECT_API_SSL_CERT_FILE: str(cert)}):
+            require_reachable_api(api, timeout=5)
+        with temporary_settings(updates={PREFECT_API_SSL_CERT_FILE: None, PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+            require_reachable_api(api, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_prefect_server_set_in_the_users_profile_is_used(corpus, subprocess_env, tmp_path):
