@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.disk import no_space_is_one_line
 from tasks.errors import SourceError, first_line
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
-from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.questions import QUESTION_COLUMN, json_cell, to_question
 from tasks.settings import SourceFormat
 from tasks.sources import SourceRow, batched, read_rows
 from tasks.validation import DocumentValidator, QuarantinedRow
@@ -55,8 +55,14 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
     quarantined: list[QuarantinedRow] = []
     for batch in batched(read_rows(path, SourceFormat.auto, text_column=QUESTION_COLUMN, max_chars=max_chars), VALIDATION_BATCH):
         valid, rejected = validator.validate(batch)
-        queries += map(_eval_query, valid)
         quarantined += rejected
+        for row in valid:
+            relevant, problem = _relevant_doc_ids(row)
+            if problem is None:
+                question = to_question(row)
+                queries.append(EvalQuery(question.id, question.text, dict.fromkeys(relevant, 1), question.reference_answers))
+            else:
+                quarantined.append(QuarantinedRow(row.locator, row.doc_id, row.source, "relevant_doc_ids", problem))
     if not queries:
         if not quarantined:
             raise SourceError(f"{path}: no questions")
@@ -65,11 +71,20 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
     return queries, quarantined
 
 
-def _eval_query(row: SourceRow) -> EvalQuery:
-    question = to_question(row)
-    relevant = next((row.metadata[name] for name in RELEVANT_COLUMNS if row.metadata.get(name)), None)
-    relevant = [relevant] if isinstance(relevant, str) else relevant or []
-    return EvalQuery(question.id, question.text, {str(d): 1 for d in relevant}, question.reference_answers)
+def _relevant_doc_ids(row: SourceRow) -> tuple[list[str], str | None]:
+    """The row's relevant document ids (the first of RELEVANT_COLUMNS it has): one id, a list, or a CSV
+    cell holding a JSON list; whole numbers are ids as text. Else ([], why) for the quarantine."""
+    name, value = next(((name, row.metadata[name]) for name in RELEVANT_COLUMNS
+                        if row.metadata.get(name) not in (None, "", [])), (None, None))
+    value = json_cell(value)
+    ids = []
+    for item in value if isinstance(value, list) else [] if value is None else [value]:
+        if isinstance(item, float) and item.is_integer():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item).strip():
+            return [], f"{name} holds {item!r}, not a document id (a string or an integer)"
+        ids.append(str(item))
+    return ids, None
 
 
 def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Path | None) -> None:
@@ -112,8 +127,7 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
                 query_id, doc_id, grade = row[0], row[1], int(row[2])
             except (IndexError, ValueError):
                 raise SourceError(f"{qrels_path}:{number}: expected query-id, corpus-id and an integer score") from None
-            if grade > 0:
-                qrels.setdefault(query_id, {})[doc_id] = grade
+            qrels.setdefault(query_id, {})[doc_id] = grade  # a query judged only 0 scores 0, as in BEIR's scorer
     queries = []
     first_line_of: dict[str, int] = {}
     with open(queries_path, encoding="utf-8") as handle:
@@ -132,6 +146,9 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
                 queries.append(EvalQuery(query_id, text, qrels[query_id]))
     if not queries:
         raise SourceError(f"{path}: no query of {queries_path.name} is judged in qrels/{split}.tsv")
+    if missing := sorted(qrels.keys() - first_line_of.keys()):
+        raise SourceError(f"{qrels_path}: {len(missing)} judged queries are not in {queries_path.name} "
+                          f"(the first: {', '.join(missing[:3])}); the split would not be scored whole")
     return queries
 
 
@@ -143,7 +160,7 @@ def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str
         {
             "query_id": query.id, "query": query.text,
             "ranked_doc_ids": list(rankings.get(query.id, []))[:RANKING_KEPT],
-            "relevant_doc_ids": sorted(query.relevant),
+            "relevant_doc_ids": sorted(doc_id for doc_id, grade in query.relevant.items() if grade > 0),
             **(metrics.get(query.id) or dict.fromkeys(RETRIEVAL_MEASURES)),
         }
         for query in queries

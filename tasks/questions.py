@@ -28,15 +28,15 @@ def to_question(row: SourceRow) -> Question:
     assert row.doc_id is not None and row.text is not None
     references: list[str] = []
     for name in REFERENCE_COLUMNS:
-        value = _maybe_json(row.metadata.get(name))
+        value = json_cell(row.metadata.get(name))
         if value is not None:
             references = [str(v) for v in value] if isinstance(value, list) else [str(value)]
             break
-    query_filter = _maybe_json(row.metadata.get("filter"))
+    query_filter = json_cell(row.metadata.get("filter"))
     return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None) else None)
 
 
-def _maybe_json(value: Any) -> Any:
+def json_cell(value: Any) -> Any:
     """CSV cells hold lists and objects as JSON text; decode those, keep everything else."""
     if isinstance(value, str) and value[:1] in "[{":
         try:

@@ -46,7 +46,9 @@ def beir(tmp_path):
 def test_beir_queries_are_those_judged_in_the_split(beir):
     queries, quarantined = load_dataset(beir, "test", max_chars=4000)
     assert [q.id for q in queries] == ["1", "2", "3"] and quarantined == []
-    assert queries[2].relevant == {"d2": 2}  # grade 0 is not relevant
+    assert queries[2].relevant == {"d2": 2, "d1": 0}  # judged; grade 0 is not relevant
+    [row] = query_rows(queries[2:], {"3": ["d1", "d4"]})
+    assert row["relevant_doc_ids"] == ["d2"] and row["ndcg@10"] == 0.0
     with pytest.raises(SourceError, match=r"not a BEIR dataset with split 'dev' \(missing qrels/dev.tsv\)"):
         load_dataset(beir, "dev", max_chars=4000)
     # A benchmark is scored whole or refused: a repeated query would count twice in every mean.
@@ -55,6 +57,40 @@ def test_beir_queries_are_those_judged_in_the_split(beir):
     with pytest.raises(SourceError) as refused:
         load_dataset(beir, "test", max_chars=4000)
     assert str(refused.value) == f"{beir}/queries.jsonl:5: query id '2' again (first on line 2)"
+
+
+def test_a_beir_split_is_scored_whole_judged_queries_missing_or_judged_only_not_relevant(beir):
+    """BEIR's scorer counts a query judged only 0 as 0; dropping it raised the mean. A judged query missing
+    from queries.jsonl was dropped without a word."""
+    (beir / "qrels" / "test.tsv").write_text(QRELS + "4\td4\t0\n")
+    queries, _ = load_dataset(beir, "test", max_chars=4000)
+    assert [q.id for q in queries] == ["1", "2", "3", "4"]
+    [row] = query_rows(queries[3:], {"4": ["d4"]})
+    assert row["relevant_doc_ids"] == [] and row["ndcg@10"] == 0.0 and row["recall@100"] == 0.0
+    (beir / "qrels" / "test.tsv").write_text(QRELS + "7\td4\t1\n9\td1\t1\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(beir, "test", max_chars=4000)
+    assert str(refused.value) == (f"{beir}/qrels/test.tsv: 2 judged queries are not in queries.jsonl (the first: 7, 9); "
+                                  "the split would not be scored whole")
+
+
+def test_relevant_documents_as_a_list_a_json_list_in_a_csv_cell_or_a_number(tmp_path):
+    """A CSV cell holding a JSON list was taken as one document id (every metric 0), a numeric id crashed
+    the run; a value that is no document id is quarantined with its reason."""
+    path = tmp_path / "q.csv"
+    path.write_text('id,question,relevant_doc_ids\n'
+                    'a,What does Q-7731 mean?,"[""d3"", ""d1""]"\n'
+                    'b,How do I clean a rain gauge?,d2\n'
+                    'c,Which probe?,"[{""doc"": ""d1""}]"\n')
+    queries, quarantined = load_dataset(path, max_chars=4000)
+    assert [(q.id, q.relevant) for q in queries] == [("a", {"d3": 1, "d1": 1}), ("b", {"d2": 1})]
+    assert [(row.locator, row.rule, row.reason) for row in quarantined] == [
+        ("q.csv:4", "relevant_doc_ids", "relevant_doc_ids holds {'doc': 'd1'}, not a document id (a string or an integer)")]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text(json.dumps({"id": "s", "question": "Which claim?", "source": 4983}) + "\n"
+                     + json.dumps({"id": "t", "question": "Which one?", "relevant_doc_ids": [12.0, "d7"]}) + "\n")
+    queries, quarantined = load_dataset(jsonl, max_chars=4000)
+    assert [(q.id, q.relevant) for q in queries] == [("s", {"4983": 1}), ("t", {"12": 1, "d7": 1})] and quarantined == []
 
 
 def test_question_sets_name_relevant_documents_and_references():
