@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,6 +119,26 @@ ANSWER_SCHEMA = pa.schema(
 )
 
 
+def _write_durably(table: pa.Table, path: Path) -> None:
+    """`table` at `path`, whole or not at all: written to a temporary name (removed if the write fails),
+    flushed to the disk, renamed, and the rename flushed, so a power loss after a caller deletes what
+    the file replaces (the parts, once merged) still finds it."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class AnswerCheckpoint:
     """Answer rows checkpointed as Parquet parts beside the output, so a re-run skips finished questions.
 
@@ -147,10 +169,8 @@ class AnswerCheckpoint:
         while path.exists():
             number += 1
             path = self.parts_dir / f"part-{number:06d}.parquet"
-        temporary = path.with_suffix(".tmp")
         with no_space_is_one_line(self.parts_dir, "writing answers (finished questions are kept)"):
-            pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), temporary)
-        temporary.replace(path)
+            _write_durably(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), path)
         return path
 
     def finalize(self) -> pa.Table:
@@ -166,18 +186,14 @@ class AnswerCheckpoint:
                 keep.append(index)
         table = table.take(pa.array(keep, type=pa.int64()))  # typed: an empty list would be a null array
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.output.with_name(self.output.name + ".tmp")
         with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):
-            pq.write_table(table, temporary)
-        temporary.replace(self.output)
+            _write_durably(table, self.output)
         self.reset_parts()
         return table
 
     def reset_parts(self) -> None:
-        for part in self._parts():
-            part.unlink()
-        if self.parts_dir.exists():
-            self.parts_dir.rmdir()
+        """Remove the parts directory, with any temporary file a killed write left in it."""
+        shutil.rmtree(self.parts_dir, ignore_errors=not self.parts_dir.exists())
 
     def _parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.exists() else []

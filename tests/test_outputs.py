@@ -40,8 +40,19 @@ def test_reset_discards_earlier_results(tmp_path):
     checkpoint.write_part([row("q1")])
     checkpoint.finalize()
     checkpoint.write_part([row("q2")])
+    (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")  # a write that was killed
     checkpoint.reset()
-    assert checkpoint.done_ids() == set() and not checkpoint.output.exists()
+    assert checkpoint.done_ids() == set() and not checkpoint.output.exists() and not checkpoint.parts_dir.exists()
+
+
+def test_a_part_left_half_written_by_a_killed_run_is_ignored_and_removed(tmp_path):
+    """The next run's final merge ended in a traceback ("Directory not empty"), and --overwrite too."""
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    checkpoint.write_part([row("q1")])
+    (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")
+    assert checkpoint.done_ids() == {"q1"}
+    assert checkpoint.finalize().column("question_id").to_pylist() == ["q1"]
+    assert not checkpoint.parts_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
 def test_sample_markdown_and_artifact_keys():
