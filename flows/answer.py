@@ -17,7 +17,7 @@ from tasks.child_process import end_descendants_with_this_process
 from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
 from tasks.errors import SourceError
-from tasks.generation import open_generator, sampling_config
+from tasks.generation import answer_settings, open_generator, sampling_config
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
@@ -56,7 +56,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                                    data_dir=params.data_dir, gpu_share=params.embedding_gpu_share)
         generator, chat_format = open_generator(params)
         sampling = sampling_config(params)
-        checkpoint = AnswerCheckpoint(params.out)
+        checkpoint = AnswerCheckpoint(params.out, settings=answer_settings(params, template))
         if params.overwrite:
             checkpoint.reset()
         done = checkpoint.done_ids()
@@ -72,10 +72,12 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         progress = RunProgress(key=artifact_key("answer-progress", params.collection), label=f"answer {params.collection}",
                                total=count_rows(params.questions, params.format), terminal=params.show_progress)
         batches = batched(rows, params.batch_questions)
+        question_ids: list[str] = []  # the valid questions in input order: what the output answers
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
             while (batch := steps.load(batches)) is not None:
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
+                question_ids += (row.doc_id for row in valid)
                 part = [Pending(to_question(row)) for row in valid if row.doc_id not in done]
                 report.questions += len(batch)
                 report.quarantined += len(rejected)
@@ -99,7 +101,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         if not report.questions:
             raise SourceError(f"{params.questions}: no questions found; nothing was answered")
         report.quarantine_path = str(quarantine_path)
-        table = checkpoint.finalize()
+        table = checkpoint.finalize(question_ids)
     finally:
         store.close()
     errors = table.column("error").to_pylist()

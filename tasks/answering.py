@@ -95,7 +95,10 @@ def generate_part(part: list[Pending], generator: Generator, sampling: SamplingC
     ready = [item for item in part if item.ok]
     completions = generator.generate([item.prompt.text for item in ready], sampling) if ready else []
     for item, completion in zip(ready, completions, strict=True):
-        item.completion = completion
+        if completion.error is None:
+            item.completion = completion
+        else:
+            item.error = completion.error
 
 
 def answer_rows(

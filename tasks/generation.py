@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, ServerChat, VLLMGenerator, load_chat_tokenizer
 from tasks.llm_models import is_local_llm_model, resolve_llm_model
@@ -15,6 +18,16 @@ from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
 def sampling_config(params: AnswerParams) -> SamplingConfig:
     return SamplingConfig(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
                           seed=params.seed, stop=tuple(params.stop))
+
+
+def answer_settings(params: AnswerParams, template: str) -> dict[str, Any]:
+    """What shapes a run's answers, recorded with them: a resumed run must have the same (AnswerCheckpoint)."""
+    return {
+        "collection": params.collection, "llm_model": params.llm_model,
+        "prompt_template": hashlib.sha256(template.encode()).hexdigest()[:16],
+        "top_k": params.top_k, "score_threshold": params.score_threshold, "retrieval": params.retrieval.value,
+        "fusion": params.fusion.value, "sampling": dataclasses.asdict(sampling_config(params)),
+    }
 
 
 def generator_gpu_share(params: AnswerParams) -> float:

@@ -30,6 +30,12 @@ UNIX_SOCKET_PATH_MAX = 107  # bytes of a socket path (sun_path); vLLM adds "/<uu
 UUID_LENGTH = 36
 
 
+# Refusals of one request (a prompt over the server's context, a bad parameter): its question fails, the
+# others go on. Any other refusal (401, 404: a wrong key or model) ends the run.
+PROMPT_REFUSALS = (400, 413, 422)
+CONNECT_TIMEOUT_S = 10
+
+
 class LLMServerError(RagbatchError):
     """The LLM server refused a request."""
 
@@ -57,6 +63,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    error: str | None = None  # the server refused this prompt alone; its question is answered as failed
 
 
 class Generator(Protocol):
@@ -326,6 +333,7 @@ class OpenAIGenerator:
         timeout: float = 600,
         concurrency: int = 8,
     ) -> None:
+        import httpx
         from openai import OpenAI
 
         self.base_url = base_url
@@ -334,7 +342,9 @@ class OpenAIGenerator:
         self.concurrency = concurrency
         self._api_key = api_key
         # The client insists on a key; servers without authentication ignore this placeholder.
-        self._client = OpenAI(base_url=base_url, api_key=reveal(api_key) or "unused", timeout=timeout, max_retries=2)
+        # `timeout` is for an answer; a host that does not accept connections is known within CONNECT_TIMEOUT_S.
+        self._client = OpenAI(base_url=base_url, api_key=reveal(api_key) or "unused", max_retries=2,
+                              timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S))
 
     @property
     def max_model_len(self) -> int:
@@ -361,7 +371,14 @@ class OpenAIGenerator:
                              self._api_key)
             if exc.status_code in (408, 429, 502, 503, 504):
                 raise LLMUnavailable(message) from None
+            if exc.status_code in PROMPT_REFUSALS:
+                return Completion(text="", prompt_tokens=0, completion_tokens=0, finish_reason="error", error=message)
             raise LLMServerError(message) from None
+        except openai.APIResponseValidationError as exc:
+            raise LLMServerError(redact(f"the LLM server at {self.base_url} sent an answer that is not a completion: "
+                                        f"{first_line(exc)}", self._api_key)) from None
+        if not response.choices:
+            raise LLMServerError(f"the LLM server at {self.base_url} sent a completion without choices")
         choice = response.choices[0]
         usage = response.usage
         return Completion(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.disk import no_space_is_one_line
+from tasks.errors import RagbatchError
 from tasks.validation import QuarantinedRow
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -139,16 +142,28 @@ def _write_durably(table: pa.Table, path: Path) -> None:
         os.close(directory)
 
 
+class ResumeMismatch(RagbatchError):
+    """An output or its parts hold answers made with other settings than this run's."""
+
+
+SETTINGS_KEY = b"ragbatch.answer_settings"
+
+
 class AnswerCheckpoint:
     """Answer rows checkpointed as Parquet parts beside the output, so a re-run skips finished questions.
 
     Each part is written to a temporary name and renamed, so a killed process never leaves half a
-    part. `finalize` writes the output with each question exactly once (also atomically).
+    part. `finalize` writes the output with each question exactly once (also atomically). Parts and
+    output record `settings`, what shaped the answers (model, prompt, retrieval, sampling); a run with
+    other settings refuses to resume them rather than mix answers of both in one file.
     """
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, settings: dict[str, Any] | None = None) -> None:
         self.output = Path(output)
         self.parts_dir = self.output.with_name(self.output.name + ".parts")
+        recorded = json.dumps(settings or {}, sort_keys=True)
+        self.settings = json.loads(recorded)  # as read back: tuples are lists
+        self._schema = ANSWER_SCHEMA.with_metadata({SETTINGS_KEY: recorded})
 
     def reset(self) -> None:
         """Forget earlier results (the --overwrite case)."""
@@ -159,8 +174,19 @@ class AnswerCheckpoint:
         """Question ids already answered (or failed) in earlier parts or an earlier final output."""
         done: set[str] = set()
         for path in [*self._parts(), *([self.output] if self.output.exists() else [])]:
+            self._require_same_settings(path)
             done.update(pq.read_table(path, columns=["question_id"]).column("question_id").to_pylist())
         return done
+
+    def _require_same_settings(self, path: Path) -> None:
+        recorded = (pq.read_schema(path).metadata or {}).get(SETTINGS_KEY)
+        if recorded is None:
+            return  # written before settings were recorded
+        earlier = json.loads(recorded)
+        changed = sorted(key for key in earlier.keys() | self.settings.keys() if earlier.get(key) != self.settings.get(key))
+        if changed:
+            raise ResumeMismatch(f"{self.output}: holds answers made with other settings ({', '.join(changed)}); "
+                                 "--overwrite replaces them, or give another --out")
 
     def write_part(self, rows: list[dict]) -> Path:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -170,21 +196,24 @@ class AnswerCheckpoint:
             number += 1
             path = self.parts_dir / f"part-{number:06d}.parquet"
         with no_space_is_one_line(self.parts_dir, "writing answers (finished questions are kept)"):
-            _write_durably(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), path)
+            _write_durably(pa.Table.from_pylist(rows, schema=self._schema), path)
         return path
 
-    def finalize(self) -> pa.Table:
-        """Merge the earlier output and all parts into the output, one row per question id."""
+    def finalize(self, question_ids: Sequence[str]) -> pa.Table:
+        """Merge the earlier output and all parts into the output: one row per id of `question_ids` (the
+        run's questions), in that order. Rows of other ids, questions since removed from the set or now
+        quarantined, are dropped, so the output answers exactly the questions the run counted."""
+        position = {question_id: index for index, question_id in enumerate(question_ids)}
         sources = ([self.output] if self.output.exists() else []) + self._parts()
         tables = [pq.read_table(path, schema=ANSWER_SCHEMA) for path in sources]
         table = pa.concat_tables(tables) if tables else ANSWER_SCHEMA.empty_table()
-        seen: set[str] = set()
-        keep = []
+        first_row: dict[str, int] = {}
         for index, question_id in enumerate(table.column("question_id").to_pylist()):
-            if question_id not in seen:
-                seen.add(question_id)
-                keep.append(index)
+            if question_id in position:
+                first_row.setdefault(question_id, index)
+        keep = [first_row[question_id] for question_id in sorted(first_row, key=position.__getitem__)]
         table = table.take(pa.array(keep, type=pa.int64()))  # typed: an empty list would be a null array
+        table = table.replace_schema_metadata(self._schema.metadata)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):
             _write_durably(table, self.output)

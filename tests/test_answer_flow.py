@@ -89,6 +89,18 @@ def test_a_completed_output_is_not_generated_again(params, tmp_path):
     fresh = answer(params(questions, overwrite=True))
     assert fresh.resumed == 0 and fresh.answered == 24
     assert_artifacts(fresh)
+    # Resumed on an edited set (q02 removed, q05 now too long, a new first question): the output answers
+    # exactly the set's usable questions, in its order, and every row in is counted once.
+    lines = [json.loads(line) for line in questions.read_text().splitlines()]
+    lines = [{"id": "new", "question": "How do I clean a rain gauge?"}] + [q for q in lines if q["id"] != "q02"]
+    lines[[q["id"] for q in lines].index("q05")]["question"] = "Why " + "really " * 5000 + "?"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in lines))
+    edited = answer(params(questions))
+    assert (edited.questions, edited.quarantined, edited.resumed) == (24, 1, 22)
+    assert edited.answered + edited.failed + edited.quarantined == edited.questions
+    assert pq.read_table(edited.output).column("question_id").to_pylist() == [q["id"] for q in lines if q["id"] != "q05"]
+    with pytest.raises(RagbatchError, match=r"answers.parquet: holds answers made with other settings \(sampling, top_k\); "):
+        answer(params(questions, top_k=2, max_tokens=MAX_TOKENS + 1))
 
 
 def assert_artifacts(report):

@@ -173,6 +173,11 @@ def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_
         stranger.generate(prompts[:1], sampling)
     assert "wrong-key" not in str(error.value)
     assert remote == tiny_llm.generate(prompts, sampling)
+    # A prompt over the server's context is refused alone: its question fails, the others are answered
+    # (one refusal ended the whole batch before, and every resume again).
+    [first, too_long, last] = served.generate([prompts[0], "word " * 3000, prompts[1]], sampling)
+    assert (first, last) == (remote[0], remote[1])
+    assert too_long.error.startswith(f"the LLM server at {served_tiny_llm} refused a request: HTTP 400") and not too_long.text
 
 
 @pytest.mark.slow

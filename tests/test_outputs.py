@@ -26,7 +26,7 @@ def test_parts_are_resumable_and_final_output_has_each_question_once(tmp_path):
 
     again = AnswerCheckpoint(out)  # a re-run after a crash
     again.write_part([row("q2", answer="duplicate from an overlapping re-run"), row("q3", answer=None, error="boom")])
-    table = again.finalize()
+    table = again.finalize(["q1", "q2", "q3"])
     assert table.schema.equals(ANSWER_SCHEMA)
     assert table.column("question_id").to_pylist() == ["q1", "q2", "q3"]
     assert table.column("answer").to_pylist()[1] == "an answer"
@@ -35,10 +35,41 @@ def test_parts_are_resumable_and_final_output_has_each_question_once(tmp_path):
     assert AnswerCheckpoint(out).done_ids() == {"q1", "q2", "q3"}
 
 
+def test_the_output_answers_the_runs_questions_in_their_order(tmp_path):
+    """Resumed on an edited question set: a question removed (or now quarantined) kept its old row, and
+    one added came last; rows in = answered + failed + quarantined broke."""
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    checkpoint.write_part([row("q1"), row("q2"), row("q3")])
+    checkpoint.finalize(["q1", "q2", "q3"])
+    checkpoint.write_part([row("q0")])  # the resumed run, on a set that now starts with q0 and lost q2
+    table = checkpoint.finalize(["q0", "q1", "q3"])
+    assert table.column("question_id").to_pylist() == ["q0", "q1", "q3"] == pq.read_table(checkpoint.output).column("question_id").to_pylist()
+
+
+def test_a_run_with_other_settings_refuses_to_resume_answers_made_with_these(tmp_path):
+    """Resumed with another model or sampling, a run kept the old answers beside new ones in one file."""
+    import pytest
+
+    from tasks.outputs import ResumeMismatch
+
+    settings = {"llm_model": "m", "top_k": 4, "sampling": {"max_tokens": 8, "stop": ("\n",)}}
+    first = AnswerCheckpoint(tmp_path / "a.parquet", settings=settings)
+    first.write_part([row("q1")])
+    assert AnswerCheckpoint(tmp_path / "a.parquet", settings=settings).done_ids() == {"q1"}
+    changed = {**settings, "llm_model": "other", "sampling": {"max_tokens": 16, "stop": ("\n",)}}
+    with pytest.raises(ResumeMismatch) as refused:
+        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).done_ids()
+    assert str(refused.value) == (f"{tmp_path / 'a.parquet'}: holds answers made with other settings (llm_model, sampling); "
+                                  "--overwrite replaces them, or give another --out")
+    first.finalize(["q1"])  # the merged output records them too
+    with pytest.raises(ResumeMismatch):
+        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).done_ids()
+
+
 def test_reset_discards_earlier_results(tmp_path):
     checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
     checkpoint.write_part([row("q1")])
-    checkpoint.finalize()
+    checkpoint.finalize(["q1"])
     checkpoint.write_part([row("q2")])
     (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")  # a write that was killed
     checkpoint.reset()
@@ -51,7 +82,7 @@ def test_a_part_left_half_written_by_a_killed_run_is_ignored_and_removed(tmp_pat
     checkpoint.write_part([row("q1")])
     (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")
     assert checkpoint.done_ids() == {"q1"}
-    assert checkpoint.finalize().column("question_id").to_pylist() == ["q1"]
+    assert checkpoint.finalize(["q1"]).column("question_id").to_pylist() == ["q1"]
     assert not checkpoint.parts_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
