@@ -8,6 +8,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from tasks.errors import ModelError
 from tasks.llm import Generator, OpenAIGenerator, SamplingConfig, ServerChat, VLLMGenerator, load_chat_tokenizer
 from tasks.llm_models import is_local_llm_model, resolve_llm_model
 from tasks.prompts import ChatFormat, TokenizerChat
@@ -64,16 +65,25 @@ def open_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFo
     ), _local_chat(model_path)
 
 
+def served_context(server_chat: ServerChat, *, default: int) -> int:
+    """The context the server gives the model (a vLLM server started with a smaller `--max-model-len`
+    refuses longer prompts), or `default`, the model's own, from a server that does not say (not vLLM)."""
+    try:
+        return server_chat.max_model_len()
+    except ModelError:
+        return default
+
+
 def _server_generator(params: AnswerParams) -> tuple[Generator, Callable[[], ChatFormat]]:
     """`OpenAIGenerator` on `llm_url`; a model on this machine is templated and counted here, else by the server."""
     api_key = resolve_secret(params.llm_api_key_block, LLM_API_KEY_ENV, "LLM endpoint key")
+    server_chat = ServerChat(base_url=params.llm_url, model=params.llm_model, api_key=api_key,
+                             concurrency=params.llm_concurrency)
     if is_local_llm_model(params.llm_model):
         model_path = resolve_llm_model(params.llm_model, params.data_dir / "models")
         chat = _local_chat(model_path)
-        max_model_len = params.max_model_len or model_max_len(model_path)
+        max_model_len = params.max_model_len or served_context(server_chat, default=model_max_len(model_path))
     else:
-        server_chat = ServerChat(base_url=params.llm_url, model=params.llm_model, api_key=api_key,
-                                 concurrency=params.llm_concurrency)
         chat, max_model_len = (lambda: server_chat), params.max_model_len or server_chat.max_model_len()
     return OpenAIGenerator(base_url=params.llm_url, model=params.llm_model, max_model_len=max_model_len,
                            api_key=api_key, concurrency=params.llm_concurrency), chat

@@ -199,6 +199,20 @@ def test_default_smollm2_answers_sample_questions_end_to_end(params, tmp_path, s
 
 
 @pytest.mark.slow
+def test_a_model_here_answered_by_a_server_is_sized_by_the_servers_context(params, served_tiny_llm, tiny_llm_dir,
+                                                                          monkeypatch):
+    """The server runs the model with --max-model-len 1024, its config says 2048: prompts were fitted to
+    2048 here and refused there."""
+    from tasks.generation import open_generator
+
+    monkeypatch.chdir(tiny_llm_dir.parent)  # where SERVED_MODEL is the model's directory, as beside the server
+    monkeypatch.setenv("RAGBATCH_LLM_API_KEY", SERVED_KEY)
+    generator, chat = open_generator(params(ROOT / "data" / "questions.jsonl", llm_url=served_tiny_llm,
+                                            llm_model=SERVED_MODEL, max_model_len=None))
+    assert generator.max_model_len == 1024 and chat().count("hello") > 0
+
+
+@pytest.mark.slow
 def test_served_model_gives_the_same_answers_as_the_in_process_engine(params, tmp_path, served_tiny_llm, monkeypatch,
                                                                        prefect_api_url):
     lines = (ROOT / "data" / "questions.jsonl").read_text().splitlines()

@@ -18,6 +18,7 @@ from tasks.generation import generator_gpu_share
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
 from tasks.prompts import TokenizerChat
 from tasks.child_process import free_port
+from tasks.generation import served_context
 from tasks.serving import vllm_server_command
 from tasks.settings import AnswerParams, EmbeddingBackend, RetrievalMode
 
@@ -211,6 +212,7 @@ def test_a_server_without_the_tokenizer_endpoints_or_none_at_all_is_one_clear_er
         chat = ServerChat(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="org/model")
         with pytest.raises(ModelError, match=r"has no /tokenize endpoint \(not vLLM\?\).*give the model's local directory"):
             chat.render("hello")
+        assert served_context(chat, default=2048) == 2048  # a model here, on a server that does not say: its own
         server.shutdown()
     with pytest.raises(LLMUnavailable, match="cannot reach the LLM server at http://127.0.0.1:"):
         ServerChat(base_url=f"http://127.0.0.1:{free_port()}/v1", model="org/model").max_model_len()
