@@ -70,6 +70,9 @@ class PrefectStack:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
         env.update(
             PREFECT_HOME=str(self.home),
+            # Prefect 3.7 puts these under ~/.prefect whatever PREFECT_HOME says (see flows/__init__.py).
+            PREFECT_SERVER_MEMO_STORE_PATH=str(self.home / "memo_store.toml"),
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(self.home / "storage"),
             PREFECT_API_URL=self.api_url,
             PREFECT_UI_API_URL=self.api_url,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",

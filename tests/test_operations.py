@@ -156,6 +156,7 @@ def test_server_deploys_prefect_yaml_with_typed_forms_and_schedule(stack: Stack)
     assert stack.deployment("ingest", "rebuild")["parameters"]["params"]["rebuild"] is True
     assert stack.deployment("answer", "answer")["work_pool_name"] == "ragbatch"
     assert (stack.data_dir / "prefect" / "prefect.db").is_file()
+    assert (stack.data_dir / "prefect" / "memo_store.toml").is_file()  # Prefect put it in ~/.prefect
     [worker] = [p for p in psutil.Process(stack.process.pid).children(recursive=True) if "worker" in p.cmdline()]
     assert worker.environ()["PREFECT_WORKER_QUERY_SECONDS"] == str(WORKER_QUERY_SECONDS)  # a UI run starts within ~2 s, not 10
 
