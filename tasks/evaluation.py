@@ -26,7 +26,7 @@ from tasks.errors import SourceError, first_line
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
 from tasks.settings import SourceFormat
-from tasks.sources import SourceRow, batched, read_rows
+from tasks.sources import SourceRow, batched, read_rows, row_id
 from tasks.validation import DocumentValidator, QuarantinedRow
 
 RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
@@ -79,11 +79,10 @@ def _relevant_doc_ids(row: SourceRow) -> tuple[list[str], str | None]:
     value = json_cell(value)
     ids = []
     for item in value if isinstance(value, list) else [] if value is None else [value]:
-        if isinstance(item, float) and item.is_integer():
-            item = int(item)
-        if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item).strip():
+        doc_id, _ = row_id(item)  # the rule for a source row's id: strings and whole numbers
+        if doc_id is None:
             return [], f"{name} holds {item!r}, not a document id (a string or an integer)"
-        ids.append(str(item))
+        ids.append(doc_id)
     return ids, None
 
 

@@ -249,7 +249,7 @@ def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str
     text = record.get(text_column)
     title = record.get(TITLE_COLUMN)
     metadata = {k: _jsonable(v) for k, v in record.items() if k not in (id_column, text_column, TITLE_COLUMN)}
-    doc_id, error = _row_id(raw_id)
+    doc_id, error = row_id(raw_id)
     if error is None:
         error = _text_problem(text, raw_id, title)
     return SourceRow(
@@ -259,7 +259,7 @@ def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str
     )
 
 
-def _row_id(raw_id: Any) -> tuple[str | None, str | None]:
+def row_id(raw_id: Any) -> tuple[str | None, str | None]:
     """The id as text; strings and whole numbers are ids, anything else is an error (not guessed at)."""
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         return None, None
