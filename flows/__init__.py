@@ -27,7 +27,7 @@ if "PREFECT_HOME" not in os.environ:
 # in the wrong settings group): a failed task's pickled exception, and a server's block-registration memo.
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(os.environ["PREFECT_HOME"]).expanduser() / "storage"))
 os.environ.setdefault("PREFECT_SERVER_MEMO_STORE_PATH", str(Path(os.environ["PREFECT_HOME"]).expanduser() / "memo_store.toml"))
-# torch creates its compile cache when transformers loads, in /tmp unless told (tasks.llm.cpu_environment's path).
+# torch creates its compile cache when transformers loads, in /tmp unless told (tasks.llm.vllm_environment's path).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_data_dir / "cache" / "torchinductor"))
 for _name, _value in {
     "DO_NOT_TRACK": "1",

@@ -176,22 +176,23 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     import subprocess
 
     from tasks.child_process import die_with_parent, require_free_port, supervised
-    from tasks.llm import cpu_environment
+    from tasks.llm import has_cuda, vllm_environment
     from tasks.llm_models import resolve_llm_model
     from tasks.serving import STOP_GRACE_SECONDS, vllm_server_command
 
     params = _command_params(ServeParams, args, "serve")
     require_free_port(params.host, params.port)
     model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
+    cuda = has_cuda()
     command = vllm_server_command(
         model_dir=model_dir, served_name=params.llm_model, host=params.host, port=params.port,
         max_model_len=params.max_model_len, dtype=params.dtype, enforce_eager=params.enforce_eager,
         kv_cache_gib=params.kv_cache_gib, gpu_memory_utilization=params.gpu_memory_utilization,
         tensor_parallel_size=params.tensor_parallel_size,
-        data_parallel_size=params.data_parallel_size,
+        data_parallel_size=params.data_parallel_size, cuda=cuda,
     )
     print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-    env = {**os.environ, **cpu_environment(params.data_dir / "cache", params.kv_cache_gib)}
+    env = {**os.environ, **vllm_environment(params.data_dir / "cache", cuda=cuda, kv_cache_gib=params.kv_cache_gib)}
     server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=env, preexec_fn=die_with_parent)
 
     def stop(signum, frame):

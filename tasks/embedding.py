@@ -100,8 +100,8 @@ class VLLMEmbedder:
 
     Texts are truncated to the model's sentence-transformers `max_seq_length`, as sentence-transformers
     does. `dtype` "auto" is `tasks.llm.engine_dtype`'s choice (bfloat16 on CPUs that compute it natively,
-    else float32; the model's own on GPU). On CPU it uses the single-process settings of
-    `tasks.llm.cpu_environment`. On a GPU it takes `gpu_memory_utilization` of its memory (default:
+    else float32; the model's own on GPU). It sets `tasks.llm.vllm_environment` (caches in the data
+    directory; on CPU the single-process settings). On a GPU it takes `gpu_memory_utilization` of its memory (default:
     vLLM's), which must leave room for every other vLLM engine there: vLLM checks at start that its
     share is still free. The engine starts on first use (a few seconds).
     """
@@ -143,11 +143,10 @@ class VLLMEmbedder:
 
     @cached_property
     def llm(self):
-        from tasks.llm import cpu_environment, has_cuda
+        from tasks.llm import has_cuda, vllm_environment
 
         cuda = vllm_on_gpu(self.device, cuda=has_cuda())
-        if not cuda:
-            os.environ.update(cpu_environment(self.cache_dir, kv_cache_gib=1))
+        os.environ.update(vllm_environment(self.cache_dir, cuda=cuda))
         try:
             from vllm import LLM
 

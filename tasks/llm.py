@@ -77,16 +77,19 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Completion]: ...
 
 
-def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
-    """Environment for vLLM on CPU: one process bound to all our cores, caches in `cache_dir`, offline.
+def vllm_environment(cache_dir: Path, *, cuda: bool, kv_cache_gib: float = 1) -> dict[str, str]:
+    """Environment for a vLLM engine or server, on GPUs or CPU: its caches in `cache_dir` (the data
+    directory's; vLLM's defaults are under the home directory and /tmp), no usage statistics, and hub
+    access as the caller's `HF_HUB_OFFLINE` says (off when it is unset).
 
-    The engine runs in the calling process unless the caller's `VLLM_ENABLE_V1_MULTIPROCESSING` is 1
-    (vLLM's own default: an engine process of its own).
-
-    vLLM reads `VLLM_CPU_KVCACHE_SPACE` as whole GiB, so `kv_cache_gib` is rounded up. The server's
+    vLLM's cache root, whose model-class inspection a fresh one repeats in a subprocess (15 s on 2
+    cores), is the caller's `VLLM_CACHE_ROOT` when set, so data directories can share one. The
     ZeroMQ sockets live in `cache_dir/rpc` (created here) unless that path is too long for a Unix
-    socket, then in the system temp directory. Hub access stays as the caller's `HF_HUB_OFFLINE`
-    says, and is off when it is unset.
+    socket, then in the system temp directory.
+
+    On CPU also: the engine runs in the calling process unless the caller's
+    `VLLM_ENABLE_V1_MULTIPROCESSING` is 1 (vLLM's own default: an engine process of its own), bound to
+    all our cores, with `kv_cache_gib` of KV cache (vLLM reads whole GiB, so it is rounded up).
     """
     cache_dir = Path(cache_dir).absolute()
     rpc = cache_dir / "rpc"
@@ -94,12 +97,8 @@ def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
         rpc.mkdir(parents=True, exist_ok=True)
     else:
         rpc = Path(tempfile.gettempdir())
-    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_cache_gib))),
-        "VLLM_CPU_OMP_THREADS_BIND": cores,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-        "VLLM_CACHE_ROOT": str(cache_dir / "vllm"),
+    environment = {
+        "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(cache_dir / "vllm"),
         "VLLM_CONFIG_ROOT": str(cache_dir / "vllm-config"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
         "VLLM_RPC_BASE_PATH": str(rpc),
@@ -108,6 +107,14 @@ def cpu_environment(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    if cuda:
+        return environment
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    return environment | {
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(kv_cache_gib))),
+        "VLLM_CPU_OMP_THREADS_BIND": cores,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
     }
 
 
@@ -208,7 +215,7 @@ def _looks_like_path(model: str) -> bool:
 class VLLMGenerator:
     """vLLM's offline engine in this process; one `vllm.LLM`, created on first use and then kept.
 
-    On CPU it sets the environment of `cpu_environment` (process-wide, before vLLM is imported),
+    It sets the environment of `vllm_environment` (process-wide, before vLLM is imported). On CPU it
     resolves `dtype` "auto" with `engine_dtype`, and uses the single-process executor, which also works
     from a worker thread (a Prefect task) and holds `kv_cache_gib` of KV cache (whole GiB). On GPU,
     `dtype` and `tensor_parallel_size` go to vLLM as given, and the engine takes
@@ -272,8 +279,7 @@ class VLLMGenerator:
         kwargs = self.engine_args(cuda=cuda)
         if _looks_like_path(kwargs["model"]) and not Path(kwargs["model"]).exists():
             raise ModelError(f"model {self.model} not found")
-        if not cuda:
-            os.environ.update(cpu_environment(self.cache_dir, self.kv_cache_gib))
+        os.environ.update(vllm_environment(self.cache_dir, cuda=cuda, kv_cache_gib=self.kv_cache_gib))
         try:
             from vllm import LLM
         except ImportError as exc:

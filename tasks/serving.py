@@ -31,7 +31,7 @@ def vllm_server_command(
     asks for the version of a distribution named "vllm"). `dtype` "auto" resolves as in
     `VLLMGenerator`, and `--generation-config vllm` keeps the model's `generation_config.json` (a
     repetition penalty, say) out of the request defaults: the server then computes exactly what the
-    in-process engine does. On CPU, `VLLM_CPU_KVCACHE_SPACE` from `cpu_environment` overrides
+    in-process engine does. On CPU, `VLLM_CPU_KVCACHE_SPACE` from `vllm_environment` overrides
     `--kv-cache-memory-bytes` with the same size rounded up to whole GiB. On GPUs (`cuda`, default:
     detected) each engine takes `gpu_memory_utilization` of its GPU and sizes the KV cache from what the
     model leaves of it, as the in-process engine does (`kv_cache_gib` is for CPU), and the server uses

@@ -24,6 +24,16 @@ SERVED_KEY = "test-key"
 SERVED_MODEL = "./tiny-llama"  # the tiny model's name on its server: a path there, nothing on the tests' side
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_vllm_cache_root(tmp_path_factory) -> Iterator[None]:
+    """One vLLM cache root for every engine and server the session starts (`VLLM_CACHE_ROOT`, which
+    ragbatch keeps when set): with a fresh one vLLM first inspects the model class in a subprocess,
+    15 s of each start on 2 cores. test_cli's write-location test runs without it, as a user would."""
+    with pytest.MonkeyPatch.context() as session_env:
+        session_env.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache-root")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def cli_console_restored(monkeypatch) -> Iterator[None]:
     """`ragbatch` commands run in this process (`flows.cli.main`) quiet vLLM, torch and Prefect's senders

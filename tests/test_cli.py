@@ -87,7 +87,8 @@ def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subp
     # As a user's shell has it: without what importing `flows` set in this process for its own data directory.
     env = {name: value for name, value in subprocess_env.items() if str(ROOT / ".ragbatch") not in value}
     env.update(HOME=str(home), TMPDIR=str(scratch), RAGBATCH_DATA_DIR=str(data))
-    env.pop("XDG_CACHE_HOME", None)
+    for name in ("XDG_CACHE_HOME", "VLLM_CACHE_ROOT"):
+        env.pop(name, None)
     corpus_before = {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()}
     questions, answers = ROOT / "data" / "questions.jsonl", out / "answers.parquet"
     for command in (

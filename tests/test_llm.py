@@ -13,6 +13,7 @@ from tasks.llm import (
     ServerChat,
     VLLMGenerator,
     load_chat_tokenizer,
+    vllm_environment,
 )
 from tasks.generation import generator_gpu_share
 from tasks.llm_models import DEFAULT_LLM, resolve_llm_model
@@ -147,6 +148,22 @@ def test_engine_arguments_size_memory_by_device(tmp_path):
     cpu = generator.engine_args(cuda=False)
     assert cpu["kv_cache_memory_bytes"] == 2**30 and cpu["distributed_executor_backend"] == "uni"
     assert "gpu_memory_utilization" not in cpu
+
+
+def test_vllm_keeps_its_caches_in_the_data_directory_on_gpus_too(tmp_path, monkeypatch):
+    """On GPUs vLLM put its caches under the home directory and its sockets in /tmp (the CPU settings
+    alone set them); the CPU-only settings stay off GPUs. A cache root the caller names is kept."""
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    cache = tmp_path / "cache"
+    gpu, cpu = vllm_environment(cache, cuda=True), vllm_environment(cache, cuda=False, kv_cache_gib=1.5)
+    for environment in (gpu, cpu):
+        assert {environment[name] for name in ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TORCHINDUCTOR_CACHE_DIR")} == {
+            str(cache / "vllm"), str(cache / "vllm-config"), str(cache / "torchinductor")}
+        assert environment["VLLM_RPC_BASE_PATH"] == str(cache / "rpc") and environment["VLLM_NO_USAGE_STATS"] == "1"
+    assert not {name for name in gpu if name.startswith("VLLM_CPU_") or name == "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "2" and cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "shared"))
+    assert vllm_environment(cache, cuda=True)["VLLM_CACHE_ROOT"] == str(tmp_path / "shared")
 
 
 @pytest.mark.parametrize(("backend", "retrieval", "share"), [
