@@ -101,6 +101,7 @@ def vllm_environment(cache_dir: Path, *, cuda: bool, kv_cache_gib: float = 1) ->
         "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(cache_dir / "vllm"),
         "VLLM_CONFIG_ROOT": str(cache_dir / "vllm-config"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+        "TRITON_CACHE_DIR": str(cache_dir / "triton"),  # vLLM's GPU kernels compile into ~/.triton otherwise
         "VLLM_RPC_BASE_PATH": str(rpc),
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",

@@ -1,5 +1,7 @@
 """Generation with real vLLM: the tiny random Llama in-process and behind `ragbatch serve`, and SmolLM2 from PyPI."""
 
+import tempfile
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -150,20 +152,21 @@ def test_engine_arguments_size_memory_by_device(tmp_path):
     assert "gpu_memory_utilization" not in cpu
 
 
-def test_vllm_keeps_its_caches_in_the_data_directory_on_gpus_too(tmp_path, monkeypatch):
+def test_vllm_keeps_its_caches_in_the_data_directory_on_gpus_too(monkeypatch):
     """On GPUs vLLM put its caches under the home directory and its sockets in /tmp (the CPU settings
     alone set them); the CPU-only settings stay off GPUs. A cache root the caller names is kept."""
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
-    cache = tmp_path / "cache"
-    gpu, cpu = vllm_environment(cache, cuda=True), vllm_environment(cache, cuda=False, kv_cache_gib=1.5)
-    for environment in (gpu, cpu):
-        assert {environment[name] for name in ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TORCHINDUCTOR_CACHE_DIR")} == {
-            str(cache / "vllm"), str(cache / "vllm-config"), str(cache / "torchinductor")}
-        assert environment["VLLM_RPC_BASE_PATH"] == str(cache / "rpc") and environment["VLLM_NO_USAGE_STATS"] == "1"
-    assert not {name for name in gpu if name.startswith("VLLM_CPU_") or name == "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "2" and cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "shared"))
-    assert vllm_environment(cache, cuda=True)["VLLM_CACHE_ROOT"] == str(tmp_path / "shared")
+    with tempfile.TemporaryDirectory(prefix="rb-") as short:  # a socket path in cache/rpc must fit in 108 bytes
+        cache = Path(short) / "cache"
+        gpu, cpu = vllm_environment(cache, cuda=True), vllm_environment(cache, cuda=False, kv_cache_gib=1.5)
+        for environment in (gpu, cpu):
+            caches = ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+            assert [environment[name] for name in caches] == [str(cache / name) for name in ("vllm", "vllm-config", "torchinductor", "triton")]
+            assert environment["VLLM_RPC_BASE_PATH"] == str(cache / "rpc") and environment["VLLM_NO_USAGE_STATS"] == "1"
+        assert not {name for name in gpu if name.startswith("VLLM_CPU_") or name == "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "2" and cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        monkeypatch.setenv("VLLM_CACHE_ROOT", str(Path(short) / "shared"))
+        assert vllm_environment(cache, cuda=True)["VLLM_CACHE_ROOT"] == str(Path(short) / "shared")
 
 
 @pytest.mark.parametrize(("backend", "retrieval", "share"), [
