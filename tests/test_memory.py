@@ -1,5 +1,6 @@
 """tasks/memory.py: the fixed mmap threshold really changes where glibc serves a freed-then-reallocated size."""
 
+import os
 import subprocess
 import sys
 
@@ -27,10 +28,15 @@ print(libc.mallinfo2().hblks - before)
 
 
 def mapped_blocks_for_batch(fix: bool) -> int:
+    """The probe in a process with glibc's default malloc settings: any of them set in the environment
+    turns its dynamic threshold off (Dask's nanny leaves MALLOC_TRIM_THRESHOLD_ in every process that
+    started a local cluster, such as a test worker that ran test_sharding before)."""
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", PROBE.format(root=root, fix=fix)], capture_output=True, text=True, check=True)
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    out = subprocess.run([sys.executable, "-c", PROBE.format(root=root, fix=fix)], capture_output=True, text=True,
+                         check=True, env=env)
     return int(out.stdout.strip())
 
 
