@@ -101,8 +101,8 @@ class VLLMEmbedder:
     Texts are truncated to the model's sentence-transformers `max_seq_length`, as sentence-transformers
     does. `dtype` "auto" is `tasks.llm.engine_dtype`'s choice (bfloat16 on CPUs that compute it natively,
     else float32; the model's own on GPU). It sets `tasks.llm.vllm_environment` (caches in the data
-    directory; on CPU the single-process settings). On a GPU it takes `gpu_memory_utilization` of its memory (default:
-    vLLM's), which must leave room for every other vLLM engine there: vLLM checks at start that its
+    directory; on CPU the single-process settings). On a GPU it takes `gpu_memory_utilization` of its
+    memory (default: vLLM's), which must leave room for every other vLLM engine there: vLLM checks at start that its
     share is still free. The engine starts on first use (a few seconds).
     """
 
