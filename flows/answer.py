@@ -18,6 +18,7 @@ from tasks.answering import AnswerReport, Pending, answer_rows
 from tasks.concurrency import exclusive
 from tasks.errors import SourceError
 from tasks.generation import answer_settings, open_generator, sampling_config
+from tasks.locks import OutputLock
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
@@ -37,7 +38,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
-    with exclusive(params.store, params.collection, writes=False):
+    with exclusive(params.store, params.collection, writes=False), OutputLock(params.out):
         report, table = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")

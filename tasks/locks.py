@@ -1,12 +1,14 @@
-"""One ingest run per collection at a time: an advisory lock file in the data directory. And one vLLM
-engine starting on a machine's GPUs at a time (`waiting_for`).
+"""One ingest run per collection, and one answer run per output file, at a time: advisory lock files.
+And one vLLM engine starting on a machine's GPUs at a time (`waiting_for`).
 
 Two runs writing the same collection would race on its markers and on the deletion of documents
-missing from the source, so the second run refuses with a clear message instead. The lock is a
-`flock` on `<data dir>/locks/<collection>.lock`: the kernel drops it when the holder exits, even on
-SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs that share a data
-directory on one machine (the CLI, a local worker); runs on several machines against one Qdrant
-server need a Prefect concurrency limit on their deployments as well.
+missing from the source; two answer runs writing one output would each answer every question and
+delete each other's checkpoint parts when they finish, leaving an output without some questions.
+So the second run refuses with a clear message instead. A lock is a `flock` on a file (the
+collection's in `<data dir>/locks/`, the output's beside it): the kernel drops it when the holder
+exits, even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs on one
+machine (the CLI, a local worker); runs on several machines against one Qdrant server need a Prefect
+concurrency limit on their deployments as well.
 """
 
 from __future__ import annotations
@@ -23,30 +25,48 @@ from pathlib import Path
 from tasks.errors import RagbatchError
 
 
-class CollectionBusy(RagbatchError):
-    """Another run holds the collection's lock."""
+class RunBusy(RagbatchError):
+    """Another run holds the lock."""
 
 
-class CollectionLock:
-    """The write lock of one collection; `acquire` refuses at once rather than waiting."""
+class CollectionBusy(RunBusy):
+    """Another ingest run holds the collection's lock."""
 
-    def __init__(self, data_dir: Path, collection: str) -> None:
-        self.collection = collection
-        self.path = Path(data_dir) / "locks" / f"{collection}.lock"
+
+class OutputBusy(RunBusy):
+    """Another answer run is writing the output."""
+
+
+class RunLock:
+    """An exclusive `flock` on `path` held for a run; `acquire` refuses at once rather than waiting.
+
+    The file records its holder for the refusal message and is removed on release. Removing a lock
+    file races with a process that opened it just before: `acquire` therefore keeps a lock only on
+    the file that is still at `path`, and tries again otherwise.
+    """
+
+    busy_error: type[RunBusy] = RunBusy
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._fd: int | None = None
 
-    def acquire(self) -> "CollectionLock":
+    def busy_message(self, holder: str) -> str:
+        return f"{self.path} is held by another run ({holder})"
+
+    def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            raise CollectionBusy(
-                f"collection {self.collection!r} is being written by another ingest run ({_describe(holder)}); "
-                "runs of one collection go one at a time: wait for it to finish"
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                os.close(fd)
+                raise self.busy_error(self.busy_message(_describe(holder))) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it after we opened it: lock the new one
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -54,16 +74,54 @@ class CollectionLock:
         return self
 
     def release(self) -> None:
-        """Drop the lock (closing the file releases the flock); the file itself stays for the next run."""
+        """Remove the file, then drop the lock (closing the file releases the flock)."""
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "CollectionLock":
+    def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+class CollectionLock(RunLock):
+    """The write lock of one collection: `<data dir>/locks/<collection>.lock`."""
+
+    busy_error = CollectionBusy
+
+    def __init__(self, data_dir: Path, collection: str) -> None:
+        super().__init__(Path(data_dir) / "locks" / f"{collection}.lock")
+        self.collection = collection
+
+    def busy_message(self, holder: str) -> str:
+        return (f"collection {self.collection!r} is being written by another ingest run ({holder}); "
+                "runs of one collection go one at a time: wait for it to finish")
+
+
+class OutputLock(RunLock):
+    """The lock of one answer output: `<output>.lock` beside it, so runs of any data directory meet."""
+
+    busy_error = OutputBusy
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        super().__init__(self.output.with_name(self.output.name + ".lock"))
+
+    def busy_message(self, holder: str) -> str:
+        return (f"{self.output}: another answer run is writing it ({holder}); wait for it to finish, "
+                "or give another --out")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _describe(holder: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 from flows.answer import answer
 from flows.ingest import ingest
 from tasks.errors import RagbatchError, SourceError, StoreError
+from tasks.locks import OutputBusy, OutputLock
 from tasks.outputs import ANSWER_SCHEMA
 from tasks.settings import AnswerParams, IngestParams
 
@@ -79,6 +80,21 @@ def test_every_question_gets_one_row_with_its_contexts(params, tmp_path):
     assert {c["source"] for c in rows["filtered"]["contexts"]} == {"troubleshooting-guide.txt"}
     assert rows["q02"]["reference_answers"] == ["tipping bucket assembly"]
     assert report.prompts_per_s > 0 and report.output_tokens_per_s > 0
+    assert not Path(report.output + ".lock").exists()  # the run's lock went with it
+
+
+def test_a_second_run_of_an_output_refuses_while_the_first_writes_it(params, tmp_path):
+    """Two runs answering into one output would each delete the other's parts on finishing (a server
+    store lets both run): the second refuses before loading anything, whichever data directory it uses."""
+    questions = question_file(tmp_path, [])
+    out = tmp_path / "shared.parquet"
+    with OutputLock(out):
+        with pytest.raises(OutputBusy) as busy:
+            answer(params(questions, out=out, data_dir=tmp_path / "elsewhere"))
+    message = str(busy.value)
+    assert message.startswith(f"{out}: another answer run is writing it (pid ") and "\n" not in message
+    assert "give another --out" in message
+    assert list(tmp_path.glob("shared.parquet*")) == []  # nothing written, and the holder's lock file removed
 
 
 def test_a_completed_output_is_not_generated_again(params, tmp_path):
