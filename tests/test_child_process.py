@@ -39,17 +39,6 @@ STARTS_AND_DIES = textwrap.dedent("""
     os.kill(os.getpid(), 9)                                                        # before the watcher looked
 """)
 
-STARTS_AN_ENGINE_PROCESS = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from tasks.llm import VLLMGenerator
-
-    generator = VLLMGenerator(model=sys.argv[1], max_model_len=512, kv_cache_gib=1, cache_dir=Path(sys.argv[2]))
-    _ = generator.llm
-    print("ready", flush=True)
-    time.sleep(600)
-""")
-
 RUNS_A_FLOW = textwrap.dedent("""
     import sys
     from flows.ingest import ingest
@@ -140,16 +129,6 @@ def running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def test_a_killed_process_takes_vllms_engine_process_along(tiny_llm_dir: Path, tmp_path: Path):
-    """On a GPU vLLM runs its engine in a process of its own (here switched on by hand); it outlived a
-    killed command before, holding the model's memory."""
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    process = python(STARTS_AN_ENGINE_PROCESS, str(tiny_llm_dir), str(tmp_path / "cache"), env=env)
-    descendants = kill_when(process, says_ready(process), timeout=300)
-    assert any("EngineCore" in child.name() for child in descendants), [child.name() for child in descendants]
-    assert_all_end(descendants, timeout=REAP_GRACE_SECONDS + 10, after="the command holding the engine was killed")
 
 
 def test_a_killed_command_or_flow_run_takes_its_temporary_prefect_server_along(corpus: Path, data_dir: Path):
