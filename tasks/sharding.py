@@ -162,6 +162,8 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
     """
     runner = _new_task_runner(kind, workers=workers, address=address, api_url=api_url, state_dir=state_dir)
     with ExitStack() as stack:
+        if kind == TaskRunnerKind.dask and not address:
+            stack.enter_context(_dask_worker_environment_undone())
         try:
             stack.enter_context(runner)
             if kind == TaskRunnerKind.dask and address:
@@ -169,6 +171,27 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
         except OSError as exc:  # ConnectionError and TimeoutError too
             raise SetupError(_unreachable(kind, address, exc)) from None
         yield runner
+
+
+
+@contextmanager
+def _dask_worker_environment_undone() -> Iterator[None]:
+    """This process's environment as it was, once the block's local Dask cluster is gone: Dask's nanny
+    sets its workers' variables (`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_,
+    OMP_NUM_THREADS=1 and the like) in the environment of the process that starts them and leaves them
+    there, for everything that process starts later (a vLLM engine, a second flow's processes)."""
+    import dask.config
+    import distributed  # noqa: F401  -- registers the nanny's defaults in dask.config
+
+    before = {name: os.environ.get(name) for name in dask.config.get("distributed.nanny.pre-spawn-environ", {})}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _unreachable(kind: TaskRunnerKind, address: str | None, exc: OSError) -> str:

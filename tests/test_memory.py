@@ -29,8 +29,7 @@ print(libc.mallinfo2().hblks - before)
 
 def mapped_blocks_for_batch(fix: bool) -> int:
     """The probe in a process with glibc's default malloc settings: any of them set in the environment
-    turns its dynamic threshold off (Dask's nanny leaves MALLOC_TRIM_THRESHOLD_ in every process that
-    started a local cluster, such as a test worker that ran test_sharding before)."""
+    (a user's, or Dask's for its workers) turns its dynamic threshold off."""
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parent.parent)

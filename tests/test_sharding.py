@@ -283,8 +283,15 @@ def listening(process: psutil.Process) -> set[tuple[int, str, int]]:
     return found
 
 
+WORKER_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 @pytest.mark.slow
-def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, tmp_path):
+def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_the_data_dir(prefect_api_url, tmp_path,
+                                                                                          monkeypatch):
+    """Also: the variables Dask's nanny sets for its workers in this process's environment go with the cluster."""
+    for name in WORKER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     me = psutil.Process()
     before = listening(me)
     with task_runner(TaskRunnerKind.dask, workers=2, api_url=prefect_api_url, state_dir=tmp_path) as runner:
@@ -293,6 +300,7 @@ def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_th
         assert len([path for path in (tmp_path / "dask").glob("dask-scratch-space/worker-*") if path.is_dir()]) == 2
     assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # at least the two worker processes
     assert {address for _, address, _ in started} == {"127.0.0.1"}, started
+    assert not [name for name in WORKER_VARIABLES if name in os.environ]
 
 
 @pytest.mark.slow
