@@ -7,8 +7,10 @@ delete each other's checkpoint parts when they finish, leaving an output without
 So the second run refuses with a clear message instead. A lock is a `flock` on a file (the
 collection's in `<data dir>/locks/`, the output's beside it): the kernel drops it when the holder
 exits, even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs on one
-machine (the CLI, a local worker); runs on several machines against one Qdrant server need a Prefect
-concurrency limit on their deployments as well.
+machine (the CLI, a local worker); ingest runs on several machines against one Qdrant server need a
+Prefect concurrency limit on their deployments as well (`tasks.concurrency`), and answer runs on
+several machines meet at an output on shared storage only where it honours `flock` (NFSv4; not
+tested here).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ class OutputBusy(RunBusy):
 class RunLock:
     """An exclusive `flock` on `path` held for a run; `acquire` refuses at once rather than waiting.
 
-    The file records its holder for the refusal message and is removed on release. Removing a lock
-    file races with a process that opened it just before: `acquire` therefore keeps a lock only on
-    the file that is still at `path`, and tries again otherwise.
+    The file records its holder for the refusal message; it stays, emptied, when the lock is released.
+    Removing it would race with a process that opened it just before (and, on NFS, with other clients'
+    cached view of it).
     """
 
     busy_error: type[RunBusy] = RunBusy
@@ -56,17 +58,13 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace")
-                os.close(fd)
-                raise self.busy_error(self.busy_message(_describe(holder))) from None
-            if _same_file(fd, self.path):
-                break
-            os.close(fd)  # its holder removed it after we opened it: lock the new one
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            raise self.busy_error(self.busy_message(_describe(holder))) from None
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -74,11 +72,13 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Remove the file, then drop the lock (closing the file releases the flock)."""
+        """Empty the file and drop the lock (closing the file releases the flock)."""
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -113,15 +113,6 @@ class OutputLock(RunLock):
     def busy_message(self, holder: str) -> str:
         return (f"{self.output}: another answer run is writing it ({holder}); wait for it to finish, "
                 "or give another --out")
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        at_path = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _describe(holder: str) -> str:

@@ -178,12 +178,14 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
 def _dask_worker_environment_undone() -> Iterator[None]:
     """This process's environment as it was, once the block's local Dask cluster is gone: Dask's nanny
     sets its workers' variables (`distributed.nanny.pre-spawn-environ`: MALLOC_TRIM_THRESHOLD_,
-    OMP_NUM_THREADS=1 and the like) in the environment of the process that starts them and leaves them
-    there, for everything that process starts later (a vLLM engine, a second flow's processes)."""
+    OMP_NUM_THREADS=1 and the like, and a fixed PYTHONHASHSEED) in the environment of the process that
+    starts them and leaves them there, for everything that process starts later (a vLLM engine, a
+    second flow's processes)."""
     import dask.config
     import distributed  # noqa: F401  -- registers the nanny's defaults in dask.config
 
-    before = {name: os.environ.get(name) for name in dask.config.get("distributed.nanny.pre-spawn-environ", {})}
+    names = [*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"]
+    before = {name: os.environ.get(name) for name in names}
     try:
         yield
     finally:

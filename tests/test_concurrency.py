@@ -3,6 +3,7 @@ store, and readers that never see a half-built index during a rebuild."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from flows.ingest import ingest
 from tasks import indexing
 from tasks.chunking import TokenChunker
 from tasks.ingest import finish_rebuild, prepare_target
-from tasks.locks import CollectionBusy, CollectionLock, RunLock, _same_file, gpu_start_lock, waiting_for
+from tasks.locks import CollectionBusy, CollectionLock, RunLock, gpu_start_lock, waiting_for
 from tasks.retrieval import Retriever
 from tasks.settings import IngestParams, RetrievalMode
 from tasks.sources import batched, read_rows
@@ -80,24 +81,12 @@ def test_the_lock_dies_with_its_process_even_on_sigkill(tmp_path):
 
 
 
-def test_a_lock_file_goes_with_its_run_and_a_removed_one_is_not_taken_for_the_new(tmp_path):
-    """Release removes the file; a process that opened it just before would lock a file no longer at
-    the path, so `acquire` checks it still is and tries again otherwise."""
+def test_a_lock_file_names_its_holder_and_stays_empty_for_the_next_run(tmp_path):
     path = tmp_path / "run.lock"
     with RunLock(path):
-        assert path.exists()
-    assert not path.exists()
-    opened_before_removal = os.open(path, os.O_RDWR | os.O_CREAT)
-    try:
-        assert _same_file(opened_before_removal, path)
-        path.unlink()
-        assert not _same_file(opened_before_removal, path)
-        path.touch()
-        assert not _same_file(opened_before_removal, path)
-    finally:
-        os.close(opened_before_removal)
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert path.read_text() == ""
     RunLock(path).acquire().release()
-    assert not path.exists()
 
 
 def test_engines_start_on_a_gpu_one_at_a_time(tmp_path):
