@@ -40,7 +40,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     template = load_template(params.prompt_template)
     # The output's lock after the store's slot: a deployment run queued behind another into the same
     # output then resumes the finished output instead of refusing.
-    with exclusive(params.store, params.collection, writes=False), OutputLock(params.out):
+    with exclusive(params.store, params.collection, writes=False), OutputLock(params.data_dir, params.out):
         report, table = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")

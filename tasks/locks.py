@@ -5,17 +5,16 @@ Two runs writing the same collection would race on its markers and on the deleti
 missing from the source; two answer runs writing one output would each answer every question and
 delete each other's checkpoint parts when they finish, leaving an output without some questions.
 So the second run refuses with a clear message instead. A lock is a `flock` on a file (the
-collection's in `<data dir>/locks/`, the output's beside it): the kernel drops it when the holder
-exits, even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs on one
-machine (the CLI, a local worker); ingest runs on several machines against one Qdrant server need a
-Prefect concurrency limit on their deployments as well (`tasks.concurrency`), and answer runs on
-several machines meet at an output on shared storage only where it honours `flock` (NFSv4; not
-tested here).
+collection's or the output's, in `<data dir>/locks/`): the kernel drops it when the holder exits,
+even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs that share a
+data directory on one machine (the CLI, a local worker); ingest runs on several machines against one
+Qdrant server need a Prefect concurrency limit on their deployments as well (`tasks.concurrency`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -102,13 +101,15 @@ class CollectionLock(RunLock):
 
 
 class OutputLock(RunLock):
-    """The lock of one answer output: `<output>.lock` beside it, so runs of any data directory meet."""
+    """The lock of one answer output, `<data dir>/locks/answer-<digest of its absolute path>.lock`:
+    beside the collection locks, so the output's directory holds only outputs."""
 
     busy_error = OutputBusy
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, data_dir: Path, output: Path) -> None:
         self.output = Path(output)
-        super().__init__(self.output.with_name(self.output.name + ".lock"))
+        digest = hashlib.sha1(str(self.output.resolve()).encode()).hexdigest()[:16]
+        super().__init__(Path(data_dir) / "locks" / f"answer-{digest}.lock")
 
     def busy_message(self, holder: str) -> str:
         return (f"{self.output}: another answer run is writing it ({holder}); wait for it to finish, "

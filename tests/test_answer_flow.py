@@ -50,7 +50,7 @@ def question_file(tmp_path: Path, extra: list[dict]) -> Path:
     return path
 
 
-def test_every_question_gets_one_row_with_its_contexts(params, tmp_path):
+def test_every_question_gets_one_row_with_its_contexts(params, tmp_path, sample_index):
     questions = question_file(tmp_path, [
         {"id": "long", "question": "Why " + "very " * 600 + "long?"},
         {"id": "filtered", "question": "What does error code E-219 mean?", "filter": {"source": "troubleshooting-guide.txt"}},
@@ -83,21 +83,21 @@ def test_every_question_gets_one_row_with_its_contexts(params, tmp_path):
     assert {c["source"] for c in rows["filtered"]["contexts"]} == {"troubleshooting-guide.txt"}
     assert rows["q02"]["reference_answers"] == ["tipping bucket assembly"]
     assert report.prompts_per_s > 0 and report.output_tokens_per_s > 0
-    OutputLock(Path(report.output)).acquire().release()  # the run let go of its output
+    OutputLock(sample_index, Path(report.output)).acquire().release()  # the run let go of its output
 
 
-def test_a_second_run_of_an_output_refuses_while_the_first_writes_it(params, tmp_path):
+def test_a_second_run_of_an_output_refuses_while_the_first_writes_it(params, tmp_path, sample_index):
     """Two runs answering into one output would each delete the other's parts on finishing (a server
-    store lets both run): the second refuses before loading anything, whichever data directory it uses."""
+    store lets both run): the second refuses before loading anything."""
     questions = question_file(tmp_path, [])
     out = tmp_path / "shared.parquet"
-    with OutputLock(out):
+    with OutputLock(sample_index, out):
         with pytest.raises(OutputBusy) as busy:
-            answer(params(questions, out=out, data_dir=tmp_path / "elsewhere"))
+            answer(params(questions, out=out))
     message = str(busy.value)
     assert message.startswith(f"{out}: another answer run is writing it (pid ") and "\n" not in message
     assert "give another --out" in message
-    assert list(tmp_path.glob("shared.parquet*")) == [tmp_path / "shared.parquet.lock"]  # nothing written
+    assert list(tmp_path.glob("shared.parquet*")) == []  # nothing written
 
 
 def test_a_completed_output_is_not_generated_again(params, tmp_path):
