@@ -173,7 +173,6 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
         yield runner
 
 
-
 @contextmanager
 def _dask_worker_environment_undone() -> Iterator[None]:
     """This process's environment as it was, once the block's local Dask cluster is gone: Dask's nanny
