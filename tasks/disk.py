@@ -9,13 +9,15 @@ rewrites the collection), before converting the bundled LLM (whose libraries fai
 full disk) and before a run starts (Prefect's database lives there too). Files written the ordinary
 way (answer and evaluation Parquet, possibly on another disk) get ENOSPC instead, also made one line.
 A data directory that cannot be created (a file in its path, no permission) is refused the same way.
+Files that must never be seen half-written (outputs, the edge store's aliases) go through `write_whole`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,3 +86,25 @@ def no_space_is_one_line(path: Path, action: str) -> Iterator[None]:
         if exc.errno != errno.ENOSPC:
             raise
         raise DiskSpaceError(f"{action}: no space left on the disk of {path}; free some space and run again") from None
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` whole or not at all: `write` fills a temporary file beside it, named for this
+    writer alone (two writers of one path never mix their bytes; the last rename wins) and removed if
+    the write fails; it is flushed to the disk and renamed over `path`, and the rename flushed too.
+    Readers and a crash see the old or the new content, never a mix, and a power loss after a caller
+    deletes what the file replaces (answer parts, once merged) still finds it."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

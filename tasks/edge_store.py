@@ -8,7 +8,7 @@ shard is one collection; ragbatch keeps its collections and aliases on disk as
     PATH/collections/<name>/ragbatch.json  the collection's metadata (it exists once the shard is complete)
     PATH/collections/<name>/shard/         the EdgeShard
 
-The JSON files are replaced atomically (write a temporary file, then os.replace), so an alias swap
+The JSON files are replaced whole (`tasks.disk.write_whole`: a temporary file, then a rename), so an alias swap
 is one rename. Callers keep using qdrant_client.models objects (PointStruct, QueryRequest, Filter):
 this module translates them into qdrant_edge's look-alike classes and the results back.
 """
@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ from typing import Any
 import qdrant_edge as edge
 from qdrant_client import models
 
-from tasks.disk import MIN_FREE_BYTES, allocated_bytes, require_free_space
+from tasks.disk import MIN_FREE_BYTES, allocated_bytes, require_free_space, write_whole
 from tasks.errors import RagbatchError, StoreError
 from tasks.store import DENSE, PHYSICAL_SEPARATOR, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout
 
@@ -64,18 +62,8 @@ def _translate_errors(location: str, action: str) -> Iterator[None]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Replace `path` atomically: readers and a crash see the old or the new content, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(data, file, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_whole(path, lambda temporary: temporary.write_text(json.dumps(data, sort_keys=True), encoding="utf-8"))
 
 
 def _read_json(path: Path) -> Any:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.disk import no_space_is_one_line
+from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import SourceError, first_line
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
@@ -244,11 +244,14 @@ def summarize(rows: Sequence[dict[str, Any]], **fields: Any) -> EvaluateReport:
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], report: EvaluateReport, per_query_path: Path) -> None:
-    """The per-query Parquet and, beside it, the summary JSON (`<name>.summary.json`)."""
+    """The per-query Parquet and, beside it, the summary JSON (`<name>.summary.json`), each whole or not
+    at all: a run killed or out of disk space keeps the previous run's files intact."""
     per_query_path = Path(per_query_path)
     per_query_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path = per_query_path.with_name(per_query_path.stem + ".summary.json")
     report.per_query_path, report.summary_path = str(per_query_path), str(summary_path)
     with no_space_is_one_line(per_query_path.parent, f"writing {per_query_path.name}"):
-        pq.write_table(pa.Table.from_pylist(list(rows)), per_query_path)
-        summary_path.write_text(json.dumps(report.model_dump(), indent=2) + "\n", encoding="utf-8")
+        table = pa.Table.from_pylist(list(rows))
+        write_whole(per_query_path, lambda temporary: pq.write_table(table, temporary))
+        summary = json.dumps(report.model_dump(), indent=2) + "\n"
+        write_whole(summary_path, lambda temporary: temporary.write_text(summary, encoding="utf-8"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.disk import no_space_is_one_line
+from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import RagbatchError
 from tasks.validation import QuarantinedRow
 
@@ -122,26 +121,6 @@ ANSWER_SCHEMA = pa.schema(
 )
 
 
-def _write_durably(table: pa.Table, path: Path) -> None:
-    """`table` at `path`, whole or not at all: written to a temporary name (removed if the write fails),
-    flushed to the disk, renamed, and the rename flushed, so a power loss after a caller deletes what
-    the file replaces (the parts, once merged) still finds it."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class ResumeMismatch(RagbatchError):
     """An output or its parts hold answers made with other settings than this run's."""
 
@@ -196,7 +175,8 @@ class AnswerCheckpoint:
             number += 1
             path = self.parts_dir / f"part-{number:06d}.parquet"
         with no_space_is_one_line(self.parts_dir, "writing answers (finished questions are kept)"):
-            _write_durably(pa.Table.from_pylist(rows, schema=self._schema), path)
+            table = pa.Table.from_pylist(rows, schema=self._schema)
+            write_whole(path, lambda temporary: pq.write_table(table, temporary))
         return path
 
     def finalize(self, question_ids: Sequence[str]) -> pa.Table:
@@ -216,7 +196,7 @@ class AnswerCheckpoint:
         table = table.replace_schema_metadata(self._schema.metadata)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):
-            _write_durably(table, self.output)
+            write_whole(self.output, lambda temporary: pq.write_table(table, temporary))
         self.reset_parts()
         return table
 

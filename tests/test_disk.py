@@ -6,11 +6,12 @@ import subprocess
 import sys
 import textwrap
 
+import pyarrow.parquet as pq
 import pytest
 from qdrant_client import models
 
 from flows.cli import main
-from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes, prepare_data_dir
+from tasks.disk import MIB, MIN_FREE_BYTES, free_bytes, prepare_data_dir, write_whole
 from tasks.edge_store import EdgeStore
 from tasks.errors import DataDirError, DiskSpaceError
 from tasks.outputs import AnswerCheckpoint
@@ -122,15 +123,24 @@ def test_answers_on_a_full_disk_fail_in_one_line_and_keep_the_finished_parts(tmp
     assert not list(checkpoint.parts_dir.glob("*.tmp"))  # the half-written part does not hold the space
 
 
-def test_evaluation_outputs_on_a_full_disk_fail_in_one_line(tmpfs):
-    """`evaluate --out` may name another disk than the data directory, which the free-space floor does not cover."""
+def test_evaluation_outputs_on_a_full_disk_fail_in_one_line_and_keep_the_previous_run(tmpfs):
+    """`evaluate --out` may name another disk than the data directory, which the free-space floor does not
+    cover. The previous run's files were truncated by the failed write; now they are replaced whole or not at all."""
     from tasks.evaluation import EvalQuery, query_rows, summarize, write_outputs
 
-    queries = [EvalQuery(f"q{i}", os.urandom(3000).hex(), {"x": 1}) for i in range(400)]  # 2.4 MB that does not compress
-    rows = query_rows(queries, {query.id: ["x"] for query in queries})
-    report = summarize(rows, collection="kb", dataset="d", retrieval="dense")
+    def outputs(queries):
+        rows = query_rows(queries, {query.id: ["x"] for query in queries})
+        return rows, summarize(rows, collection="kb", dataset="d", retrieval="dense")
+
+    disk = tmpfs(1)
+    write_outputs(*outputs([EvalQuery("earlier", "a question", {"x": 1})]), disk / "eval.parquet")
+    summary = (disk / "eval.summary.json").read_text()
+    big = [EvalQuery(f"q{i}", os.urandom(3000).hex(), {"x": 1}) for i in range(400)]  # 2.4 MB that does not compress
     with pytest.raises(DiskSpaceError, match=r"^writing eval.parquet: no space left on the disk of .*; free some space and run again$"):
-        write_outputs(rows, report, tmpfs(1) / "eval.parquet")
+        write_outputs(*outputs(big), disk / "eval.parquet")
+    assert pq.read_table(disk / "eval.parquet").column("query_id").to_pylist() == ["earlier"]
+    assert (disk / "eval.summary.json").read_text() == summary
+    assert sorted(path.name for path in disk.iterdir()) == ["eval.parquet", "eval.summary.json"]
 
 
 def test_preparing_smollm2_without_room_fails_at_once_in_one_line(tmpfs, monkeypatch, capsys):
@@ -149,3 +159,22 @@ def test_a_data_dir_on_a_read_only_disk_is_refused_in_one_line(tmpfs):
     for data_dir in (disk / "writable", disk / "state"):  # one that exists already, one to be created
         with pytest.raises(DataDirError, match=rf"^cannot use {data_dir} as the data directory: read-only file system; set --data-dir"):
             prepare_data_dir(data_dir)
+
+
+def test_two_writers_of_one_file_each_replace_it_whole(tmp_path):
+    """Two evaluate runs given one --out: with one shared temporary name the second truncated the first's
+    half-written file and renamed it away, so the first ended in a traceback or a mixed file."""
+    target = tmp_path / "eval.summary.json"
+
+    def first(temporary):
+        with open(temporary, "w") as file:
+            file.write("first, ")
+            write_whole(target, lambda other: other.write_text("second"))  # the other run, meanwhile
+            file.write("whole")
+
+    write_whole(target, first)
+    assert target.read_text() == "first, whole"  # the last rename wins, each file whole
+    assert [path.name for path in tmp_path.iterdir()] == ["eval.summary.json"]
+    with pytest.raises(ZeroDivisionError):
+        write_whole(target, lambda temporary: (temporary.write_text("half"), 1 / 0))
+    assert target.read_text() == "first, whole" and len(list(tmp_path.iterdir())) == 1
