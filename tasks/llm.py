@@ -97,11 +97,20 @@ def vllm_environment(cache_dir: Path, *, cuda: bool, kv_cache_gib: float = 1) ->
         rpc.mkdir(parents=True, exist_ok=True)
     else:
         rpc = Path(tempfile.gettempdir())
+    vllm_cache = Path(os.environ.get("VLLM_CACHE_ROOT") or cache_dir / "vllm")
     environment = {
-        "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT") or str(cache_dir / "vllm"),
+        "VLLM_CACHE_ROOT": str(vllm_cache),
+        # Not under VLLM_CACHE_ROOT by default, but under XDG_CACHE_HOME (or ~/.cache):
+        "VLLM_ASSETS_CACHE": str(vllm_cache / "assets"),
+        "VLLM_XLA_CACHE_PATH": str(vllm_cache / "xla_cache"),
         "VLLM_CONFIG_ROOT": str(cache_dir / "vllm-config"),
         "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
-        "TRITON_CACHE_DIR": str(cache_dir / "triton"),  # vLLM's GPU kernels compile into ~/.triton otherwise
+        # GPU kernels vLLM compiles at start-up go under the home directory otherwise (~/.triton,
+        # ~/.cache/flashinfer, ~/.cache/torch_extensions, the driver's ~/.nv/ComputeCache):
+        "TRITON_CACHE_DIR": str(cache_dir / "triton"),
+        "FLASHINFER_WORKSPACE_BASE": str(cache_dir / "flashinfer"),  # it adds .cache/flashinfer
+        "TORCH_EXTENSIONS_DIR": str(cache_dir / "torch_extensions"),
+        "CUDA_CACHE_PATH": str(cache_dir / "nv-compute-cache"),
         "VLLM_RPC_BASE_PATH": str(rpc),
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",

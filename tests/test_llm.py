@@ -160,13 +160,17 @@ def test_vllm_keeps_its_caches_in_the_data_directory_on_gpus_too(monkeypatch):
         cache = Path(short) / "cache"
         gpu, cpu = vllm_environment(cache, cuda=True), vllm_environment(cache, cuda=False, kv_cache_gib=1.5)
         for environment in (gpu, cpu):
-            caches = ("VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-            assert [environment[name] for name in caches] == [str(cache / name) for name in ("vllm", "vllm-config", "torchinductor", "triton")]
+            caches = {"VLLM_CACHE_ROOT": "vllm", "VLLM_ASSETS_CACHE": "vllm/assets", "VLLM_XLA_CACHE_PATH": "vllm/xla_cache",
+                      "VLLM_CONFIG_ROOT": "vllm-config", "TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton",
+                      "FLASHINFER_WORKSPACE_BASE": "flashinfer", "TORCH_EXTENSIONS_DIR": "torch_extensions",
+                      "CUDA_CACHE_PATH": "nv-compute-cache"}
+            assert {name: environment[name] for name in caches} == {name: str(cache / place) for name, place in caches.items()}
             assert environment["VLLM_RPC_BASE_PATH"] == str(cache / "rpc") and environment["VLLM_NO_USAGE_STATS"] == "1"
         assert not {name for name in gpu if name.startswith("VLLM_CPU_") or name == "VLLM_ENABLE_V1_MULTIPROCESSING"}
         assert cpu["VLLM_CPU_KVCACHE_SPACE"] == "2" and cpu["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         monkeypatch.setenv("VLLM_CACHE_ROOT", str(Path(short) / "shared"))
-        assert vllm_environment(cache, cuda=True)["VLLM_CACHE_ROOT"] == str(Path(short) / "shared")
+        shared = vllm_environment(cache, cuda=True)
+        assert (shared["VLLM_CACHE_ROOT"], shared["VLLM_ASSETS_CACHE"]) == (str(Path(short) / "shared"), str(Path(short) / "shared" / "assets"))
 
 
 @pytest.mark.parametrize(("backend", "retrieval", "share"), [
