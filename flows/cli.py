@@ -159,6 +159,8 @@ def _print_evaluate(result: dict[str, Any]) -> None:
     else:
         measures = "no query has relevance judgements"
     print(f"{result['collection']}, {mode} retrieval, {measures} ({result['seconds']:.1f} s)")
+    if result.get("relevant_not_indexed"):
+        print(f"relevant documents not in {result['collection']}: {result['relevant_not_indexed']} (each scored as a miss)")
     if result.get("answers") is not None:
         shares = ", ".join(f"{name} {result[name]:.4f}" for name in
                            ("exact_match", "token_f1", "answers_citing", "citations_valid", "cited_relevant")

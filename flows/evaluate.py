@@ -13,7 +13,8 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.child_process import end_descendants_with_this_process
-from tasks.evaluation import EvaluateReport, add_answer_metrics, check_measurable, query_rows, summarize, write_outputs
+from tasks.evaluation import (EvaluateReport, add_answer_metrics, check_measurable, query_rows, relevant_not_indexed, summarize,
+                              write_outputs)
 from tasks.concurrency import exclusive
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
@@ -40,6 +41,10 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     with exclusive(params.store, params.collection, writes=False):
         store = QdrantStore.connect(params.store, api_key=qdrant_api_key(params.qdrant_api_key_block))
         try:
+            missing = relevant_not_indexed(store, params.collection, queries)
+            if missing:
+                logger.warning("%d relevant documents of %s are not in %s (each scored as a miss), such as %s",
+                               len(missing), params.dataset, params.collection, ", ".join(map(repr, missing[:3])))
             retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
                                        embed_batch_size=params.embed_batch_size, data_dir=params.data_dir)
             progress = RunProgress(key=artifact_key("evaluation-progress", params.collection),
@@ -59,6 +64,7 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
         rows, collection=params.collection, dataset=str(params.dataset), retrieval=params.retrieval.value,
         fusion=params.fusion.value if params.retrieval == RetrievalMode.hybrid else None, run_id=run_id,
         questions=len(queries) + len(quarantined), quarantined=len(quarantined), quarantine_path=str(quarantine_path),
+        relevant_not_indexed=len(missing),
     )
     report.seconds = round(time.perf_counter() - started, 3)
     write_outputs(rows, report, params.out or run_file(params.data_dir, params.collection, run_id, "evaluation.parquet"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import SourceError, first_line
+from tasks.indexing import point_id
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
 from tasks.settings import SourceFormat
 from tasks.sources import SourceRow, batched, read_rows, row_id
+from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator, QuarantinedRow
 
 RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
@@ -88,12 +91,18 @@ def _relevant_doc_ids(row: SourceRow) -> tuple[list[str], str | None]:
 
 def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Path | None) -> None:
     """Refuse, before any retrieval, a run with nothing to measure (no query with relevance judgements and
-    no answers to score) and answers that belong to another question set."""
+    no answers to score), answers that belong to another question set, and answers given twice to one
+    question (which would be scored by whichever came last)."""
     if answers is None and not any(query.relevant for query in queries):
         raise SourceError(f"{dataset}: no question has relevance judgements (a {' or '.join(RELEVANT_COLUMNS)} field) "
                           "and no --answers to score: nothing to measure")
     if answers is not None:
-        answered = set(_read_answers(answers, ["question_id"]).column("question_id").to_pylist())
+        question_ids = _read_answers(answers, ["question_id"]).column("question_id").to_pylist()
+        answered = set(question_ids)
+        if len(answered) < len(question_ids):
+            repeated, times = Counter(question_ids).most_common(1)[0]
+            raise SourceError(f"{answers}: question {repeated!r} is answered {times} times; an output of `ragbatch answer` "
+                              "answers each question once (were outputs joined?)")
         if not answered & {query.id for query in queries}:
             raise SourceError(f"{answers}: none of its {len(answered)} answers is for a question of {dataset}; "
                               "give the answers of `ragbatch answer` on this question set")
@@ -135,9 +144,12 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
                 continue
             try:
                 record = json.loads(line)
-                query_id, text = str(record["_id"]), record["text"]
+                (query_id, _), text = row_id(record["_id"]), record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id and text") from None
+                query_id, text = None, None
+            if query_id is None or not isinstance(text, str) or not text.strip():
+                raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id (a string or an integer) "
+                                  "and text (a string, not blank)")
             if query_id in first_line_of:
                 raise SourceError(f"{queries_path}:{number}: query id {query_id!r} again (first on line {first_line_of[query_id]})")
             first_line_of[query_id] = number
@@ -149,6 +161,18 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
         raise SourceError(f"{qrels_path}: {len(missing)} judged queries are not in {queries_path.name} "
                           f"(the first: {', '.join(missing[:3])}); the split would not be scored whole")
     return queries
+
+
+def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[EvalQuery]) -> list[str]:
+    """The relevant documents (grade > 0) that `collection` does not hold, sorted. They score as misses
+    like any other, so a typo in a question set or judgements of another corpus would otherwise pass
+    for bad retrieval. A document is held when its chunk 0 is (written last, so the whole document is)."""
+    relevant = sorted({doc_id for query in queries for doc_id, grade in query.relevant.items() if grade > 0})
+    held: set[str] = set()
+    for batch in batched(relevant, VALIDATION_BATCH):
+        markers = {point_id(doc_id, 0): doc_id for doc_id in batch}
+        held.update(markers[found] for found in store.retrieve_payloads(collection, list(markers), ["doc_id"]))
+    return [doc_id for doc_id in relevant if doc_id not in held]
 
 
 def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
@@ -204,6 +228,7 @@ class EvaluateReport(BaseModel):
     questions: int = Field(0, description="Rows of the dataset (a BEIR split: its judged queries), measured or quarantined.")
     quarantined: int = Field(0, description="Unusable rows of a question set, each with its reason in quarantine_path.")
     queries: int = Field(0, description="Queries with relevance judgements, over which the retrieval metrics are means.")
+    relevant_not_indexed: int = Field(0, description="Relevant documents named by the judgements that the collection does not hold (each scored as a miss).")
     ndcg_at_10: float | None = Field(None, alias="ndcg@10")
     recall_at_10: float | None = Field(None, alias="recall@10")
     recall_at_100: float | None = Field(None, alias="recall@100")

@@ -30,7 +30,7 @@ def to_question(row: SourceRow) -> Question:
     for name in REFERENCE_COLUMNS:
         value = json_cell(row.metadata.get(name))
         if value is not None:
-            references = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            references = [str(v) for v in value if v is not None] if isinstance(value, list) else [str(value)]
             break
     query_filter = json_cell(row.metadata.get("filter"))
     return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None) else None)

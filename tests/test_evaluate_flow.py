@@ -87,6 +87,25 @@ def test_a_question_sets_unusable_rows_are_quarantined_and_the_rest_measured(bei
     assert capsys.readouterr().out.splitlines()[-1] == f"quarantined questions: 2 of 5, in {report.quarantine_path}"
 
 
+def test_relevant_documents_the_collection_does_not_hold_are_counted_and_named(beir_index, tmp_path, capsys, caplog):
+    """A typo in a question set's judgements (or judgements of another corpus) scored as plain misses,
+    indistinguishable from bad retrieval."""
+    from flows.cli import _print_evaluate
+
+    dataset, data_dir = beir_index
+    questions = tmp_path / "q.jsonl"
+    rows = [{"id": "1", "question": "What does Q-7731 mean?", "relevant_doc_ids": ["d3", "d3.txt"]},
+            {"id": "2", "question": "How many vacation days do employees get per year?", "source": "D5"}]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = evaluate(EvaluateParams(dataset=questions, collection="tiny", data_dir=data_dir, out=tmp_path / "eval.parquet"))
+    assert report.relevant_not_indexed == 2 and report.queries == 2
+    assert "2 relevant documents of " in caplog.text and "are not in tiny (each scored as a miss), such as 'D5', 'd3.txt'" in caplog.text
+    _print_evaluate(report.model_dump())
+    assert "relevant documents not in tiny: 2 (each scored as a miss)" in capsys.readouterr().out.splitlines()
+    assert evaluate(EvaluateParams(dataset=dataset, collection="tiny", data_dir=data_dir,
+                                   out=tmp_path / "beir.parquet")).relevant_not_indexed == 0
+
+
 @pytest.fixture(scope="session")
 def sample_store(prefect_api_url, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("hybrid-state")

@@ -59,6 +59,19 @@ def test_beir_queries_are_those_judged_in_the_split(beir):
     assert str(refused.value) == f"{beir}/queries.jsonl:5: query id '2' again (first on line 2)"
 
 
+@pytest.mark.parametrize("record", [{"_id": "1", "text": None}, {"_id": "1", "text": 7}, {"_id": "1", "text": " "},
+                                    {"_id": None, "text": "Q?"}, {"_id": [1], "text": "Q?"}, ["1", "Q?"]])
+def test_a_beir_query_without_an_id_or_a_text_is_refused_in_one_line(beir, record):
+    """A null text was taken in and crashed retrieval with a bare traceback; a null id became the query 'None'."""
+    lines = (beir / "queries.jsonl").read_text().splitlines()
+    lines[0] = json.dumps(record)
+    (beir / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(beir, "test", max_chars=4000)
+    assert str(refused.value) == (f"{beir}/queries.jsonl:1: expected a JSON object with _id (a string or an integer) "
+                                  "and text (a string, not blank)")
+
+
 def test_a_beir_split_is_scored_whole_judged_queries_missing_or_judged_only_not_relevant(beir):
     """BEIR's scorer counts a query judged only 0 as 0; dropping it raised the mean. A judged query missing
     from queries.jsonl was dropped without a word."""
@@ -93,11 +106,15 @@ def test_relevant_documents_as_a_list_a_json_list_in_a_csv_cell_or_a_number(tmp_
     assert [(q.id, q.relevant) for q in queries] == [("s", {"4983": 1}), ("t", {"12": 1, "d7": 1})] and quarantined == []
 
 
-def test_question_sets_name_relevant_documents_and_references():
+def test_question_sets_name_relevant_documents_and_references(tmp_path):
     queries, quarantined = load_dataset(ROOT / "data" / "questions.jsonl", max_chars=4000)
     first = queries[0]
     assert (first.id, first.relevant, first.references) == ("q01", {"troubleshooting-guide.txt": 1}, ["wind sensor bus timeout"])
     assert len(queries) == 24 and quarantined == []
+    # A null among the references became the reference "None", which an answer "None" matched exactly.
+    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "a", "question": "Which?", "reference_answers": [None, "x", 0]}) + "\n")
+    [query], _ = load_dataset(tmp_path / "q.jsonl", max_chars=4000)
+    assert query.references == ["x", "0"]
 
 
 def test_a_question_sets_unusable_rows_are_quarantined_as_the_answer_flow_does(tmp_path):
@@ -164,6 +181,12 @@ def test_a_question_set_without_judgements_is_measured_by_its_answers_or_refused
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=other_set)
     with pytest.raises(SourceError, match="not an answers Parquet"):
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=ROOT / "data" / "questions.jsonl")
+    # Two outputs joined: question a answered twice, and the later answer would have been the one scored.
+    joined = answers_parquet(tmp_path / "joined.parquet", [("a", "Wind sensor.", [], []), ("b", "?", [], []), ("a", "No.", [], [])])
+    with pytest.raises(SourceError) as refused:
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=joined)
+    assert str(refused.value) == (f"{joined}: question 'a' is answered 2 times; an output of `ragbatch answer` "
+                                  "answers each question once (were outputs joined?)")
     # Some other Parquet: the columns it lacks, in one line (pyarrow's own message lists the schema over lines).
     pq.write_table(pa.table({"id": ["a"], "text": ["?"]}), tmp_path / "docs.parquet")
     with pytest.raises(SourceError) as refused:
