@@ -7,6 +7,7 @@ server is sent the same templated text through `/v1/completions` that the engine
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -182,8 +183,14 @@ class ServerChat:
         return response.json()
 
     def render(self, content: str) -> str:
-        tokens = self._post("/tokenize", {"messages": [{"role": "user", "content": content}], "add_generation_prompt": True})
-        return self._post("/detokenize", {"tokens": tokens["tokens"]})["prompt"]
+        """The template's text, less the tokens `/v1/completions` adds to any prompt when the template
+        writes them too (a BOS: Llama 3, Mistral, Gemma), so the model sees them once."""
+        tokens = self._post("/tokenize", {"messages": [{"role": "user", "content": content}],
+                                          "add_generation_prompt": True})["tokens"]
+        added = self._empty_prompt["tokens"]
+        if added and tokens[:len(added)] == added:
+            tokens = tokens[len(added):]
+        return self._post("/detokenize", {"tokens": tokens})["prompt"]
 
     def count(self, text: str) -> int:
         """Tokens of the text as `/v1/completions` will see it (special tokens added as there)."""
@@ -191,7 +198,12 @@ class ServerChat:
 
     def max_model_len(self) -> int:
         """The context length the server was started with."""
-        return int(self._post("/tokenize", {"prompt": ""})["max_model_len"])
+        return int(self._empty_prompt["max_model_len"])
+
+    @functools.cached_property
+    def _empty_prompt(self) -> dict[str, Any]:
+        """`/tokenize` of an empty prompt: the tokens added to every prompt, and the server's context length."""
+        return self._post("/tokenize", {"prompt": ""})
 
 
 def engine_dtype(dtype: str, *, cuda: bool | None = None) -> str:

@@ -81,12 +81,16 @@ class TokenizerChat:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._added_prefix = tokenizer.decode(tokenizer("")["input_ids"])  # what encoding puts first: a BOS, or nothing
 
     def render(self, content: str) -> str:
+        """The template's text, less the BOS it writes when encoding adds one too (Llama 3, Mistral, Gemma):
+        the engine and `/v1/completions` encode the text with the BOS added, and the model saw it twice."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
+            return text.removeprefix(self._added_prefix) if self._added_prefix else text
         return content
 
     def count(self, text: str) -> int:

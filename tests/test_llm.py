@@ -42,19 +42,31 @@ def chat(tokenizer, question: str) -> str:
 
 @pytest.fixture(scope="module")
 def prompts(tiny_llm_dir) -> list[str]:
-    tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
-    return [chat(tokenizer, question) for question in QUESTIONS]
+    chat_format = TokenizerChat(load_chat_tokenizer(str(tiny_llm_dir)))
+    return [chat_format.render(question) for question in QUESTIONS]
 
 
 def test_tiny_model_tokenizer_applies_chatml(tiny_llm_dir):
     tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
     text = chat(tokenizer, "What is the capital of France?")
-    assert text == "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert text == "<s><|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
+    assert ids[:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")] == [3, 1]
     assert tokenizer.eos_token == "<|im_end|>" and ids.count(2) == 1
     assert tokenizer.decode(ids) == text
     assert 800 <= len(tokenizer) <= 1000
+
+
+def test_a_template_that_writes_the_bos_itself_gives_the_model_one_bos(tiny_llm, tiny_llm_dir, prompts):
+    """Llama 3's template writes the BOS and its tokenizer adds one to what it encodes: the engine saw two."""
+    tokenizer = load_chat_tokenizer(str(tiny_llm_dir))
+    chat_format = TokenizerChat(tokenizer)
+    for question, prompt in zip(QUESTIONS, prompts):
+        template_ids = tokenizer(chat(tokenizer, question), add_special_tokens=False)["input_ids"]  # the template's own
+        assert template_ids[0] == 3 and tokenizer(prompt)["input_ids"] == template_ids
+        assert chat_format.count(prompt) == len(template_ids)
+    completions = tiny_llm.generate(prompts, SamplingConfig(max_tokens=1))
+    assert [c.prompt_tokens for c in completions] == [chat_format.count(p) for p in prompts]
 
 
 def test_greedy_generation_is_deterministic_one_completion_per_prompt_in_order(tiny_llm, tiny_llm_dir, prompts):
@@ -212,7 +224,7 @@ def test_a_served_model_is_templated_counted_and_sized_by_its_server_as_by_its_l
     served = ServerChat(base_url=served_tiny_llm, model=SERVED_MODEL, api_key=SERVED_KEY)
     for content in ["What is E-219?", "Context:\n[1] Ünïcode — and \"quotes\"\n\n[2] a second passage\n\nQuestion: why?"]:
         text = served.render(content)
-        assert text == local.render(content) and text.endswith("<|im_start|>assistant\n")
+        assert text == local.render(content) and text.endswith("<|im_start|>assistant\n") and not text.startswith("<s>")
         assert served.count(text) == local.count(text) > len(content) // 8
     assert served.max_model_len() == 1024  # the server's --max-model-len, not the model config's
     with pytest.raises(LLMServerError, match="HTTP 404 The model `no-such-model` does not exist"):

@@ -40,14 +40,15 @@ def build_tiny_llama(path: Path) -> Path:
     """A random two-layer Llama with a 1000-token BPE tokenizer and ChatML, for fast tests with real vLLM.
 
     Hidden size 64 in 2 heads of 32 (vLLM's CPU attention has no head size 16), 1 KV head, float32
-    weights from a fixed seed. `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` are ids 0, 1, 2;
-    `<|im_end|>` ends generation.
+    weights from a fixed seed. `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<s>` are ids 0, 1, 2, 3;
+    `<|im_end|>` ends generation. Like Llama 3's, the tokenizer adds the BOS `<s>` to what it encodes
+    and the chat template writes it too (SmolLM2, the end-to-end model, does neither).
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -56,17 +57,18 @@ def build_tiny_llama(path: Path) -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator(_tiny_corpus(), trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 3)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=bpe, bos_token="<s>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         model_max_length=2048,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=3, eos_token_id=2,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
