@@ -180,9 +180,10 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.child_process import die_with_parent, require_free_port, supervised
     from tasks.llm import has_cuda, vllm_environment
     from tasks.llm_models import resolve_llm_model
-    from tasks.serving import STOP_GRACE_SECONDS, vllm_server_command
+    from tasks.serving import STOP_GRACE_SECONDS, server_key_environment, vllm_server_command
 
     params = _command_params(ServeParams, args, "serve")
+    key_environment = server_key_environment(params.host, os.environ)
     require_free_port(params.host, params.port)
     model_dir = resolve_llm_model(params.llm_model, params.data_dir / "models")
     cuda = has_cuda()
@@ -194,7 +195,8 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
         data_parallel_size=params.data_parallel_size, cuda=cuda,
     )
     print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-    env = {**os.environ, **vllm_environment(params.data_dir / "cache", cuda=cuda, kv_cache_gib=params.kv_cache_gib)}
+    env = {**os.environ, **vllm_environment(params.data_dir / "cache", cuda=cuda, kv_cache_gib=params.kv_cache_gib),
+           **key_environment}
     server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=env, preexec_fn=die_with_parent)
 
     def stop(signum, frame):

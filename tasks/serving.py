@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
+from collections.abc import Mapping
 
+from tasks.errors import RagbatchError
 from tasks.llm import GiB, engine_dtype, has_cuda
+from tasks.secrets import LLM_API_KEY_ENV
 
 # How long the LLM server gets for each stop signal before the next, stronger one.
 STOP_GRACE_SECONDS = 20
@@ -60,3 +64,27 @@ def vllm_server_command(
     if data_parallel_size > 1:
         command += ["--data-parallel-size", str(data_parallel_size)]
     return command
+
+
+class ServeRefused(RagbatchError):
+    """A server that other machines could reach and use without a key."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def server_key_environment(host: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """`VLLM_API_KEY`, which makes vLLM's server require the key on `/v1/...`: the key answer runs send
+    (RAGBATCH_LLM_API_KEY), else vLLM's own variable. Without either, a server other machines can
+    reach is refused: anyone who reaches it could generate."""
+    key = next((environ[name] for name in (*LLM_API_KEY_ENV, "VLLM_API_KEY") if environ.get(name)), None)
+    if key:
+        return {"VLLM_API_KEY": key}
+    if not _is_loopback(host):
+        raise ServeRefused(f"--host {host} lets other machines use the model, and no API key is set: set "
+                           f"{LLM_API_KEY_ENV[0]} (answer runs send the same), or serve on 127.0.0.1")
+    return {}

@@ -208,7 +208,7 @@ class EngineParams(RagbatchSettings):
 class ServeParams(EngineParams):
     """Parameters of `ragbatch serve`: the model as an OpenAI-compatible service on loopback."""
 
-    host: str = Field("127.0.0.1", description="Address to listen on.")
+    host: str = Field("127.0.0.1", description="Address to listen on; another than loopback needs an API key (RAGBATCH_LLM_API_KEY).")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     data_parallel_size: int = Field(
         1, ge=1, description="Model copies serving side by side, each on tensor_parallel_size GPUs (GPU only); "

@@ -160,7 +160,7 @@ def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", SERVED_MODEL, "--port", str(port),
                "--max-model-len", "1024", "--kv-cache-gib", "1"]
-    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "VLLM_API_KEY": SERVED_KEY}
+    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "RAGBATCH_LLM_API_KEY": SERVED_KEY}
     with running_server(command, env, host="127.0.0.1", port=port, cwd=tiny_llm_dir.parent) as base_url:
         yield base_url
 

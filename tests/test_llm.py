@@ -139,6 +139,26 @@ def test_a_directory_without_a_model_a_broken_config_or_a_missing_path_is_named_
             resolve_llm_model(missing, tmp_path / "models")
 
 
+def test_a_server_other_machines_can_reach_requires_an_api_key(monkeypatch, capsys):
+    """The README sends `serve --host <address>` to a GPU machine; it served anyone who reached it."""
+    from flows.cli import main
+    from tasks.serving import ServeRefused, server_key_environment
+
+    assert server_key_environment("127.0.0.1", {}) == {} == server_key_environment("localhost", {})
+    assert server_key_environment("::1", {"VLLM_API_KEY": ""}) == {}
+    assert server_key_environment("0.0.0.0", {"RAGBATCH_LLM_API_KEY": "k1", "VLLM_API_KEY": "k2"}) == {"VLLM_API_KEY": "k1"}
+    assert server_key_environment("10.0.0.5", {"VLLM_API_KEY": "k2"}) == {"VLLM_API_KEY": "k2"}
+    for host in ("0.0.0.0", "gpu-host.example", "::"):
+        with pytest.raises(ServeRefused, match=rf"^--host {host} lets other machines use the model, and no API key is set"):
+            server_key_environment(host, {})
+    monkeypatch.delenv("RAGBATCH_LLM_API_KEY", raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert capsys.readouterr().err.strip() == ("ragbatch: error: --host 0.0.0.0 lets other machines use the model, and no "
+                                               "API key is set: set RAGBATCH_LLM_API_KEY (answer runs send the same), "
+                                               "or serve on 127.0.0.1")
+
+
 def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
     single = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=2, cuda=False)
