@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -35,6 +36,9 @@ UUID_LENGTH = 36
 # others go on. Any other refusal (401, 404: a wrong key or model) ends the run.
 PROMPT_REFUSALS = (400, 413, 422)
 CONNECT_TIMEOUT_S = 10
+# Answers of a busy server or proxy: the OpenAI client tries them again, and ServerChat after these pauses.
+BUSY_STATUSES = (408, 429, 502, 503, 504)
+BUSY_RETRY_PAUSES_S = (0.5, 1.0)
 
 
 class LLMServerError(RagbatchError):
@@ -162,48 +166,62 @@ class ServerChat:
         self._api_key = api_key
         self._root = base_url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {reveal(api_key)}"} if reveal(api_key) else {}
-        # A failed connection is tried twice more, as the generator's OpenAI client does.
-        self._http = httpx.Client(headers=headers, timeout=timeout, transport=httpx.HTTPTransport(
-            retries=2, limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)))
+        # As the generator's OpenAI client: a host that takes no connection is known within CONNECT_TIMEOUT_S,
+        # and a failed connection is tried twice more.
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S),
+                                  transport=httpx.HTTPTransport(retries=2, limits=httpx.Limits(
+                                      max_connections=concurrency, max_keepalive_connections=concurrency)))
 
-    def _post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, endpoint: str, body: dict[str, Any], field: str) -> Any:
+        """`field` of the server's answer to `body` at `endpoint`. Busy answers (429, 502-504, from a
+        proxy) are tried twice more after a pause, as the generator's client does; an answer that is not
+        vLLM's is a ModelError, like a missing endpoint."""
         import httpx
 
         where = f"the LLM server at {self.base_url}"
-        try:
-            response = self._http.post(self._root + endpoint, json={"model": self.model, **body})
-        except httpx.TransportError as exc:
-            raise LLMUnavailable(redact(f"cannot reach {where}: {first_line(exc)}", self._api_key)) from None
-        if response.status_code == 404 and "model" not in response.text:
-            raise ModelError(f"{where} has no {endpoint} endpoint (not vLLM?), so it cannot template prompts for "
-                             f"{self.model}; give the model's local directory as --llm-model, or serve it with vLLM")
+        for pause in (*BUSY_RETRY_PAUSES_S, None):
+            try:
+                response = self._http.post(self._root + endpoint, json={"model": self.model, **body})
+            except httpx.TransportError as exc:
+                raise LLMUnavailable(redact(f"cannot reach {where}: {first_line(exc)}", self._api_key)) from None
+            if response.status_code not in BUSY_STATUSES or pause is None:
+                break
+            time.sleep(pause)
+        not_vllm = (f"so it cannot template prompts for {self.model}; give the model's local directory as "
+                    "--llm-model, or serve it with vLLM")
+        if response.status_code in (404, 405) and "model" not in response.text:
+            raise ModelError(f"{where} has no {endpoint} endpoint (not vLLM?), {not_vllm}")
         if response.status_code != 200:
-            raise LLMServerError(redact(f"{where} refused {endpoint}: HTTP {response.status_code} "
-                                        f"{_error_message(response)}", self._api_key))
-        return response.json()
+            error = LLMUnavailable if response.status_code in BUSY_STATUSES else LLMServerError
+            raise error(redact(f"{where} refused {endpoint}: HTTP {response.status_code} "
+                               f"{_error_message(response)}", self._api_key))
+        try:
+            return response.json()[field]
+        except (ValueError, KeyError, TypeError):
+            raise ModelError(f"{where} answered {endpoint} without {field!r} (not vLLM?), {not_vllm}") from None
 
     def render(self, content: str) -> str:
         """The template's text, less the tokens `/v1/completions` adds to any prompt when the template
         writes them too (a BOS: Llama 3, Mistral, Gemma), so the model sees them once."""
         tokens = self._post("/tokenize", {"messages": [{"role": "user", "content": content}],
-                                          "add_generation_prompt": True})["tokens"]
-        added = self._empty_prompt["tokens"]
+                                          "add_generation_prompt": True}, "tokens")
+        added = self._added_tokens
         if added and tokens[:len(added)] == added:
             tokens = tokens[len(added):]
-        return self._post("/detokenize", {"tokens": tokens})["prompt"]
+        return self._post("/detokenize", {"tokens": tokens}, "prompt")
 
     def count(self, text: str) -> int:
         """Tokens of the text as `/v1/completions` will see it (special tokens added as there)."""
-        return int(self._post("/tokenize", {"prompt": text})["count"])
+        return int(self._post("/tokenize", {"prompt": text}, "count"))
 
     def max_model_len(self) -> int:
         """The context length the server was started with."""
-        return int(self._empty_prompt["max_model_len"])
+        return int(self._post("/tokenize", {"prompt": ""}, "max_model_len"))
 
     @functools.cached_property
-    def _empty_prompt(self) -> dict[str, Any]:
-        """`/tokenize` of an empty prompt: the tokens added to every prompt, and the server's context length."""
-        return self._post("/tokenize", {"prompt": ""})
+    def _added_tokens(self) -> list[int]:
+        """What `/v1/completions` adds to every prompt (a BOS, or nothing): the tokens of an empty one."""
+        return self._post("/tokenize", {"prompt": ""}, "tokens")
 
 
 def engine_dtype(dtype: str, *, cuda: bool | None = None) -> str:
@@ -397,7 +415,7 @@ class OpenAIGenerator:
         except openai.APIStatusError as exc:
             message = redact(f"the LLM server at {self.base_url} refused a request: HTTP {exc.status_code} {first_line(exc)}",
                              self._api_key)
-            if exc.status_code in (408, 429, 502, 503, 504):
+            if exc.status_code in BUSY_STATUSES:
                 raise LLMUnavailable(message) from None
             if exc.status_code in PROMPT_REFUSALS:
                 return Completion(text="", prompt_tokens=0, completion_tokens=0, finish_reason="error", error=message)

@@ -237,6 +237,45 @@ def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_
     assert too_long.error.startswith(f"the LLM server at {served_tiny_llm} refused a request: HTTP 400") and not too_long.text
 
 
+def test_a_server_that_is_not_vllm_or_is_busy_is_one_clear_error_or_tried_again():
+    """llama.cpp answers /tokenize with 200 and other fields, some servers 405: those ended in a KeyError
+    traceback or ended the run, where a model here only needed the server's context length. A proxy's
+    503 ended the run at once, where the generator's client tries it again."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    answers = []  # (status, body) per request, in order
+
+    class Scripted(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = answers.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Scripted) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        answers[:] = [(200, '{"tokens": []}')]  # llama.cpp's /tokenize
+        assert served_context(ServerChat(base_url=url, model="org/model"), default=2048) == 2048
+        answers[:] = [(200, "<html>a login page</html>")]
+        with pytest.raises(ModelError, match=r"answered /tokenize without 'count' \(not vLLM\?\), so it cannot template"):
+            ServerChat(base_url=url, model="org/model").count("x")
+        answers[:] = [(405, '{"detail": "Method Not Allowed"}')]
+        assert served_context(ServerChat(base_url=url, model="org/model"), default=2048) == 2048
+        answers[:] = [(503, "{}"), (502, "{}"), (200, '{"count": 7, "tokens": [], "max_model_len": 512}')]
+        assert ServerChat(base_url=url, model="org/model").count("x") == 7 and answers == []
+        answers[:] = [(503, '{"error": {"message": "overloaded"}}')] * 3
+        with pytest.raises(LLMUnavailable, match=r"refused /tokenize: HTTP 503 overloaded$"):
+            ServerChat(base_url=url, model="org/model").count("x")
+        server.shutdown()
+
+
 @pytest.mark.slow
 def test_a_served_model_is_templated_counted_and_sized_by_its_server_as_by_its_local_tokenizer(tiny_llm_dir,
                                                                                               served_tiny_llm):
