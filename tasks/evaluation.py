@@ -129,8 +129,8 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
     qrels: dict[str, dict[str, int]] = {}
     with open(qrels_path, encoding="utf-8", newline="") as handle:
         for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if number == 1 and row and not row[-1].lstrip("-").isdigit():
-                continue  # header
+            if not "".join(row).strip() or (number == 1 and not row[-1].lstrip("-").isdigit()):
+                continue  # a blank line (as in queries.jsonl), the header
             try:
                 query_id, doc_id, grade = row[0], row[1], int(row[2])
             except (IndexError, ValueError):

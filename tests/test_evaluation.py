@@ -75,7 +75,7 @@ def test_a_beir_query_without_an_id_or_a_text_is_refused_in_one_line(beir, recor
 def test_a_beir_split_is_scored_whole_judged_queries_missing_or_judged_only_not_relevant(beir):
     """BEIR's scorer counts a query judged only 0 as 0; dropping it raised the mean. A judged query missing
     from queries.jsonl was dropped without a word."""
-    (beir / "qrels" / "test.tsv").write_text(QRELS + "4\td4\t0\n")
+    (beir / "qrels" / "test.tsv").write_text(QRELS + "\n4\td4\t0\n\n")  # blank lines are skipped, as in queries.jsonl
     queries, _ = load_dataset(beir, "test", max_chars=4000)
     assert [q.id for q in queries] == ["1", "2", "3", "4"]
     [row] = query_rows(queries[3:], {"4": ["d4"]})
