@@ -28,6 +28,7 @@ def answer_settings(params: AnswerParams, template: str) -> dict[str, Any]:
         "prompt_template": hashlib.sha256(template.encode()).hexdigest()[:16],
         "top_k": params.top_k, "score_threshold": params.score_threshold, "retrieval": params.retrieval.value,
         "fusion": params.fusion.value, "sampling": dataclasses.asdict(sampling_config(params)),
+        "max_model_len": params.max_model_len,  # the prompt budget: which passages fit beside the question
     }
 
 

@@ -20,7 +20,10 @@ Context:
 
 Question: {question}"""
 
-_CITATION = re.compile(r"\[(\d+)\]")
+_CITATION = re.compile(r"\[(\d{1,9})\]")  # a passage number; longer digit runs are no citation (and overflow int32)
+
+
+_PLACEHOLDER = re.compile(r"\{context\}|\{question\}")
 
 
 class PromptTooLong(ValueError):
@@ -107,7 +110,10 @@ class PromptBuilder:
         self.budget = max_model_len - max_tokens
 
     def render(self, question: str, hits: Sequence[Hit]) -> str:
-        return self.chat.render(self.template.replace("{context}", format_passages(hits)).replace("{question}", question))
+        """The template with both placeholders filled in one pass: a passage or question that contains
+        `{question}` or `{context}` keeps it as written."""
+        values = {"{context}": format_passages(hits), "{question}": question}
+        return self.chat.render(_PLACEHOLDER.sub(lambda match: values[match.group()], self.template))
 
     def build(self, question: str, hits: Sequence[Hit]) -> Prompt:
         """The prompt with as many top-ranked passages as fit; at least one when any was retrieved."""

@@ -33,7 +33,9 @@ def to_question(row: SourceRow) -> Question:
             references = [str(v) for v in value if v is not None] if isinstance(value, list) else [str(value)]
             break
     query_filter = json_cell(row.metadata.get("filter"))
-    return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None) else None)
+    if isinstance(query_filter, dict):  # a Parquet struct has every row's keys, null where a row has none
+        query_filter = {key: value for key, value in query_filter.items() if value is not None}
+    return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None, {}) else None)
 
 
 def json_cell(value: Any) -> Any:

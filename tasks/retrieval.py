@@ -3,6 +3,7 @@ with optional payload filters, as ranked hits."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,13 @@ class Hit:
     title: str | None = None
 
 
+# A payload field as Qdrant's filters name it: keys (plain, or quoted when they hold other characters)
+# joined by dots, each optionally indexing an array (`tags[]`, `tags[0]`). The store refuses any other
+# key for the whole batch of questions it came with.
+_KEY = r'(?:[A-Za-z0-9_-]+|"[^"]+")(?:\[\d*\])*'
+_FIELD_PATH = re.compile(rf"{_KEY}(?:\.{_KEY})*")
+
+
 def build_filter(spec: dict[str, Any] | None):
     """`{"source": "a.md"}` or `{"source": ["a.md", "b.md"]}` -> a Qdrant filter that must match every field."""
     from qdrant_client import models
@@ -48,12 +56,15 @@ def build_filter(spec: dict[str, Any] | None):
         raise InvalidFilter(f"filter must be a non-empty object of payload field to value, got {spec!r}")
     conditions = []
     for key, value in spec.items():
-        if isinstance(value, list) and value and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        if not isinstance(key, str) or not _FIELD_PATH.fullmatch(key):
+            raise InvalidFilter(f"{key!r} is not a payload field (like source or metadata.lang)")
+        if isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
+                                                  or all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             conditions.append(models.FieldCondition(key=key, match=models.MatchAny(any=value)))
         elif isinstance(value, (str, int, bool)):
             conditions.append(models.FieldCondition(key=key, match=models.MatchValue(value=value)))
         else:
-            raise InvalidFilter(f"filter value for {key!r} must be a string, number, boolean or a list of them")
+            raise InvalidFilter(f"filter value for {key!r} must be a string, number, boolean, or a list of strings or of integers")
     return models.Filter(must=conditions)
 
 

@@ -120,6 +120,9 @@ def test_a_completed_output_is_not_generated_again(params, tmp_path):
     assert pq.read_table(edited.output).column("question_id").to_pylist() == [q["id"] for q in lines if q["id"] != "q05"]
     with pytest.raises(RagbatchError, match=r"answers.parquet: holds answers made with other settings \(sampling, top_k\); "):
         answer(params(questions, top_k=2, max_tokens=MAX_TOKENS + 1))
+    # The context length decides which passages fit beside a question: answers of two would be mixed.
+    with pytest.raises(RagbatchError, match=r"answers.parquet: holds answers made with other settings \(max_model_len\); "):
+        answer(params(questions, max_model_len=MAX_MODEL_LEN // 2))
 
 
 def assert_artifacts(report):

@@ -57,6 +57,15 @@ def test_the_lowest_ranked_passages_are_dropped_until_the_prompt_fits():
         builder(WordChat(1), max_model_len=20).build("why?", passages(1, 58))
 
 
+def test_a_passage_or_question_holding_a_placeholder_keeps_it_as_written():
+    """`{context}` was filled first and `{question}` then replaced everywhere, inside the passages too."""
+    [hit] = passages(1, 1)
+    hit = Hit(**{**hit.__dict__, "text": "Templates use {question} and {context} placeholders."})
+    prompt = PromptBuilder(chat=WordChat(1), template="C: {context}\nQ: {question}", max_model_len=100, max_tokens=10)
+    assert prompt.render("What is {context}?", [hit]) == (
+        "<user>\nC: [1] Templates use {question} and {context} placeholders.\nQ: What is {context}?\n<assistant>\n")
+
+
 def test_prompts_built_on_threads_are_those_built_one_at_a_time():
     sizes = [6, 0, 3, 1, 5, 2] * 5
     one_by_one, threaded = part(sizes), part(sizes)

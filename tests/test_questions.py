@@ -29,14 +29,34 @@ def test_filters():
     built = build_filter({"source": "a.md", "doc_id": ["x", "y"]})
     assert [c.key for c in built.must] == ["source", "doc_id"]
     assert build_filter(None) is None
-    for bad in ({}, {"source": {"nested": 1}}, ["source"], {"source": []}):
+    assert [c.key for c in build_filter({"metadata.lang": "de", "metadata.tags[]": ["a"], '"odd key"': 1}).must] == [
+        "metadata.lang", "metadata.tags[]", '"odd key"']
+    # A mixed list failed pydantic's validation, and a key that is no field path failed the store's
+    # batched query: both ended the run, on every resume, instead of failing the one question.
+    for bad in ({}, {"source": {"nested": 1}}, ["source"], {"source": []}, {"source": ["a.md", 1]},
+                {"": "x"}, {"a[": "x"}, {"a..b": "x"}, {"a b": "x"}):
         with pytest.raises(InvalidFilter):
             build_filter(bad)
+
+
+def test_a_parquet_filter_holds_only_the_rows_own_keys(tmp_path):
+    """Parquet gives every row the struct's keys, null where the row has none: each filter had a null value
+    and every filtered question failed as an invalid filter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "1", "question": "Why?", "filter": {"source": "a.md"}},
+                                         {"id": "2", "question": "How?", "filter": {"lang": "de"}},
+                                         {"id": "3", "question": "Who?", "filter": None}]), tmp_path / "q.parquet")
+    questions = [to_question(r) for r in read_rows(tmp_path / "q.parquet", text_column=QUESTION_COLUMN)]
+    assert [q.filter for q in questions] == [{"source": "a.md"}, {"lang": "de"}, None]
+    assert build_filter(questions[0].filter).must[0].key == "source"
 
 
 def test_citations_and_templates(tmp_path):
     assert find_citations("See [2] and [1], again [2].") == [2, 1]
     assert find_citations("no citation") == []
+    assert find_citations("[12345678901] is an id, [999999999] a (wrong) passage") == [999999999]  # int32, as stored
     good = tmp_path / "good.txt"
     good.write_text("Q: {question}\nC: {context}")
     assert load_template(good) == "Q: {question}\nC: {context}"
