@@ -134,17 +134,34 @@ def _in_batches(items: Sequence, size: int = UPSERT_BATCH) -> Iterator[Sequence]
         yield items[start : start + size]
 
 
+def stored_chunk_ends(store: QdrantStore, collection: str, starts: dict[str, int]) -> dict[str, int]:
+    """For each document, one past the last of its chunks stored from index `starts[doc]` on (that start
+    when there are none). A write that crashed between a document's chunks and its marker leaves chunks
+    its marker does not count; they are contiguous, as chunks are written in order, so probing upward
+    finds them all: one point per document first, then growing windows for those that go on."""
+    ends, probing, width = dict(starts), dict(starts), 1
+    while probing:
+        ids = {point_id(doc_id, index): (doc_id, index)
+               for doc_id, start in probing.items() for index in range(start, start + width)}
+        for found in store.retrieve_payloads(collection, list(ids), ["doc_id"]):
+            doc_id, index = ids[found]
+            ends[doc_id] = max(ends[doc_id], index + 1)
+        probing = {doc_id: start + width for doc_id, start in probing.items() if ends[doc_id] == start + width}
+        width = min(width * 16, 4096)
+    return ends
+
+
 def write_documents(store: QdrantStore, collection: str, points: Sequence, previous_chunks: dict[str, int]) -> int:
-    """Write new chunks, delete leftovers of shorter new versions, then write markers; returns points deleted."""
+    """Write new chunks, delete leftovers of shorter new versions (also those of a longer version whose
+    write crashed before its marker), then write markers; returns points deleted."""
     body = [p for p in points if p.payload["chunk_index"] != 0]
     markers = [p for p in points if p.payload["chunk_index"] == 0]
+    new_counts = {marker.payload["doc_id"]: marker.payload["n_chunks"] for marker in markers}
+    ends = stored_chunk_ends(store, collection, {doc_id: max(count, previous_chunks.get(doc_id, 0))
+                                                 for doc_id, count in new_counts.items()})
     for part in _in_batches(body):
         store.upsert(collection, part)
-    leftovers = [
-        point_id(marker.payload["doc_id"], index)
-        for marker in markers
-        for index in range(marker.payload["n_chunks"], previous_chunks.get(marker.payload["doc_id"], 0))
-    ]
+    leftovers = [point_id(doc_id, index) for doc_id, count in new_counts.items() for index in range(count, ends[doc_id])]
     for part in _in_batches(leftovers):
         store.delete(collection, part)
     for part in _in_batches(markers):

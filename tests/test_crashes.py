@@ -188,6 +188,25 @@ def test_a_failed_write_deletes_nothing_and_the_old_version_stays_whole(embedder
     assert store.count("kb") == len(shorter[0]) < len(before)
 
 
+def test_chunks_a_crashed_longer_write_left_go_with_the_next_shorter_version(embedder, tokenizer):
+    """A run crashed after a longer version's chunks, before its marker, which still counted the old ones:
+    a later, shorter version deleted up to that count, and the crashed write's last chunks stayed,
+    retrievable, for good. Likewise for a document whose first write crashed (no marker at all)."""
+    store = QdrantStore.connect(":memory:")
+
+    def text(sentences: int) -> str:
+        return " ".join(f"Sentence {i} about the anemometer bearings." for i in range(sentences))
+
+    write(store, *changed_chunks(store, embedder, tokenizer, {"manual": text(10)}))
+    for crashed in ({"manual": text(40)}, {"manual": text(25)}, {"fresh": text(30)}):  # two crashes in a row, then a new document's
+        chunks, vectors, _ = changed_chunks(store, embedder, tokenizer, crashed)
+        store.upsert("kb", [p for p in indexing.build_points(chunks, vectors, embedding_model="m") if p.payload["chunk_index"] != 0])
+    shorter = changed_chunks(store, embedder, tokenizer, {"manual": text(3), "fresh": text(2)})
+    write(store, *shorter)
+    stored = sorted((doc_id, point_id) for point_id, doc_id in store.iter_payload_field("kb", "doc_id"))
+    assert stored == sorted((chunk.doc_id, indexing.point_id(chunk.doc_id, chunk.chunk_index)) for chunk in shorter[0])
+
+
 def test_store_steps_back_off_between_retries_and_then_succeed(prefect_api_url, embedder, tokenizer):
     from prefect import get_client
 
