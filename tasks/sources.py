@@ -14,8 +14,8 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,6 +29,7 @@ TITLE_COLUMN = "title"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
 _SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates (e.g. from JSON escapes) cannot be encoded
 MAX_CHARS = 1_000_000
+COUNTING_FIELD_LIMIT = 2**31 - 1  # csv's default (131,072 characters) is far below a normal document
 BYTES_PER_CHAR = 4  # the most any supported encoding (UTF-8, UTF-16, UTF-32) spends on one character
 LINE_CHARS_PER_CHAR = 12  # a JSON-escaped character takes up to 12 ("\ud83d\ude00")
 LINE_SLACK = 1 << 20  # room in a table line for the id, title and metadata
@@ -91,13 +92,20 @@ def read_rows(
         corpus = path / "corpus.jsonl" if path.is_dir() else path
         if not corpus.is_file():
             raise SourceError(f"{path}: no corpus.jsonl in this BEIR directory")
-        return _read_jsonl(corpus, TEXT_COLUMN, line_chars)
+        return _checked(_read_jsonl(corpus, TEXT_COLUMN, line_chars))
     if path.is_dir():
         raise SourceError(f"{path}: is a directory, expected a {fmt.value} file")
     if fmt == SourceFormat.parquet:
-        return _read_parquet(path, text_column)
+        return _checked(_read_parquet(path, text_column))
     readers = {SourceFormat.jsonl: _read_jsonl, SourceFormat.csv: _read_csv}
-    return readers[fmt](path, text_column, line_chars)
+    return _checked(readers[fmt](path, text_column, line_chars))
+
+
+def _checked(rows: Iterator[SourceRow]) -> Iterator[SourceRow]:
+    """`rows` with its first row read already: a table reader checks the file (readable, its columns)
+    there, so an unusable file fails before a run starts any work, not inside its first batch."""
+    first = next(rows, None)
+    return rows if first is None else chain([first], rows)
 
 
 def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
@@ -119,12 +127,13 @@ def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
 
             return pq.ParquetFile(path).metadata.num_rows
         if fmt == SourceFormat.csv:
+            csv.field_size_limit(max(csv.field_size_limit(), COUNTING_FIELD_LIMIT))  # _read_csv sets its own again
             with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
                 return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
         table = path / "corpus.jsonl" if fmt == SourceFormat.beir and path.is_dir() else path
         with open(table, "rb") as handle:
             return sum(1 for line in handle if line.strip())
-    except (OSError, SourceError, ValueError):
+    except (OSError, SourceError, ValueError, csv.Error):
         return None
 
 
@@ -135,6 +144,13 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
     max_bytes = max_chars * BYTES_PER_CHAR + len(_BOMS[0][0]) + 1  # beyond this no file fits max_chars
     for path in _walk_files(root):
         relative = path.relative_to(root).as_posix()
+        if _UNDECODABLE.search(relative):  # kept as surrogates by the file system encoding; no id can hold them
+            shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            yield SourceRow(shown, None, None, source=shown, error="file name is not valid UTF-8")
+            continue
+        if path.is_symlink() and path.is_dir():
+            yield SourceRow(relative, relative, None, source=relative, error="symlink to a directory (not followed)")
+            continue
         kind = TEXT_SUFFIXES.get(path.suffix.lower())
         if kind is None:
             yield SourceRow(relative, relative, None, source=relative, error=f"unsupported file type {path.suffix or '(none)'!r}")
@@ -155,11 +171,13 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
 def _walk_files(root: Path) -> Iterator[Path]:
     """Entries below root other than directories, in a stable order, skipping hidden ones.
 
-    Symlinked directories are not followed, so the walk never leaves root and cannot loop.
+    Symlinked directories are not followed, so the walk never leaves root and cannot loop; they are
+    entries themselves, for the reader to quarantine (counted, not silently left out).
     """
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        linked = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
+        for name in sorted([*filenames, *linked]):
             if not name.startswith("."):
                 yield Path(dirpath) / name
 
@@ -251,7 +269,7 @@ def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str
     metadata = {k: _jsonable(v) for k, v in record.items() if k not in (id_column, text_column, TITLE_COLUMN)}
     doc_id, error = row_id(raw_id)
     if error is None:
-        error = _text_problem(text, raw_id, title)
+        error = _text_problem(text, raw_id, title, metadata)
     return SourceRow(
         locator, doc_id, text if error is None else None,
         title=str(title) if title not in (None, "") else None,
@@ -270,10 +288,11 @@ def row_id(raw_id: Any) -> tuple[str | None, str | None]:
     return str(raw_id), None
 
 
-def _text_problem(text: Any, raw_id: Any, title: Any) -> str | None:
+def _text_problem(text: Any, raw_id: Any, title: Any, metadata: dict[str, Any]) -> str | None:
+    """Why a row's values cannot be stored (every string goes into the payload, metadata too), or None."""
     if text is not None and not isinstance(text, str):
         return f"text is not a string ({type(text).__name__})"
-    strings = [v for v in (text, raw_id, title) if isinstance(v, str)]
+    strings = [v for v in (text, raw_id, title) if isinstance(v, str)] + list(_strings(metadata))
     if any(_UNDECODABLE.search(v) for v in strings):
         return "not valid UTF-8"
     if any(_SURROGATE.search(v) for v in strings):
@@ -281,6 +300,20 @@ def _text_problem(text: Any, raw_id: Any, title: Any) -> str | None:
     if text is not None and "\x00" in text:
         return "binary content (NUL characters)"
     return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                yield key
+            yield from _strings(item)
 
 
 def _jsonable(value: Any) -> Any:
@@ -343,7 +376,11 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
             _require_text(reader.fieldnames, path, text_column)
             for record in reader:
                 # reader.line_num is the physical line where this record ended (quoted newlines span lines).
-                yield _table_row(f"{name}:{reader.line_num}", name, record, id_column, text_column)
+                extra = record.pop(None, None)  # DictReader's key for the fields beyond the header's
+                row = _table_row(f"{name}:{reader.line_num}", name, record, id_column, text_column)
+                if extra:
+                    row = replace(row, text=None, error=f"{len(extra)} more field(s) than the header's {len(reader.fieldnames)}")
+                yield row
         except csv.Error as exc:
             # The parser cannot resynchronise after this, so the rest of the file cannot be read reliably.
             raise SourceError(f"{path}: line {reader.line_num}: {exc}; nothing after it can be read reliably") from None

@@ -65,7 +65,7 @@ class DocumentValidator:
         self.max_chars = max_chars
         self.text_label = text_label
         self.summary = ValidationSummary()
-        self._seen_ids: set[str] = set()
+        self._first_kept: dict[str, bool] = {}  # each id's first occurrence: was it kept (valid)?
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         asset = context.data_sources.add_pandas("ragbatch").add_dataframe_asset("documents")
@@ -93,9 +93,9 @@ class DocumentValidator:
             return [], []
         seen_before = []
         for row in rows:
-            seen_before.append(row.doc_id is not None and row.doc_id in self._seen_ids)
-            if row.doc_id is not None and row.error is None:
-                self._seen_ids.add(row.doc_id)
+            seen_before.append(row.doc_id is not None and row.doc_id in self._first_kept)
+            if row.doc_id is not None and row.error is None and row.doc_id not in self._first_kept:
+                self._first_kept[row.doc_id] = False  # until it passes every rule, below
         frame = pd.DataFrame(
             {
                 "load_error": [row.error for row in rows],
@@ -121,6 +121,7 @@ class DocumentValidator:
             rule = failed_rule.get(index)
             if rule is None:
                 valid.append(row)
+                self._first_kept[row.doc_id] = True
             else:
                 quarantined.append(QuarantinedRow(row.locator, row.doc_id, row.source, rule, self._reason(rule, row)))
                 self.summary.failures[rule] += 1
@@ -129,11 +130,12 @@ class DocumentValidator:
         return valid, quarantined
 
     def _reason(self, rule: str, row: SourceRow) -> str:
+        first = "first occurrence kept" if self._first_kept.get(row.doc_id) else "its first occurrence was quarantined too"
         return {
             "load_error": row.error or "unreadable",
             "missing_id": "missing id",
             "missing_text": f"missing {self.text_label}",
             "blank_text": f"{self.text_label} is empty or whitespace only",
             "too_long": f"{self.text_label} has {len(row.text or ''):,} characters, more than the limit of {self.max_chars:,}",
-            "duplicate_id": f"duplicate id {row.doc_id!r} (first occurrence kept)",
+            "duplicate_id": f"duplicate id {row.doc_id!r} ({first})",
         }[rule]

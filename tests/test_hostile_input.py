@@ -98,7 +98,8 @@ def hostile_directory(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
     expected |= {"loop-a.txt": "symlink loop", "loop-b.txt": "symlink loop"}
     os.symlink(outside, root / "outside-link.txt")
     expected["outside-link.txt"] = "symlink to a file outside the source directory"
-    os.symlink(tmp_path / "outside", root / "outside-dir")  # a symlinked directory is not walked at all
+    os.symlink(tmp_path / "outside", root / "outside-dir")  # a symlinked directory is not walked, but counted
+    expected["outside-dir"] = "symlink to a directory (not followed)"
     os.symlink("plain.txt", root / "inside-link.txt")
     expected["inside-link.txt"] = INDEXED
     os.symlink("gone.txt", root / "dangling.txt")

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.errors import SourceError
 from tasks.settings import SourceFormat
-from tasks.sources import batched, decode_bytes, detect_format, html_to_text, read_rows
+from tasks.sources import batched, count_rows, decode_bytes, detect_format, html_to_text, read_rows
 
 from .conftest import SAMPLE_CORPUS
 
@@ -95,11 +95,53 @@ def test_parquet_and_beir(tmp_path):
     ],
 )
 def test_unusable_sources_raise_one_line_errors(tmp_path, make, message):
+    """Raised by `read_rows` itself, so a run fails before it creates or locks anything (the readers
+    are generators: the columns were checked only when the first batch was read)."""
     path = make(tmp_path)
     with pytest.raises(SourceError) as error:
-        list(read_rows(path))
+        read_rows(path)
     assert message in str(error.value) and str(path.name) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read_and_counted(tmp_path):
+    """Counting the rows for the progress bar parsed the CSV with the default limit of 131,072
+    characters, before the reader raised it: every fresh run of such a file ended in a traceback."""
+    import csv
+
+    csv.field_size_limit(131_072)  # the default, as in a fresh process
+    path = tmp_path / "big.csv"
+    path.write_text("id,text\n1," + "x" * 200_000 + "\n2,short\n")
+    assert count_rows(path) == 2
+    assert [len(row.text) for row in read_rows(path)] == [200_000, 5]
+
+
+def test_rows_whose_values_cannot_be_stored_carry_the_reason(tmp_path):
+    """A CSV row with more fields than the header crashed the run when hashed (DictReader keys them
+    None); undecodable bytes in a metadata column failed the store's write of the whole batch."""
+    path = tmp_path / "docs.csv"
+    path.write_bytes(b"id,text,author\n1,fine,Ann\n2,world,de,EXTRA\n3,text,Jos\xe9\n")
+    rows = list(read_rows(path))
+    assert [(row.doc_id, row.error) for row in rows] == [
+        ("1", None), ("2", "1 more field(s) than the header's 3"), ("3", "not valid UTF-8")]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"id": "a", "text": "t", "tags": ["ok", "\\ud800"]}\n{"id": "b", "text": "t", "meta": {"\\udc00": 1}}\n')
+    assert [row.error for row in read_rows(jsonl)] == ["invalid Unicode (a lone surrogate)"] * 2
+
+
+def test_a_file_name_that_is_not_utf8_and_a_symlinked_directory_are_rows_with_a_reason(tmp_path):
+    """The first crashed the ingest (no point id holds it); the second was left out without a count."""
+    import os
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.txt").write_text("inner")
+    os.symlink("sub", tmp_path / "linked")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "w") as handle:
+        handle.write("text")
+    rows = {row.locator: row for row in read_rows(tmp_path)}
+    assert rows["caf\\xe9.txt"].doc_id is None and rows["caf\\xe9.txt"].error == "file name is not valid UTF-8"
+    assert rows["linked"].error == "symlink to a directory (not followed)"
+    assert rows["sub/inner.txt"].error is None and len(rows) == 3 == count_rows(tmp_path)
 
 
 def test_batched_bounds_batch_size():

@@ -44,9 +44,13 @@ def test_duplicates_are_found_across_batches_and_totals_add_up(make_validator):
     second, rejected = validator.validate([row("b", "two again"), row("c", "three")])
     assert [r.doc_id for r in first + second] == ["a", "b", "c"]
     assert [q.rule for q in rejected] == ["duplicate_id"]
+    # Said "first occurrence kept" also when the first occurrence had been quarantined.
+    _, blank_first = validator.validate([row("d", "  "), row("d", "real text")])
+    assert [q.reason for q in blank_first] == ["text is empty or whitespace only",
+                                               "duplicate id 'd' (its first occurrence was quarantined too)"]
     summary = validator.summary
-    assert (summary.rows, summary.valid, summary.quarantined) == (4, 3, 1)
-    assert "| id unique across the source | 1 |" in summary.to_markdown(50)
+    assert (summary.rows, summary.valid, summary.quarantined) == (6, 3, 3)
+    assert "| id unique across the source | 2 |" in summary.to_markdown(50)
 
 
 def test_a_row_failing_several_rules_is_counted_once(make_validator):
