@@ -179,12 +179,14 @@ def write_chunks(
 
 
 def delete_missing_documents(store: QdrantStore, collection: str, keep_doc_ids: set[str]) -> int:
-    """Delete every point whose document was not seen in this run; markers go last. Returns points deleted."""
+    """Delete every point whose document was not seen in this run; markers go first, so a deletion cut
+    short leaves no marker over a partly deleted document (a later run would skip it as unchanged and
+    never restore its chunks), only unmarked chunks that a later run rewrites or deletes. Returns points deleted."""
     stale: list[tuple[str, str]] = [
         (pid, doc_id) for pid, doc_id in store.iter_payload_field(collection, "doc_id") if doc_id not in keep_doc_ids
     ]
     stale_markers = {point_id(doc_id, 0) for _, doc_id in stale}
-    ordered = [pid for pid, _ in stale if pid not in stale_markers] + [pid for pid, _ in stale if pid in stale_markers]
+    ordered = [pid for pid, _ in stale if pid in stale_markers] + [pid for pid, _ in stale if pid not in stale_markers]
     for part in _in_batches(ordered, 1000):
         store.delete(collection, part)
     return len(ordered)

@@ -207,6 +207,34 @@ def test_chunks_a_crashed_longer_write_left_go_with_the_next_shorter_version(emb
     assert stored == sorted((chunk.doc_id, indexing.point_id(chunk.doc_id, chunk.chunk_index)) for chunk in shorter[0])
 
 
+def test_a_deletion_cut_short_leaves_no_marker_over_a_partly_deleted_document(tokenizer):
+    """Markers went last: a run that died between deletion batches left markers over documents whose
+    chunks were gone, and a later run with those documents unchanged skipped them for good."""
+
+    class DiesOnTheSecondDelete(FlakyStore):
+        deletes = 0
+
+        def delete(self, collection, ids):
+            self.deletes += 1
+            if self.deletes == 2:
+                raise StoreUnavailable("cannot reach Qdrant at :memory: (deleting points): connection refused")
+            super().delete(collection, ids)
+
+    store = DiesOnTheSecondDelete.connect(":memory:")
+    store.create_collection("kb", dimension=8, metadata={})
+    rows = [SourceRow(f"d{i}", f"d{i}", f"The anemometer {i} turns. Its bearings wear out. Grease them every year.", source="s")
+            for i in range(400)]
+    chunks = TokenChunker(tokenizer=tokenizer, chunk_tokens=8, overlap_tokens=0).chunk(indexing.plan_batch(rows, {}, "f").changed)
+    write(store, chunks, np.random.default_rng(0).random((len(chunks), 8), dtype=np.float32), {})
+    assert store.count("kb") > 1000  # more than one deletion batch
+    with pytest.raises(StoreUnavailable):
+        indexing.delete_missing_documents(store, "kb", set())  # the source was empty this time
+    stored = {point_id for point_id, _ in store.iter_payload_field("kb", "doc_id")}
+    markers = indexing.read_markers(store, "kb", [row.doc_id for row in rows])
+    assert len(stored) < len(chunks) and all(indexing.point_id(doc_id, index) in stored
+                                             for doc_id, marker in markers.items() for index in range(marker.n_chunks))
+
+
 def test_store_steps_back_off_between_retries_and_then_succeed(prefect_api_url, embedder, tokenizer):
     from prefect import get_client
 
