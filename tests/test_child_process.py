@@ -95,6 +95,13 @@ def flow_runs(data_dir: Path) -> Callable[[], bool]:
     return lambda: time.sleep(0.2) or (data_dir / "edge" / "collections").is_dir()
 
 
+def runs_uvicorn(process: psutil.Process) -> bool:
+    try:
+        return "uvicorn" in process.cmdline()
+    except psutil.Error:  # ended meanwhile
+        return False
+
+
 def without_prefect_api(data_dir: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
     return {**env, "RAGBATCH_DATA_DIR": str(data_dir)}
@@ -139,7 +146,11 @@ def test_a_killed_command_or_flow_run_takes_its_temporary_prefect_server_along(c
     command = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(corpus), "--collection", "killed"],
                                env=without_prefect_api(command_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     flow = python(RUNS_A_FLOW, str(corpus), env=without_prefect_api(flow_dir))
-    descendants = kill_all_when({command: flow_runs(command_dir), flow: flow_runs(flow_dir)}, timeout=300)
+
+    def flow_runs_on_its_server() -> bool:  # under load the server showed up in the tree after the run had started writing
+        return flow_runs(flow_dir)() and any(runs_uvicorn(child) for child in psutil.Process(flow.pid).children(recursive=True))
+
+    descendants = kill_all_when({command: flow_runs(command_dir), flow: flow_runs_on_its_server}, timeout=300)
     assert descendants[command], "no Prefect server process found for the command"
-    assert any("uvicorn" in child.cmdline() for child in descendants[flow]), "no Prefect server process found for the flow run"
+    assert any(runs_uvicorn(child) for child in descendants[flow]), "no Prefect server process found for the flow run"
     assert_all_end([*descendants[command], *descendants[flow]], timeout=30, after="the command and the flow run were killed")
