@@ -30,7 +30,7 @@ from qdrant_client import models
 
 from tasks.disk import MIN_FREE_BYTES, allocated_bytes, require_free_space, write_whole
 from tasks.errors import RagbatchError, StoreError
-from tasks.store import DENSE, PHYSICAL_SEPARATOR, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout
+from tasks.store import DENSE, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout, physical_names_of
 
 ALIASES_FILE = "aliases.json"
 METADATA_FILE = "ragbatch.json"
@@ -293,7 +293,7 @@ class EdgeStore(QdrantStore):
 
     def physical_collections(self, alias: str) -> list[str]:
         names = [path.parent.name for path in (self.root / "collections").glob(f"*/{METADATA_FILE}")]
-        return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
+        return physical_names_of(alias, names)
 
     def create_collection(
         self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout(),

@@ -8,6 +8,7 @@ All client calls go through `QdrantStore`, which turns transport failures into `
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +52,13 @@ def require_server_version(location: str, version: str) -> None:
         needed = ".".join(map(str, MIN_SERVER_VERSION))
         raise StoreError(f"Qdrant at {location} is version {version}; ragbatch needs {needed} or newer "
                          "(collection metadata, RRF with k)")
+
+
+def physical_names_of(alias: str, names: list[str]) -> list[str]:
+    """Those of `names` that `new_physical_name(alias)` made, sorted (so by creation): `<alias>--`
+    and a timestamp's digits and T, not another alias's that starts with `<alias>-` (`kb--1--…`, `kb---…`)."""
+    pattern = re.compile(re.escape(alias + PHYSICAL_SEPARATOR) + r"[0-9T]+")
+    return sorted(name for name in names if pattern.fullmatch(name))
 
 
 def new_physical_name(alias: str) -> str:
@@ -194,7 +202,7 @@ class QdrantStore:
         """Physical collections ragbatch created for `alias` (current, previous or abandoned)."""
         with _translate_errors(self.location, "listing collections"):
             names = [c.name for c in self.client.get_collections().collections]
-        return sorted(n for n in names if n.startswith(alias + PHYSICAL_SEPARATOR))
+        return physical_names_of(alias, names)
 
     def create_collection(
         self, name: str, *, dimension: int, metadata: dict[str, Any], layout: VectorLayout = VectorLayout(),

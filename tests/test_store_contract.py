@@ -17,7 +17,7 @@ from tasks.ingest import LAYOUTS
 from tasks.retrieval import Retriever, build_filter
 from tasks.settings import FusionMethod, RetrievalMode
 from tasks.sparse import Bm25
-from tasks.store import QdrantStore, VectorLayout
+from tasks.store import QdrantStore, VectorLayout, new_physical_name
 
 HYBRID = LAYOUTS[RetrievalMode.hybrid]
 TEXTS = ["calibrating soil probes 0", "rain gauge buckets 1", "the E-219 error code 2", "solar panels 3"]
@@ -126,6 +126,8 @@ def test_incremental_rewrite_and_delete(store):
 
 def test_alias_swap_and_drop(store):
     store.create_collection("kb--2", dimension=4, metadata={"embedding_model": "fixed", "generation": 2}, layout=HYBRID)
+    for other_alias in ("kb--1", "kb-"):  # names that start with "kb--" (a rebuild of kb dropped them)
+        store.create_collection(new_physical_name(other_alias), dimension=4, metadata={}, layout=HYBRID)
     assert store.physical_collections("kb") == ["kb--1", "kb--2"]
     store.move_alias("kb", "kb--2")
     assert store.resolve("kb") == "kb--2" and store.count("kb") == 0
