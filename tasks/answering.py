@@ -59,9 +59,14 @@ def retrieve_part(
     queries: list[tuple[Pending, Any]] = []
     for item in part:
         try:
-            queries.append((item, build_filter(item.question.filter)))
+            query_filter = build_filter(item.question.filter)
         except InvalidFilter as exc:
             item.error = f"invalid filter: {exc}"
+            continue
+        if problem := store.filter_problem(query_filter):
+            item.error = f"invalid filter: {problem}"
+        else:
+            queries.append((item, query_filter))
     if not queries:
         return
     results = retriever.search(store, [item.question.text for item, _ in queries], [f for _, f in queries],

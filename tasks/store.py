@@ -274,6 +274,10 @@ class QdrantStore:
         """Called once after the last write of an ingest; Qdrant servers index in the background and
         local mode has no index, so only the edge store has work to do here."""
 
+    def filter_problem(self, query_filter: Any) -> str | None:
+        """Why this store cannot apply `query_filter` as written, or None (a server and local mode can)."""
+        return None
+
     # -- points -------------------------------------------------------------------------------------
 
     def retrieve_payloads(self, collection: str, ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:

@@ -142,6 +142,24 @@ def test_alias_swap_and_drop(store):
         store.readable_collection("kb")
 
 
+def test_a_boolean_filter_is_applied_or_refused_for_its_question_alone(store):
+    """qdrant-edge 0.9.0 makes MatchValue(True) the integer 1: on the edge store a boolean filter matched
+    nothing (or the 1s), and its question was answered without context and without a word."""
+    from tasks.answering import Pending, retrieve_part
+    from tasks.questions import Question
+
+    flagged = Chunk("f0", 0, "flagged soil 0", 0, 14, None, "f.md", {"flag": True}, "h")
+    store.upsert("kb", build_points([flagged], FixedEmbedder().embed([flagged.text]), embedding_model="fixed", layout=HYBRID, bm25=BM25))
+    retriever = Retriever("kb", RetrievalMode.dense, HYBRID, embedder=FixedEmbedder(), bm25=BM25)
+    part = [Pending(Question("q1", "soil 0", "q:1", filter={"metadata.flag": True})), Pending(Question("q2", "soil 0", "q:2"))]
+    retrieve_part(part, store, retriever, top_k=10, score_threshold=None)
+    if isinstance(store, EdgeStore):
+        assert part[0].error.startswith("invalid filter: qdrant-edge 0.9.0 cannot match a boolean") and not part[0].hits
+    else:
+        assert part[0].error is None and [hit.doc_id for hit in part[0].hits] == ["f0"]
+    assert part[1].error is None and len(part[1].hits) == 5
+
+
 def test_dense_query_ranks_thresholds_and_filters(store):
     [hits] = search(store, RetrievalMode.dense, ["soil 0"])
     assert [h.doc_id for h in hits][0] == "d0" and [h.rank for h in hits] == [1, 2, 3, 4]
