@@ -17,7 +17,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-import flows  # noqa: F401  (environment defaults before Prefect loads)
+from flows import use_data_dir  # (importing `flows` sets the environment defaults before Prefect loads)
 from tasks.disk import MIN_FREE_BYTES, prepare_data_dir, require_free_space
 from tasks.errors import RagbatchError
 from tasks.settings import AnswerParams, EvaluateParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
@@ -30,7 +30,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if name in positional:
             parser.add_argument(name, help=help_text)
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = (field.json_schema_extra or {}).get("flag") or "--" + name.replace("_", "-")
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
@@ -60,6 +60,7 @@ def _command_params(model: type[RagbatchSettings], args: argparse.Namespace, com
     params = params_from_args(model, args)
     require_free_space(params.data_dir, MIN_FREE_BYTES, command)
     prepare_data_dir(params.data_dir)
+    use_data_dir(params.data_dir)  # for --data-dir: importing `flows` chose RAGBATCH_DATA_DIR's, or ./.ragbatch
     return params
 
 
@@ -117,7 +118,7 @@ def _flow_command(model: type[RagbatchSettings], flow_name: str):
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         params = _command_params(model, args, flow_name)
-        if args.show_progress is None:
+        if "show_progress" not in params.model_fields_set:  # neither the flag nor RAGBATCH_SHOW_PROGRESS
             params.show_progress = sys.stderr.isatty()
         flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
         _configure_console(args.verbose)

@@ -51,11 +51,11 @@ class PrefectStack:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.params.host}:{self.params.port}/api"
+        return f"http://{self.params.ui_host}:{self.params.ui_port}/api"
 
     @property
     def ui_url(self) -> str:
-        return f"http://{self.params.host}:{self.params.port}"
+        return f"http://{self.params.ui_host}:{self.params.ui_port}"
 
     @property
     def home(self) -> Path:
@@ -86,10 +86,10 @@ class PrefectStack:
         """Server, then work pool and deployments, then worker; stops what started if a step fails."""
         if not (self.params.project_dir / "prefect.yaml").is_file():
             raise PrefectServerError(f"no prefect.yaml in {self.params.project_dir}; run from the project directory or pass --project-dir")
-        require_free_port(self.params.host, self.params.port)
+        require_free_port(self.params.ui_host, self.params.ui_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._spawn("server", ["server", "start", "--host", self.params.host, "--port", str(self.params.port)])
+            self._spawn("server", ["server", "start", "--host", self.params.ui_host, "--port", str(self.params.ui_port)])
             self._wait_healthy(timeout=90)
             self._prefect("work-pool", "create", self.params.work_pool, "--type", "process", "--overwrite")
             if self.params.deploy:

@@ -92,7 +92,9 @@ class RagbatchSettings(BaseSettings):
         env_prefix="RAGBATCH_", extra="forbid", use_enum_values=False, json_schema_extra=_form_order
     )
 
-    data_dir: Path = Field(
+    # Absolute from the start: a relative one meant another directory to `ragbatch server`'s workers,
+    # which run in the project directory, than to the command that started them.
+    data_dir: Annotated[Path, AfterValidator(Path.absolute)] = Field(
         default_factory=default_data_dir,
         description="Directory for ragbatch's state: the embedded store, models, quarantine and run files.",
     )
@@ -303,12 +305,21 @@ class EvaluateParams(StoreParams):
     )
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
 
+    @model_validator(mode="after")
+    def _out_is_not_the_answers(self) -> "EvaluateParams":
+        """RAGBATCH_OUT, set for an answer run, made evaluate write its metrics over the answers it read."""
+        if self.out is not None and self.answers is not None and self.out.absolute() == self.answers.absolute():
+            raise ValueError(f"out is the answers file {self.answers}; give the metrics another file")
+        return self
+
 
 class PrefectServerParams(RagbatchSettings):
     """Parameters of `ragbatch server`: a local Prefect server, the work pool, the deployments and a worker."""
 
-    host: str = Field("127.0.0.1", description="Address the Prefect server listens on.")
-    port: int = Field(4200, ge=1, le=65535, description="Port of the Prefect server and its UI.")
+    # Flags --host and --port, but variables of their own (RAGBATCH_UI_HOST, RAGBATCH_UI_PORT): a shared
+    # RAGBATCH_HOST, meant for `ragbatch serve`, put this unauthenticated server on every interface.
+    ui_host: str = Field("127.0.0.1", description="Address the Prefect server listens on.", json_schema_extra={"flag": "--host"})
+    ui_port: int = Field(4200, ge=1, le=65535, description="Port of the Prefect server and its UI.", json_schema_extra={"flag": "--port"})
     work_pool: str = Field("ragbatch", description="Process work pool that the deployments in prefect.yaml use.")
     project_dir: Path = Field(
         default_factory=Path.cwd, description="Directory holding prefect.yaml; deployments run from there."

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import dask
 import psutil
 import pytest
 
-from flows.cli import main
+from flows.cli import build_parser, main, params_from_args
 
 from .conftest import ROOT
 from .test_child_process import assert_all_end
@@ -61,6 +62,8 @@ ERROR_CASES = [
     (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
     (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory; name a Parquet file"),
     (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory"),
+    (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--answers", "{tmp}/a.parquet", "--out", "{tmp}/a.parquet"],
+     "out is the answers file {tmp}/a.parquet; give the metrics another file"),
 ]
 
 
@@ -105,6 +108,53 @@ def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subp
         assert not list(directory.rglob("*")), f"written outside the data and output directories: {list(directory.rglob('*'))}"
     assert {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()} == corpus_before
     assert sorted(path.name for path in out.iterdir()) == ["answers.parquet", "eval.parquet", "eval.summary.json"]
+
+
+def test_the_data_dir_flag_holds_prefects_state_too(corpus, subprocess_env, tmp_path):
+    """Importing `flows` set Prefect's home for RAGBATCH_DATA_DIR or ./.ragbatch (and created it there)
+    before --data-dir was read: the database, logs and results of a command given --data-dir went to
+    the working directory, where `ragbatch server --data-dir` never looked."""
+    cwd, data = tmp_path / "cwd", tmp_path / "data"
+    cwd.mkdir()
+    env = {name: value for name, value in subprocess_env.items() if str(ROOT / ".ragbatch") not in value}
+    for name in ("RAGBATCH_DATA_DIR", "PREFECT_HOME", "PREFECT_API_URL"):
+        env.pop(name, None)
+    script = textwrap.dedent("""
+        import json, sys
+        from flows.cli import _command_params, build_parser
+        from tasks.settings import IngestParams
+        args = build_parser().parse_args(["ingest", sys.argv[1], "--collection", "kb", "--data-dir", sys.argv[2]])
+        _command_params(IngestParams, args, "ingest")
+        from prefect.settings import get_current_settings
+        settings = get_current_settings()
+        print(json.dumps([str(settings.home), str(settings.results.local_storage_path), str(settings.server.memo_store_path)]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(corpus), str(data)], cwd=cwd, env={**env, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    home = data / "prefect"
+    assert json.loads(result.stdout.splitlines()[-1]) == [str(home), str(home / "storage"), str(home / "memo_store.toml")]
+    assert home.is_dir() and not list(cwd.iterdir())  # the import's ./.ragbatch is gone again
+
+
+def test_each_command_reads_its_own_variables_and_a_relative_data_dir_is_absolute(monkeypatch, tmp_path):
+    """RAGBATCH_HOST=0.0.0.0, meant for `ragbatch serve`, put the unauthenticated Prefect server of
+    `ragbatch server` on every interface too; a relative data directory meant the project directory to
+    that server's workers and the working directory to the command."""
+    from tasks.settings import IngestParams, PrefectServerParams, ServeParams
+
+    monkeypatch.setenv("RAGBATCH_HOST", "0.0.0.0")
+    monkeypatch.setenv("RAGBATCH_PORT", "8001")
+    monkeypatch.setenv("RAGBATCH_SHOW_PROGRESS", "true")
+    monkeypatch.chdir(tmp_path)
+    served, prefect = ServeParams(), PrefectServerParams(data_dir="state")
+    assert (served.host, served.port) == ("0.0.0.0", 8001) and (prefect.ui_host, prefect.ui_port) == ("127.0.0.1", 4200)
+    assert prefect.data_dir == tmp_path / "state"
+    monkeypatch.setenv("RAGBATCH_UI_PORT", "4300")
+    flags = params_from_args(PrefectServerParams, build_parser().parse_args(["server", "--host", "10.0.0.5"]))
+    assert (flags.ui_host, flags.ui_port) == ("10.0.0.5", 4300)
+    ingest = params_from_args(IngestParams, build_parser().parse_args(["ingest", "docs", "--collection", "kb"]))
+    assert "show_progress" in ingest.model_fields_set and ingest.show_progress  # so the terminal's default does not replace it
 
 
 @pytest.mark.parametrize("args, message", ERROR_CASES)
