@@ -38,8 +38,9 @@ def answer(params: AnswerParams) -> AnswerReport:
     run_id = str(flow_run.get_id() or "local")
     rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
-    # The output's lock after the store's slot: a deployment run queued behind another into the same
-    # output then resumes the finished output instead of refusing.
+    # The output's lock after the store's slot: on an embedded store (one slot), a deployment run queued
+    # behind another into the same output then resumes the finished output instead of refusing. With a
+    # Qdrant server there is no slot to queue on, and the second run refuses at once.
     with exclusive(params.store, params.collection, writes=False), OutputLock(params.data_dir, params.out):
         report, table = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
