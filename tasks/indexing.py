@@ -100,7 +100,10 @@ def build_points(
         if layout.sparse:
             assert bm25 is not None, "a sparse layout needs BM25 statistics"
             encoded = bm25.document(chunk.embedding_text)
-            sparse = models.SparseVector(indices=encoded.indices, values=encoded.values)
+            # A chunk without a term (stop words only) gets no sparse vector: an empty one counted in
+            # BM25's document total in local mode and not in Qdrant's engine, so scores differed.
+            if encoded.indices:
+                sparse = models.SparseVector(indices=encoded.indices, values=encoded.values)
         return layout.point_vector(dense, sparse)
 
     return [

@@ -95,13 +95,13 @@ class VectorLayout:
         return DENSE if self.named else None
 
     def point_vector(self, dense: Any | None, sparse: Any | None) -> Any:
-        """The `vector` of a PointStruct in this layout."""
+        """The `vector` of a PointStruct in this layout (without a sparse vector when `sparse` is None)."""
         if not self.named:
             return dense
         vector = {}
         if self.dense:
             vector[DENSE] = dense
-        if self.sparse:
+        if self.sparse and sparse is not None:
             vector[SPARSE] = sparse
         return vector
 

@@ -160,6 +160,17 @@ def test_a_boolean_filter_is_applied_or_refused_for_its_question_alone(store):
     assert part[1].error is None and len(part[1].hits) == 5
 
 
+def test_a_chunk_without_terms_leaves_bm25_scores_alone(store):
+    """A chunk of stop words only had an empty sparse vector, which local mode counted in BM25's document
+    total and Qdrant's engine did not: sparse and hybrid scores differed between the backends."""
+    [before] = search(store, RetrievalMode.sparse, ["rain gauge 1"])
+    empty = Chunk("e0", 0, "of the 1", 0, 8, None, "e.md", {}, "h")
+    store.upsert("kb", build_points([empty], FixedEmbedder().embed([empty.text]), embedding_model="fixed", layout=HYBRID, bm25=BM25))
+    [after] = search(store, RetrievalMode.sparse, ["rain gauge 1"])
+    assert before and [(hit.doc_id, hit.score) for hit in after] == [(hit.doc_id, hit.score) for hit in before]
+    assert [hit.doc_id for hit in search(store, RetrievalMode.dense, ["of the 1"], top_k=5)[0]].count("e0") == 1
+
+
 def test_dense_query_ranks_thresholds_and_filters(store):
     [hits] = search(store, RetrievalMode.dense, ["soil 0"])
     assert [h.doc_id for h in hits][0] == "d0" and [h.rank for h in hits] == [1, 2, 3, 4]
