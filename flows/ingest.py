@@ -21,7 +21,7 @@ from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, Target, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.locks import CollectionLock
 from tasks.memory import fix_mmap_threshold
-from tasks.models import resolve_embedding_model
+from tasks.models import require_chunks_fit, resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
@@ -39,8 +39,9 @@ def ingest(params: IngestParams) -> IngestReport:
     end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     fix_mmap_threshold()  # batch-sized arrays go back to the OS when freed: memory stays flat over batches
     run_id = str(flow_run.get_id() or "local")
-    # Fails here, before any store work, if the source is unusable.
+    # Fails here, before any store work, if the source is unusable or the chunks would not fit the model.
     rows = read_rows(params.source, params.format, max_chars=params.max_chars)
+    require_chunks_fit(params.chunk_tokens, params.embedding_model)
     # Deployment runs queue for the collection; any second run in this data directory refuses.
     with (exclusive(params.store, params.collection, writes=True), CollectionLock(params.data_dir, params.collection),
           task_runner(params.task_runner, workers=params.shards, address=params.cluster_address,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ import numpy as np
 from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import ModelError, first_line
 from tasks.locks import gpu_start_lock, waiting_for
-from tasks.models import resolve_embedding_model
+from tasks.models import embedding_input_limit, resolve_embedding_model
 from tasks.settings import EmbeddingBackend
 
 
@@ -122,8 +121,7 @@ class VLLMEmbedder:
     @cached_property
     def max_seq_length(self) -> int | None:
         """sentence-transformers' `max_seq_length` (256 for MiniLM, whose positions go to 512), if configured."""
-        config = Path(self.path) / "sentence_bert_config.json"
-        return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
+        return embedding_input_limit(self.path)
 
     @property
     def max_tokens(self) -> int:

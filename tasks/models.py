@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tasks.errors import ModelError
@@ -35,3 +36,23 @@ def resolve_embedding_model(name: str) -> str:
     if is_path_name(name):
         raise ModelError(f"{name}: no such model directory or file")
     return name
+
+
+# The markers an encoder puts around every text ([CLS] and [SEP]), inside its input limit.
+ENCODER_MARKERS = 2
+
+
+def embedding_input_limit(model_path: str) -> int | None:
+    """The most tokens the embedding model reads of a text, markers included (sentence-transformers'
+    `max_seq_length`: 256 for MiniLM, whose positions go to 512), or None when its directory does not say."""
+    config = Path(model_path) / "sentence_bert_config.json"
+    return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
+
+
+def require_chunks_fit(chunk_tokens: int, model_name: str) -> None:
+    """Refuse chunks longer than the embedding model reads: it cuts each one's end off, which dense
+    search then never finds, and nothing would count it."""
+    limit = embedding_input_limit(resolve_embedding_model(model_name))
+    if limit is not None and chunk_tokens + ENCODER_MARKERS > limit:
+        raise ModelError(f"--chunk-tokens {chunk_tokens} is more than {model_name} reads ({limit - ENCODER_MARKERS} tokens "
+                         f"of text): the rest of every chunk would not be embedded; give at most {limit - ENCODER_MARKERS}")

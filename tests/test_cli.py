@@ -48,6 +48,8 @@ ERROR_CASES = [
     (["ingest", "{corpus}", "--collection", "x", "--task-runner", "dask", "--cluster-address", "tcp://127.0.0.1:{port}"],
      "cannot reach the dask cluster at tcp://127.0.0.1:{port}: Timed out trying to connect"),
     (["ingest", "{corpus}", "--collection", "x", "--chunk-tokens", "lots"], "invalid --chunk-tokens"),
+    (["ingest", "{corpus}", "--collection", "x", "--chunk-tokens", "512"],  # MiniLM reads 256 tokens: the rest was cut off unseen
+     "--chunk-tokens 512 is more than all-MiniLM-L6-v2 reads (254 tokens of text): the rest of every chunk would not be embedded"),
     (["ingest", "{corpus}", "--collection", "bad name"], "invalid --collection"),
     (["server", "--project-dir", "{tmp}"], "no prefect.yaml in {tmp}; run from the project directory or pass --project-dir"),
     (["server", "--port", "{listening}", "--project-dir", "{root}"], "127.0.0.1:{listening} is already in use"),
@@ -168,7 +170,7 @@ def test_errors_name_the_problem_in_one_line(tmp_path, corpus, prefect_api_url, 
     assert message in line
 
 
-@pytest.mark.parametrize("case", [0, 2, 4, 12])  # source errors before and in a task, a store error, a file error in the flow
+@pytest.mark.parametrize("case", [0, 3, 4, 13])  # source errors before and in a task, a store error, a file error in the flow
 def test_a_failing_command_prints_no_traceback(tmp_path, corpus, subprocess_env, case):
     args, message = fill(*ERROR_CASES[case], tmp_path, corpus)
     result = ragbatch(*args, env=subprocess_env)
