@@ -11,7 +11,9 @@ the dataset's documents in the ingest's batches (`batch_docs`), default chunking
 - `build_points` (dense and BM25 sparse vectors, payloads, PointStructs; random unit vectors stand in
   for the model's) with each term's id hash computed for every occurrence vs memoized
   (`tasks.sparse.term_id`, cold when the run starts);
-- then `write_documents` of those points into a fresh edge store, once.
+- `write_documents` of those points into a fresh edge store, without and with the probe for chunks a
+  crashed write left beyond a document's marker (`tasks.indexing.stored_chunk_ends`, 2026-12-01), each
+  variant into its own store.
 
 Every step runs per batch of `batch_docs` documents, as the ingest flow calls it.
 
@@ -88,7 +90,8 @@ def main() -> None:
 
     from tasks import sparse
     from tasks.chunking import Chunk, TokenChunker, load_tokenizer
-    from tasks.indexing import build_points, write_documents
+    from tasks import indexing
+    from tasks.indexing import build_points
     from tasks.models import resolve_embedding_model
     from tasks.settings import IngestParams
     from tasks.store import QdrantStore, VectorLayout
@@ -99,8 +102,19 @@ def main() -> None:
     rows = documents(args.dataset, args.limit)
     layout = VectorLayout(dense=True, sparse=True)
     work = scratch_dir("ragbatch-prep-")
-    store = QdrantStore.connect(f"edge:{work}")
-    store.create_collection("prep", dimension=384, metadata={}, layout=layout)
+    stores = {name: QdrantStore.connect(f"edge:{work / name}") for name in ("unprobed", "probed")}
+    for store in stores.values():
+        store.create_collection("prep", dimension=384, metadata={}, layout=layout)
+    probe = indexing.stored_chunk_ends
+
+    def write_with(name: str, points: list) -> Callable[[], int]:
+        def write() -> int:
+            indexing.stored_chunk_ends = probe if name == "probed" else (lambda store, collection, starts: dict(starts))
+            try:
+                return indexing.write_documents(stores[name], "prep", points, {})
+            finally:
+                indexing.stored_chunk_ends = probe
+        return write
     rng = np.random.default_rng(0)
     memoized = sparse.term_id
     memoized.cache_clear()
@@ -130,9 +144,11 @@ def main() -> None:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         points = timing.run("build_points", {"hash per term occurrence": points_with(memoized.__wrapped__, chunks, vectors),
                                              "memoized term ids": points_with(memoized, chunks, vectors)}, number)
-        timing.run("write_documents (edge)", {"": lambda: write_documents(store, "prep", points, {})}, number)  # noqa: B023
+        timing.run("write_documents (edge)", {"without the probe": write_with("unprobed", points),
+                                              "with the probe": write_with("probed", points)}, number)
         chunk_count += len(chunks)
-    store.close()
+    for store in stores.values():
+        store.close()
 
     steps = {step: {name: {key: round(value, 3) for key, value in total.items()}
                     | {"us_per_chunk": round(1e6 * total["wall_s"] / chunk_count, 1)} for name, total in variants.items()}
