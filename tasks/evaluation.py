@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import SourceError, first_line
-from tasks.indexing import point_id
+from tasks.indexing import read_markers
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
 from tasks.settings import SourceFormat
@@ -166,12 +166,11 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
 def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[EvalQuery]) -> list[str]:
     """The relevant documents (grade > 0) that `collection` does not hold, sorted. They score as misses
     like any other, so a typo in a question set or judgements of another corpus would otherwise pass
-    for bad retrieval. A document is held when its chunk 0 is (written last, so the whole document is)."""
+    for bad retrieval. A document is held when its marker is (chunk 0, written last, so the whole document is)."""
     relevant = sorted({doc_id for query in queries for doc_id, grade in query.relevant.items() if grade > 0})
     held: set[str] = set()
     for batch in batched(relevant, VALIDATION_BATCH):
-        markers = {point_id(doc_id, 0): doc_id for doc_id in batch}
-        held.update(markers[found] for found in store.retrieve_payloads(collection, list(markers), ["doc_id"]))
+        held.update(read_markers(store, collection, batch))
     return [doc_id for doc_id in relevant if doc_id not in held]
 
 
