@@ -89,25 +89,13 @@ def edge_point(point: Any) -> Any:
     return edge.Point(point.id, _edge_vector(point.vector), point.payload)
 
 
-BOOLEAN_MATCH = ("qdrant-edge 0.9.0 cannot match a boolean (it would match the integer 1 or 0); "
-                 "use a Qdrant server or --store local:PATH for boolean filters")
-
-
-def _boolean_matches(query_filter: Any) -> bool:
-    """Whether a `models.Filter` matches a boolean value anywhere in it."""
-    conditions = [condition for part in (query_filter.must, query_filter.should, query_filter.must_not) if part is not None
-                  for condition in (part if isinstance(part, list) else [part])]
-    return any(_boolean_matches(condition) if isinstance(condition, models.Filter)
-               else isinstance(getattr(condition, "match", None), models.MatchValue) and isinstance(condition.match.value, bool)
-               for condition in conditions)
-
-
 def _edge_condition(condition: Any) -> Any:
     if isinstance(condition, models.Filter):
         return edge_filter(condition)
     if isinstance(condition, models.FieldCondition) and isinstance(condition.match, models.MatchValue):
         if isinstance(condition.match.value, bool):
-            raise StoreError(BOOLEAN_MATCH)
+            raise StoreError("qdrant-edge 0.9.0 cannot match a boolean (it would match the integer 1 or 0); "
+                             "use a Qdrant server or --store local:PATH for boolean filters")
         return edge.FieldCondition(key=condition.key, match=edge.MatchValue(condition.match.value))
     if isinstance(condition, models.FieldCondition) and isinstance(condition.match, models.MatchAny):
         return edge.FieldCondition(key=condition.key, match=edge.MatchAny(any=list(condition.match.any)))
@@ -408,7 +396,12 @@ class EdgeStore(QdrantStore):
             self._update(collection, "deleting points from", lambda: edge.UpdateOperation.delete_points(list(ids)))
 
     def filter_problem(self, query_filter: Any) -> str | None:
-        return BOOLEAN_MATCH if query_filter is not None and _boolean_matches(query_filter) else None
+        """Why the filter does not translate into qdrant_edge's (a boolean match, say), or None."""
+        try:
+            edge_filter(query_filter)
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def query_batch(self, collection: str, requests: Sequence[Any]) -> list[list[Any]]:
         """Run `models.QueryRequest`s on the shard; the points of each as `models.ScoredPoint`s."""
