@@ -251,6 +251,8 @@ def _print_ingest(result: dict[str, Any]) -> None:
     )
     if result["quarantined"]:
         print(f"quarantined rows: {result['quarantine_path']}")
+    if result["unidentified"]:
+        print(f"deleted nothing as missing: {result['unidentified']} quarantined rows have no readable id")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -96,6 +96,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
                 report.loaded += len(batch)
                 report.valid += len(valid)
                 report.quarantined += len(rejected)
+                report.unidentified += sum(row.doc_id is None for row in batch)
                 report.unchanged += plan.unchanged
                 report.chunks += len(chunks)
                 report.embedded += len(chunks) if target.layout.dense else 0
@@ -107,7 +108,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
-        report.deleted += steps.delete_missing(store, target.collection, present_doc_ids)
+        report.deleted += steps.delete_missing(store, target.collection, present_doc_ids, unidentified=report.unidentified)
         store.optimize(target.collection)
         if target.is_rebuild:
             dropped = finish_rebuild(store, target)

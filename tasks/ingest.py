@@ -25,6 +25,7 @@ class IngestReport(BaseModel):
     loaded: int = 0
     valid: int = 0
     quarantined: int = 0
+    unidentified: int = 0  # quarantined rows whose id could not be read; while any, nothing is deleted as missing
     unchanged: int = 0
     chunks: int = 0
     embedded: int = 0

@@ -112,7 +112,13 @@ def upsert(store: QdrantStore, collection: str, chunks: list[Chunk], vectors: np
 
 
 @task(name="delete-missing", **STEP, **STORE_RETRIES)
-def delete_missing(store: QdrantStore, collection: str, present_doc_ids: set[str]) -> int:
+def delete_missing(store: QdrantStore, collection: str, present_doc_ids: set[str], *, unidentified: int) -> int:
+    """Deletes nothing while rows without a readable id were quarantined: any missing document may be
+    one of them (a broken JSON line), and deleting it would lose data that a fixed row keeps."""
+    if unidentified:
+        get_run_logger().warning("deleted nothing: %d quarantined rows have no readable id, so documents missing from "
+                                 "this run may be among them; fix those rows to let deletions through", unidentified)
+        return 0
     deleted = indexing.delete_missing_documents(store, collection, present_doc_ids)
     get_run_logger().info("deleted %d points of documents no longer in the source", deleted)
     return deleted

@@ -159,11 +159,31 @@ def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
 def test_hostile_jsonl_rows_are_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir):
     path, expected = hostile_jsonl(tmp_path)
     params = IngestParams(source=path, collection="hostile-jsonl", data_dir=data_dir, max_quarantined_share=0.9)
-    assert_accounted(ingest(params), expected)
+    report = ingest(params)
+    assert_accounted(report, expected)
+    assert report.unidentified == 5  # broken JSON, no id, list and boolean ids, not an object
     docs = index_contents(params)
     assert set(docs) == {"a", "42", "7", "rtl", "emoji", "last"}
     assert docs["a"]["texts"] == ["Anemometer calibration steps."]  # the first of the duplicates
     assert docs["emoji"]["texts"] == ["💨 wind, cafe\u0301"]
+
+
+def test_rows_without_a_readable_id_hold_back_deletions(prefect_api_url, tmp_path, data_dir):
+    """A broken line may be a document indexed earlier: while one is quarantined, nothing is deleted as
+    missing; once the rows are fixed, the documents really gone are deleted."""
+    rows = {doc: json.dumps({"id": doc, "text": f"Document {doc} on gearbox maintenance."}) for doc in "abc"}
+    path = tmp_path / "docs.jsonl"
+    params = IngestParams(source=path, collection="ids", data_dir=data_dir, max_quarantined_share=0.9)
+    path.write_text(f"{rows['a']}\n{rows['b']}\n{rows['c']}\n")
+    ingest(params)
+    path.write_text(f'{rows["a"]}\n{{"id": "b", "text": "broken\n')  # b's line broken, c gone
+    held = ingest(params)
+    assert (held.quarantined, held.unidentified, held.deleted) == (1, 1, 0)
+    assert set(index_contents(params)) == {"a", "b", "c"}
+    path.write_text(f"{rows['a']}\n{rows['b']}\n")
+    fixed = ingest(params)
+    assert (fixed.unidentified, fixed.unchanged, fixed.deleted) == (0, 2, 1)
+    assert set(index_contents(params)) == {"a", "b"}
 
 
 def test_csv_with_quotes_newlines_big_fields_and_a_utf16_bom(tmp_path):
