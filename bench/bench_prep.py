@@ -92,13 +92,14 @@ def main() -> None:
     from tasks.chunking import Chunk, TokenChunker, load_tokenizer
     from tasks import indexing
     from tasks.indexing import build_points
-    from tasks.models import resolve_embedding_model
+    from tasks.models import embedding_text_limit, resolve_embedding_model
     from tasks.settings import IngestParams
     from tasks.store import QdrantStore, VectorLayout
 
     defaults = IngestParams(source=args.dataset / "corpus.jsonl")
     chunker = TokenChunker(tokenizer=load_tokenizer(resolve_embedding_model(defaults.embedding_model)),
-                           chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap)
+                           chunk_tokens=defaults.chunk_tokens, overlap_tokens=defaults.chunk_overlap,
+                           model_tokens=embedding_text_limit(defaults.embedding_model))
     rows = documents(args.dataset, args.limit)
     layout = VectorLayout(dense=True, sparse=True)
     work = scratch_dir("ragbatch-prep-")
@@ -139,7 +140,7 @@ def main() -> None:
         batch = [(row, "cd" * 32) for row in rows[start:start + defaults.batch_docs]]
         chunks = timing.run("chunking", {"one document at a time": lambda: one_at_a_time(batch),  # noqa: B023
                                          "a batch at once (TokenChunker.chunk)": lambda: chunker.chunk(batch)}, number)  # noqa: B023
-        bm25 = bm25 or sparse.Bm25(avgdl=sparse.mean_length([chunk.embedding_text for chunk in chunks]))
+        bm25 = bm25 or sparse.Bm25(avgdl=sparse.mean_length([chunk.sparse_text for chunk in chunks]))
         vectors = rng.normal(size=(len(chunks), 384)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         points = timing.run("build_points", {"hash per term occurrence": points_with(memoized.__wrapped__, chunks, vectors),

@@ -21,7 +21,7 @@ from tasks.indexing import index_fingerprint
 from tasks.ingest import IngestReport, Target, check_quarantine_share, finish_rebuild, prepare_target
 from tasks.locks import CollectionLock
 from tasks.memory import fix_mmap_threshold
-from tasks.models import require_chunks_fit, resolve_embedding_model
+from tasks.models import embedding_text_limit, require_chunks_fit, resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
@@ -73,7 +73,8 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         def chunker() -> TokenChunker:
             """Loaded only when a batch has something to chunk, so no-op runs stay fast."""
             tokenizer = load_tokenizer(resolve_embedding_model(params.embedding_model))
-            return TokenChunker(tokenizer=tokenizer, chunk_tokens=params.chunk_tokens, overlap_tokens=params.chunk_overlap)
+            return TokenChunker(tokenizer=tokenizer, chunk_tokens=params.chunk_tokens, overlap_tokens=params.chunk_overlap,
+                                model_tokens=embedding_text_limit(params.embedding_model))
 
         report = IngestReport(collection=params.collection, physical_collection=target.collection,
                               rebuild=target.is_rebuild, run_id=run_id)

@@ -99,7 +99,7 @@ def build_points(
         sparse = None
         if layout.sparse:
             assert bm25 is not None, "a sparse layout needs BM25 statistics"
-            encoded = bm25.document(chunk.embedding_text)
+            encoded = bm25.document(chunk.sparse_text)
             # A chunk without a term (stop words only) gets no sparse vector: an empty one counted in
             # BM25's document total in local mode and not in Qdrant's engine, so scores differed.
             if encoded.indices:

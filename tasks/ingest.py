@@ -133,7 +133,7 @@ def bm25_statistics(store: QdrantStore, collection: str, chunks: Sequence[Chunk]
     metadata = store.collection_metadata(collection)
     avgdl = metadata.get(BM25_AVGDL)
     if avgdl is None:
-        avgdl = round(mean_length([chunk.embedding_text for chunk in chunks]), 3)
+        avgdl = round(mean_length([chunk.sparse_text for chunk in chunks]), 3)
         store.update_metadata(collection, {BM25_AVGDL: avgdl})
     return Bm25(avgdl=float(avgdl), k1=float(metadata.get("bm25_k1", K1)), b=float(metadata.get("bm25_b", B)))
 

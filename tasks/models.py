@@ -49,10 +49,16 @@ def embedding_input_limit(model_path: str) -> int | None:
     return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
 
 
+def embedding_text_limit(model_name: str) -> int | None:
+    """The most tokens of text the embedding model reads, its markers not counted (MiniLM: 254)."""
+    limit = embedding_input_limit(resolve_embedding_model(model_name))
+    return None if limit is None else limit - ENCODER_MARKERS
+
+
 def require_chunks_fit(chunk_tokens: int, model_name: str) -> None:
     """Refuse chunks longer than the embedding model reads: it cuts each one's end off, which dense
     search then never finds, and nothing would count it."""
-    limit = embedding_input_limit(resolve_embedding_model(model_name))
-    if limit is not None and chunk_tokens + ENCODER_MARKERS > limit:
-        raise ModelError(f"--chunk-tokens {chunk_tokens} is more than {model_name} reads ({limit - ENCODER_MARKERS} tokens "
-                         f"of text): the rest of every chunk would not be embedded; give at most {limit - ENCODER_MARKERS}")
+    limit = embedding_text_limit(model_name)
+    if limit is not None and chunk_tokens > limit:
+        raise ModelError(f"--chunk-tokens {chunk_tokens} is more than {model_name} reads ({limit} tokens "
+                         f"of text): the rest of every chunk would not be embedded; give at most {limit}")

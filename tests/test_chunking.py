@@ -2,6 +2,7 @@ import os
 import time
 
 from tasks.chunking import TokenChunker
+from tasks.models import embedding_text_limit
 from tasks.sources import SourceRow
 
 PARAGRAPHS = (
@@ -43,6 +44,33 @@ def test_chunk_keeps_document_fields(tokenizer):
     assert {(c.doc_id, c.title, c.source, c.doc_hash) for c in chunks} == {("a.md", "Title", "a.md", "hash")}
     assert chunks[0].metadata == {"k": 1}
     assert chunks[1].embedding_text.startswith("Title\n")
+
+
+def test_a_long_title_is_cut_so_the_model_reads_every_chunk_whole(tokenizer):
+    """MiniLM reads 254 tokens of text: a title that does not fit beside a chunk is cut in what the model
+    embeds (else the model cut the chunk's end off), chunk by chunk; the payload and BM25 keep it whole."""
+    limit = embedding_text_limit("all-MiniLM-L6-v2")
+    assert limit == 254
+    title = " ".join(f"anemometer{i} calibration" for i in range(25))  # 175 tokens
+    rows = [(SourceRow("a.txt", "a.txt", PARAGRAPHS * 3, title=title, source="a.txt"), "h"),
+            (SourceRow("b.txt", "b.txt", "Short text.", title=title, source="b.txt"), "h"),
+            (SourceRow("c.txt", "c.txt", "Short text.", title="A short title", source="c.txt"), "h")]
+    uncut = TokenChunker(tokenizer=tokenizer, chunk_tokens=200, overlap_tokens=0).chunk(rows)
+    assert max(len(tokenizer.encode(c.embedding_text).ids) for c in uncut) > 256  # what the model cut before
+
+    chunks = TokenChunker(tokenizer=tokenizer, chunk_tokens=200, overlap_tokens=0, model_tokens=limit).chunk(rows)
+    assert len(chunks) > 4 and [c.doc_id for c in chunks[-2:]] == ["b.txt", "c.txt"]
+    assert sum(c.embedded_title is not None for c in chunks) >= 3
+    for chunk in chunks[:-2]:
+        assert len(tokenizer.encode(chunk.embedding_text).ids) <= 256
+        if chunk.embedded_title is not None:  # cut: to what fits, not shorter
+            assert title.startswith(chunk.embedded_title) and len(tokenizer.encode(chunk.embedding_text).ids) >= 254
+        assert chunk.embedding_text.endswith(f"\n{chunk.text}")
+        assert chunk.title == title and chunk.sparse_text == f"{title}\n{chunk.text}"
+    assert chunks[-2].embedding_text == f"{title}\nShort text."  # a short chunk leaves room for the whole title
+    assert chunks[-1].embedding_text == "A short title\nShort text."
+    [untitled] = TokenChunker(tokenizer=tokenizer, chunk_tokens=200, overlap_tokens=0, model_tokens=3).chunk(rows[1:2])
+    assert untitled.embedding_text == "Short text."  # no room left at all: the chunk alone
 
 
 def test_chunking_many_documents_at_once_keeps_order_and_each_documents_splitter(tokenizer):

@@ -15,18 +15,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from flows.ingest import ingest
+from tasks.chunking import TokenChunker
 from tasks.errors import SourceError
 from tasks.settings import IngestParams
-from tasks.sources import read_rows
+from tasks.sources import SourceRow, read_rows
 from tasks.store import QdrantStore
 
 OUTSIDE_SECRET = "OUTSIDE-SENTINEL-7f3a"  # text that lives outside the source directory only
 INDEXED = None  # expected outcome of a row that must be indexed
 MB = 1 << 20
+LONG_TITLE = " ".join(f"anemometer{i} calibration" for i in range(25))  # 175 MiniLM tokens
+LONG_TITLE_TEXT = " ".join(f"Step {i} checks the mast." for i in range(25))  # 150 tokens: one chunk, not room for both
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -35,13 +39,17 @@ def write(path: Path, data: str | bytes) -> Path:
     return path
 
 
-def index_contents(params: IngestParams) -> dict[str, dict]:
-    """doc_id -> {"text": the document's chunk texts joined, "chunks": count} as stored in the index."""
+def iter_points(params: IngestParams, *, with_vectors: bool = False) -> list:
     store = QdrantStore.connect(params.store)
     try:
-        records = list(store.iter_points(params.collection))
+        return list(store.iter_points(params.collection, with_vectors=with_vectors))
     finally:
         store.close()
+
+
+def index_contents(params: IngestParams) -> dict[str, dict]:
+    """doc_id -> {"text": the document's chunk texts joined, "chunks": count} as stored in the index."""
+    records = iter_points(params)
     docs: dict[str, dict] = {}
     for record in sorted(records, key=lambda r: (r.payload["doc_id"], r.payload["chunk_index"])):
         doc = docs.setdefault(record.payload["doc_id"], {"texts": [], "chunks": 0})
@@ -150,20 +158,28 @@ def hostile_jsonl(tmp_path: Path) -> tuple[Path, dict[str, str | None]]:
         (json.dumps({"id": "blank", "text": " \n "}).encode(), "text is empty or whitespace only"),
         (b"[1, 2, 3]", "line is not a JSON object"),
         (json.dumps({"id": "five-mb", "text": "z" * (5 * MB)}).encode(), "text has 5,242,880 characters, more than the limit"),
+        (json.dumps({"id": "long-title", "title": LONG_TITLE, "text": LONG_TITLE_TEXT}).encode(), INDEXED),
         (json.dumps({"id": "last", "text": "The last row is read after all of that."}).encode(), INDEXED),
     ]
     path = write(tmp_path / "hostile.jsonl", b"\n".join(line for line, _ in lines) + b"\n")
     return path, {f"{path.name}:{number}": outcome for number, (_, outcome) in enumerate(lines, start=1)}
 
 
-def test_hostile_jsonl_rows_are_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir):
+def test_hostile_jsonl_rows_are_indexed_or_quarantined_with_reasons(prefect_api_url, tmp_path, data_dir, embedder, tokenizer):
     path, expected = hostile_jsonl(tmp_path)
     params = IngestParams(source=path, collection="hostile-jsonl", data_dir=data_dir, max_quarantined_share=0.9)
     report = ingest(params)
     assert_accounted(report, expected)
     assert report.unidentified == 5  # broken JSON, no id, list and boolean ids, not an object
     docs = index_contents(params)
-    assert set(docs) == {"a", "42", "7", "rtl", "emoji", "last"}
+    assert set(docs) == {"a", "42", "7", "rtl", "emoji", "long-title", "last"}
+    # The title is cut to what MiniLM reads beside the chunk, so the chunk is embedded whole.
+    row = SourceRow("l", "long-title", LONG_TITLE_TEXT, title=LONG_TITLE)
+    [chunk] = TokenChunker(tokenizer=tokenizer, chunk_tokens=params.chunk_tokens, overlap_tokens=0, model_tokens=254).chunk([(row, "h")])
+    assert chunk.embedded_title and len(tokenizer.encode(chunk.embedding_text).ids) <= 256
+    [stored] = [p.vector["dense"] for p in iter_points(params, with_vectors=True) if p.payload["doc_id"] == "long-title"]
+    cut, whole = embedder.embed([chunk.embedding_text, f"{LONG_TITLE}\n{LONG_TITLE_TEXT}"])
+    assert float(np.dot(stored, cut)) > 0.9999 and float(np.dot(stored, whole)) < 0.99
     assert docs["a"]["texts"] == ["Anemometer calibration steps."]  # the first of the duplicates
     assert docs["emoji"]["texts"] == ["💨 wind, cafe\u0301"]
 
