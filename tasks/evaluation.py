@@ -135,7 +135,11 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
                 query_id, doc_id, grade = row[0], row[1], int(row[2])
             except (IndexError, ValueError):
                 raise SourceError(f"{qrels_path}:{number}: expected query-id, corpus-id and an integer score") from None
-            qrels.setdefault(query_id, {})[doc_id] = grade  # a query judged only 0 scores 0, as in BEIR's scorer
+            judged = qrels.setdefault(query_id, {})  # a query judged only 0 scores 0, as in BEIR's scorer
+            if judged.get(doc_id, grade) != grade:
+                raise SourceError(f"{qrels_path}:{number}: query {query_id!r} judges corpus-id {doc_id!r} again with "
+                                  f"another score ({judged[doc_id]}, now {grade}); which one counts is not clear")
+            judged[doc_id] = grade
     queries = []
     first_line_of: dict[str, int] = {}
     with open(queries_path, encoding="utf-8") as handle:

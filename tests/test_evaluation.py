@@ -85,6 +85,14 @@ def test_a_beir_split_is_scored_whole_judged_queries_missing_or_judged_only_not_
         load_dataset(beir, "test", max_chars=4000)
     assert str(refused.value) == (f"{beir}/qrels/test.tsv: 2 judged queries are not in queries.jsonl (the first: 7, 9); "
                                   "the split would not be scored whole")
+    # A judgement given twice alike is one; given twice differently, the metric would depend on line order.
+    (beir / "qrels" / "test.tsv").write_text(QRELS + "3\td2\t2\n")
+    assert load_dataset(beir, "test", max_chars=4000)[0][2].relevant == {"d2": 2, "d1": 0}
+    (beir / "qrels" / "test.tsv").write_text(QRELS + "3\td2\t0\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(beir, "test", max_chars=4000)
+    assert str(refused.value) == (f"{beir}/qrels/test.tsv:6: query '3' judges corpus-id 'd2' again with another score "
+                                  "(2, now 0); which one counts is not clear")
 
 
 def test_relevant_documents_as_a_list_a_json_list_in_a_csv_cell_or_a_number(tmp_path):
