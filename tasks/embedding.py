@@ -15,19 +15,20 @@ import numpy as np
 from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import ModelError, first_line
 from tasks.locks import gpu_start_lock, waiting_for
-from tasks.models import embedding_input_limit, resolve_embedding_model
+from tasks.models import EmbeddingPrompts, embedding_input_limit, embedding_prompts, prompts_of, resolve_embedding_model
 from tasks.settings import EmbeddingBackend
 
 
 class Embedder(Protocol):
-    """Turns texts into normalized float32 vectors of a fixed dimension."""
+    """Turns texts into normalized float32 vectors of a fixed dimension; documents by default, queries
+    with `query=True` (each after the model's own prompt for its role, if it declares one)."""
 
     model_name: str
 
     @property
     def dimension(self) -> int: ...
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray: ...
 
 
 def default_device() -> str:
@@ -81,11 +82,16 @@ class SentenceTransformerEmbedder:
     def max_tokens(self) -> int:
         return int(self.model.get_max_seq_length())
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    @cached_property
+    def prompts(self) -> EmbeddingPrompts:
+        return prompts_of(self.model.prompts, self.model.default_prompt_name)
+
+    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = self.model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            list(texts), prompt=self.prompts.query if query else self.prompts.document, batch_size=self.batch_size,
+            normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False,
         )
         return vectors.astype(np.float32, copy=False)
 
@@ -127,6 +133,10 @@ class VLLMEmbedder:
     def max_tokens(self) -> int:
         return self.max_seq_length or int(self.llm.model_config.max_model_len)
 
+    @cached_property
+    def prompts(self) -> EmbeddingPrompts:
+        return embedding_prompts(self.path)
+
     def engine_args(self, *, cuda: bool) -> dict[str, Any]:
         """The arguments of `vllm.LLM` on a GPU or on CPU."""
         from tasks.llm import engine_dtype
@@ -160,12 +170,13 @@ class VLLMEmbedder:
     def dimension(self) -> int:
         return int(self.embed(["dimension probe"]).shape[1])
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        prompt = self.prompts.query if query else self.prompts.document  # prepended, as sentence-transformers does
         truncate = {"truncation": True, "max_length": self.max_tokens}
         with self._lock:
-            outputs = self.llm.embed(list(texts), use_tqdm=False, tokenization_kwargs=truncate)
+            outputs = self.llm.embed([prompt + text for text in texts], use_tqdm=False, tokenization_kwargs=truncate)
         vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 

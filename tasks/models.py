@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import ModelError
@@ -49,10 +50,46 @@ def embedding_input_limit(model_path: str) -> int | None:
     return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
 
 
+@dataclass(frozen=True)
+class EmbeddingPrompts:
+    """What an asymmetric embedding model (e5, bge, nomic) is given before every query and every document."""
+
+    query: str = ""
+    document: str = ""
+
+
+def prompts_of(prompts: dict[str, str], default_name: str | None = None) -> EmbeddingPrompts:
+    """The prompts a sentence-transformers model declares, by the names its `encode_query` and
+    `encode_document` look for; where a role has none, the model's default prompt, if any. Empty ones are
+    skipped: sentence-transformers 5+ adds an empty "document" to every model, which hid e5's "passage"."""
+    default = prompts.get(default_name, "") if default_name else ""
+
+    def first(names: tuple[str, ...]) -> str:
+        return next((prompts[name] for name in names if prompts.get(name)), default)
+
+    return EmbeddingPrompts(query=first(("query",)), document=first(("document", "passage", "corpus")))
+
+
+def embedding_prompts(model_path: str) -> EmbeddingPrompts:
+    """The prompts of a model directory (none for MiniLM, or when its directory does not say)."""
+    config = Path(model_path) / "config_sentence_transformers.json"
+    declared = json.loads(config.read_text()) if config.is_file() else {}
+    return prompts_of(declared.get("prompts") or {}, declared.get("default_prompt_name"))
+
+
 def embedding_text_limit(model_name: str) -> int | None:
-    """The most tokens of text the embedding model reads, its markers not counted (MiniLM: 254)."""
-    limit = embedding_input_limit(resolve_embedding_model(model_name))
-    return None if limit is None else limit - ENCODER_MARKERS
+    """The most tokens of a document's text the embedding model reads: its markers and its document
+    prompt not counted (MiniLM: 254)."""
+    path = resolve_embedding_model(model_name)
+    limit = embedding_input_limit(path)
+    if limit is None:
+        return None
+    prompt = embedding_prompts(path).document
+    if not prompt:
+        return limit - ENCODER_MARKERS
+    from tasks.chunking import load_tokenizer
+
+    return limit - ENCODER_MARKERS - len(load_tokenizer(path).encode(prompt, add_special_tokens=False).ids)
 
 
 def require_chunks_fit(chunk_tokens: int, model_name: str) -> None:

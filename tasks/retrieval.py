@@ -84,7 +84,7 @@ class Retriever:
         """One Query API request per text; hybrid prefetches max(top_k, 100) per branch and fuses them."""
         from qdrant_client import models
 
-        dense = self.embedder.embed(list(texts)) if self.mode != RetrievalMode.sparse else None
+        dense = self.embedder.embed(list(texts), query=True) if self.mode != RetrievalMode.sparse else None
         sparse = [self.bm25.query(text) for text in texts] if self.mode != RetrievalMode.dense else None
         if self.mode == RetrievalMode.hybrid:
             fusion = (models.RrfQuery(rrf=models.Rrf(k=RRF_K)) if self.fusion == FusionMethod.rrf

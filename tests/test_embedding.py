@@ -1,10 +1,14 @@
 """Both embedding backends give the same vectors, so an index built with one is queried with the other."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder, vllm_on_gpu
 from tasks.errors import ModelError
+from tasks.models import EmbeddingPrompts, embedding_text_limit, prompts_of, resolve_embedding_model
 from tasks.llm import engine_dtype
 from tasks.settings import EmbeddingBackend
 
@@ -17,18 +21,58 @@ TEXTS = [
     (SAMPLE_CORPUS / "troubleshooting-guide.txt").read_text() * 3,  # far beyond 256 tokens: truncated alike
 ]
 
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+
 
 @pytest.fixture(scope="module")
-def vllm_embedder(tmp_path_factory) -> VLLMEmbedder:
-    return VLLMEmbedder(model_name="all-MiniLM-L6-v2", cache_dir=tmp_path_factory.mktemp("vllm-embed"))
+def prompted_model(tmp_path_factory) -> str:
+    """MiniLM's directory declaring e5's prompts, as an asymmetric model's directory does."""
+    directory = tmp_path_factory.mktemp("prompted") / "minilm-e5"
+    directory.mkdir()
+    for entry in Path(resolve_embedding_model("all-MiniLM-L6-v2")).iterdir():
+        (directory / entry.name).symlink_to(entry)
+    (directory / "config_sentence_transformers.json").unlink()
+    (directory / "config_sentence_transformers.json").write_text(json.dumps({"prompts": E5_PROMPTS}))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def vllm_embedder(tmp_path_factory, prompted_model) -> VLLMEmbedder:
+    """On the prompted MiniLM, so one engine shows the vectors and the prompts alike (the flow tests run
+    vLLM on MiniLM itself)."""
+    return VLLMEmbedder(model_name=prompted_model, cache_dir=tmp_path_factory.mktemp("vllm-embed"))
+
+
+def test_a_models_own_prompts_go_before_queries_and_documents(embedder, prompted_model):
+    """e5 and bge were given queries and passages bare (worse retrieval); the prompts are the model's
+    own, picked by sentence-transformers' names, and the chunk budget leaves room for the document's."""
+    prompted = SentenceTransformerEmbedder(model_name=prompted_model)
+    assert prompted.prompts == EmbeddingPrompts(query="query: ", document="passage: ") and embedder.prompts == EmbeddingPrompts()
+    text = "Calibrate the anemometer every six months."
+    document, query = prompted.embed([text]), prompted.embed([text], query=True)
+    assert np.allclose(document, embedder.embed([f"passage: {text}"]), atol=1e-6)
+    assert np.allclose(query, embedder.embed([f"query: {text}"]), atol=1e-6)
+    assert np.allclose(query, prompted.model.encode_query([text], normalize_embeddings=True), atol=1e-6)
+    assert embedding_text_limit(prompted_model) == 254 - 2 and embedding_text_limit("all-MiniLM-L6-v2") == 254  # "passage", ":"
+
+
+def test_prompts_are_picked_by_role_then_the_models_default():
+    assert prompts_of({"document": "d: ", "passage": "p: ", "query": "q: "}) == EmbeddingPrompts(query="q: ", document="d: ")
+    assert prompts_of({"retrieval": "r: ", "query": "q: "}, "retrieval") == EmbeddingPrompts(query="q: ", document="r: ")
+    assert prompts_of({"retrieval": "r: "}) == EmbeddingPrompts()
+    # sentence-transformers adds {"query": "", "document": ""} to every model; e5's passage prompt still counts.
+    assert prompts_of({"query": "query: ", "document": "", "passage": "passage: "}).document == "passage: "
 
 
 @pytest.mark.slow
-def test_vllm_pooling_gives_the_sentence_transformers_vectors(embedder: SentenceTransformerEmbedder, vllm_embedder):
-    expected, got = embedder.embed(TEXTS), vllm_embedder.embed(TEXTS)
+def test_vllm_pooling_gives_the_sentence_transformers_vectors(vllm_embedder, prompted_model):
+    sentence_transformers = SentenceTransformerEmbedder(model_name=prompted_model)
+    expected, got = sentence_transformers.embed(TEXTS), vllm_embedder.embed(TEXTS)
     assert got.shape == expected.shape == (len(TEXTS), 384) and got.dtype == np.float32
     cosine = (expected * got).sum(axis=1)
     assert cosine.min() >= 0.9999, cosine
+    queries = (sentence_transformers.embed(TEXTS, query=True) * vllm_embedder.embed(TEXTS, query=True)).sum(axis=1)
+    assert queries.min() >= 0.9999, queries  # each role after its prompt, as sentence-transformers puts it
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert vllm_embedder.dimension == 384 and vllm_embedder.embed([]).shape == (0, 384)
     # bfloat16 on CPUs that compute it natively (the fast path), float32 elsewhere: this test holds either to 0.9999.

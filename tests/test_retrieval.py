@@ -17,7 +17,11 @@ class FixedEmbedder:
     model_name = "fixed"
     dimension = 4
 
-    def embed(self, texts):
+    def __init__(self):
+        self.roles: set[bool] = set()  # query=True or False, as asked
+
+    def embed(self, texts, *, query=False):
+        self.roles.add(query)
         return np.array([np.eye(4, dtype=np.float32)[int(t[-1])] + 0.05 for t in texts])
 
 
@@ -27,9 +31,11 @@ def test_dense_retrieval_ranks_filters_and_thresholds():
     vectors = FixedEmbedder().embed([f"text {i}" for i in range(4)])
     chunks = [Chunk(f"d{i}", 0, f"text {i}", 0, 6, None, f"s{i % 2}.md", {}, "h") for i in range(4)]
     write_documents(store, "c", build_points(chunks, vectors, embedding_model="m"), {})
-    retriever = Retriever("c", RetrievalMode.dense, VectorLayout(), embedder=FixedEmbedder())
+    embedder = FixedEmbedder()
+    retriever = Retriever("c", RetrievalMode.dense, VectorLayout(), embedder=embedder)
 
     [hits] = retriever.search(store, ["text 0"], [None], top_k=3)
+    assert embedder.roles == {True}  # questions go in as queries (after an asymmetric model's query prompt)
     assert [h.rank for h in hits] == [1, 2, 3] and hits[0].doc_id == "d0" and hits[0].text == "text 0"
     assert hits[0].score > hits[1].score >= hits[2].score
 
