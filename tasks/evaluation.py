@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import SourceError, first_line
 from tasks.indexing import read_markers
-from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, retrieval_metrics, token_f1
+from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, rank_documents, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
 from tasks.settings import SourceFormat
 from tasks.sources import SourceRow, batched, read_rows, row_id
@@ -33,7 +33,8 @@ from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator, QuarantinedRow
 
 RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
-RANKING_KEPT = 100  # documents per query kept in the per-query output
+RANKING_KEPT = 100  # documents per query kept in the per-query output, and what recall@100 needs ranked
+MAX_DEPTH = 16_000  # chunks a query is deepened to at most, for documents of many chunks
 VALIDATION_BATCH = 1024
 
 
@@ -176,6 +177,25 @@ def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[
     for batch in batched(relevant, VALIDATION_BATCH):
         held.update(read_markers(store, collection, batch))
     return [doc_id for doc_id in relevant if doc_id not in held]
+
+
+def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str], int], list[list[str]]], *,
+                   depth: int) -> dict[str, list[str]]:
+    """Documents per query, ranked by their best chunk among the top `depth` chunks (`search`: texts and
+    a depth in, each text's chunk doc_ids out, best first). A query whose chunks name fewer than
+    RANKING_KEPT documents while the collection has more chunks is searched again twice as deep (up to
+    MAX_DEPTH), so that recall@100 counts 100 documents also where documents have many chunks."""
+    rankings: dict[str, list[str]] = {}
+    pending = list(queries)
+    while pending:
+        results = search([query.text for query in pending], depth)
+        short = []
+        for query, doc_ids in zip(pending, results, strict=True):
+            rankings[query.id] = rank_documents(doc_ids)
+            if len(rankings[query.id]) < RANKING_KEPT and len(doc_ids) == depth < MAX_DEPTH:
+                short.append(query)
+        pending, depth = short, min(2 * depth, MAX_DEPTH)
+    return rankings
 
 
 def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:

@@ -294,8 +294,8 @@ class EvaluateParams(StoreParams):
     fusion: FusionMethod = Field(FusionMethod.rrf, description="Fusion for hybrid retrieval: rrf (reciprocal rank, k=60) or dbsf.")
     depth: int = Field(
         300, ge=100, le=2000,
-        description="Chunks retrieved per query (and per branch of hybrid) before they are mapped to documents, "
-        "enough for 100 distinct documents.",
+        description="Chunks retrieved per query (and per branch of hybrid) before they are mapped to documents; a query "
+        "whose chunks name fewer than 100 documents is searched again twice as deep (up to 16,000).",
     )
     answers: Path | None = Field(None, description="Answers Parquet of `ragbatch answer` on this dataset: adds answer metrics.")
     out: OutputFile = Field(None, description="Per-query Parquet output; the summary JSON goes beside it. Default: the run directory.")

@@ -13,7 +13,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import evaluation, indexing, ingest, metrics
+from tasks import evaluation, indexing, ingest
 from tasks.answering import Pending, build_prompts, generate_part, retrieve_part
 from tasks.chunking import Chunk, TokenChunker
 from tasks.evaluation import EvalQuery
@@ -151,6 +151,7 @@ def write(checkpoint: AnswerCheckpoint, rows: list[dict]) -> None:
 
 @task(name="rank-documents", **STEP, **STORE_RETRIES)
 def rank_documents(queries: list[EvalQuery], store: QdrantStore, retriever: Retriever, *, depth: int) -> dict[str, list[str]]:
-    """Documents per query, ranked by their best chunk among the top `depth` chunks."""
-    results = retriever.search(store, [query.text for query in queries], [None] * len(queries), top_k=depth)
-    return {query.id: metrics.rank_documents([hit.doc_id for hit in hits]) for query, hits in zip(queries, results, strict=True)}
+    def search(texts: list[str], top_k: int) -> list[list[str]]:
+        return [[hit.doc_id for hit in hits] for hits in retriever.search(store, texts, [None] * len(texts), top_k=top_k)]
+
+    return evaluation.document_rankings(queries, search, depth=depth)

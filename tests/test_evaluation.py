@@ -6,8 +6,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import steps
+from tasks.chunking import Chunk
 from tasks.errors import SourceError
-from tasks.evaluation import EvalQuery, add_answer_metrics, check_measurable, load_dataset, query_rows, summarize, write_outputs
+from tasks.evaluation import (EvalQuery, add_answer_metrics, check_measurable, document_rankings, load_dataset, query_rows,
+                              summarize, write_outputs)
+from tasks.indexing import build_points, write_documents
+from tasks.ingest import LAYOUTS
+from tasks.retrieval import Retriever
+from tasks.settings import RetrievalMode
+from tasks.sparse import Bm25
+from tasks.store import QdrantStore
 from tasks.outputs import ANSWER_SCHEMA
 
 from .conftest import ROOT
@@ -248,3 +257,29 @@ def test_answer_metrics(tmp_path):
     assert report.cited_relevant == 0.5  # a cites x (relevant); b cites z (not)
     with pytest.raises(SourceError, match="not an answers Parquet"):
         add_answer_metrics(rows, queries, ROOT / "data" / "questions.jsonl")
+
+
+def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
+    """Documents of many chunks: 300 chunks held 75 documents, and recall@100 was measured on 75."""
+    store = QdrantStore.connect(":memory:")
+    layout = LAYOUTS[RetrievalMode.sparse]
+    store.create_collection("c", dimension=4, metadata={}, layout=layout)
+    # A document's chunks score alike and above the next document's (more "probe" in as many terms).
+    chunks = [Chunk(f"d{doc}", part, text, 0, len(text), None, "s.md", {}, "h")
+              for doc in range(150) for part in range(4)
+              for text in [f"gauge{doc} part{part} " + "probe " * (doc + 1) + "filler " * (150 - doc)]]
+    bm25 = Bm25(avgdl=153.0)
+    write_documents(store, "c", build_points(chunks, None, embedding_model="", layout=layout, bm25=bm25), {})
+    retriever = Retriever("c", RetrievalMode.sparse, layout, bm25=bm25)
+    queries = [EvalQuery("q", "probe", {"d0": 1}), EvalQuery("r", "gauge7", {"d7": 1})]
+    searched = []
+
+    def search(query_texts, depth):
+        searched.append((query_texts, depth))
+        return [[hit.doc_id for hit in hits] for hits in retriever.search(store, query_texts, [None] * len(query_texts), top_k=depth)]
+
+    rankings = document_rankings(queries, search, depth=300)
+    assert rankings["q"] == [f"d{doc}" for doc in reversed(range(150))] and rankings["r"] == ["d7"]
+    assert searched == [(["probe", "gauge7"], 300), (["probe"], 600)]  # 75 documents in 300 chunks; "r" had all of its
+    assert steps.rank_documents.fn(queries, store, retriever, depth=300) == rankings
+    store.close()
