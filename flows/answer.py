@@ -42,10 +42,10 @@ def answer(params: AnswerParams) -> AnswerReport:
     # behind another into the same output then resumes the finished output instead of refusing. With a
     # Qdrant server there is no slot to queue on, and the second run refuses at once.
     with exclusive(params.store, params.collection, writes=False), OutputLock(params.data_dir, params.out):
-        report, table = _answer(params, rows, template, run_id)
+        report, head = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")
-    create_markdown_artifact(sample_markdown(table, limit=5), key=artifact_key("answer-sample", params.collection),
+    create_markdown_artifact(sample_markdown(head, limit=5), key=artifact_key("answer-sample", params.collection),
                              description="First answers with their sources")
     get_run_logger().info("answer finished: %s", report.model_dump_json())
     return report
@@ -58,12 +58,12 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
                                    embed_batch_size=params.embed_batch_size, backend=params.embedding_backend,
                                    data_dir=params.data_dir, gpu_share=params.embedding_gpu_share)
+        settings = answer_settings(params, template, physical_collection=store.resolve(params.collection))
+        checkpoint = AnswerCheckpoint(params.out, settings=settings, replace_output=params.overwrite)
+        checkpoint.prepare()  # before the engine starts: an unusable --out fails here
+        answered = checkpoint.answered()
         generator, chat_format = open_generator(params)
         sampling = sampling_config(params)
-        checkpoint = AnswerCheckpoint(params.out, settings=answer_settings(params, template))
-        if params.overwrite:
-            checkpoint.reset()
-        done = checkpoint.done_ids()
         validator = DocumentValidator(max_chars=params.max_question_chars, text_label="question")
 
         @cache
@@ -82,7 +82,8 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
                 question_ids += (row.doc_id for row in valid)
-                part = [Pending(to_question(row)) for row in valid if row.doc_id not in done]
+                questions = [to_question(row) for row in valid]
+                part = [Pending(question) for question in questions if answered.get(question.id) != question.digest]
                 report.questions += len(batch)
                 report.quarantined += len(rejected)
                 report.resumed += len(valid) - len(part)
@@ -105,14 +106,13 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         if not report.questions:
             raise SourceError(f"{params.questions}: no questions found; nothing was answered")
         report.quarantine_path = str(quarantine_path)
-        table = checkpoint.finalize(question_ids)
+        merged = checkpoint.finalize(question_ids)
     finally:
         store.close()
-    errors = table.column("error").to_pylist()
-    report.failed = sum(e is not None for e in errors)
-    report.answered = len(errors) - report.failed
+    report.failed = merged.failed
+    report.answered = merged.rows - merged.failed
     generated = report.questions - report.quarantined - report.resumed
     if report.generate_seconds:
         report.prompts_per_s = round(generated / report.generate_seconds, 2)
         report.output_tokens_per_s = round(report.output_tokens / report.generate_seconds, 1)
-    return report, table
+    return report, merged.head

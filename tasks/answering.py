@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from tasks.llm import Completion, Generator, SamplingConfig
 from tasks.prompts import Prompt, PromptBuilder, PromptTooLong, find_citations
-from tasks.questions import Question
+from tasks.questions import Question, filter_json
 from tasks.retrieval import Hit, InvalidFilter, Retriever, build_filter
 from tasks.store import QdrantStore
 
@@ -123,6 +123,7 @@ def answer_rows(
             {
                 "question_id": item.question.id,
                 "question": item.question.text,
+                "filter": filter_json(item.question.filter),
                 "answer": completion.text.strip() if completion else None,
                 "error": item.error,
                 "contexts": [

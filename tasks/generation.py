@@ -21,10 +21,11 @@ def sampling_config(params: AnswerParams) -> SamplingConfig:
                           seed=params.seed, stop=tuple(params.stop))
 
 
-def answer_settings(params: AnswerParams, template: str) -> dict[str, Any]:
-    """What shapes a run's answers, recorded with them: a resumed run must have the same (AnswerCheckpoint)."""
+def answer_settings(params: AnswerParams, template: str, *, physical_collection: str | None) -> dict[str, Any]:
+    """What shapes a run's answers, recorded with them: a resumed run must have the same (AnswerCheckpoint).
+    The physical collection changes with every rebuild (and so with the embedding model)."""
     return {
-        "collection": params.collection, "llm_model": params.llm_model,
+        "collection": params.collection, "physical_collection": physical_collection, "llm_model": params.llm_model,
         "prompt_template": hashlib.sha256(template.encode()).hexdigest()[:16],
         "top_k": params.top_k, "score_threshold": params.score_threshold, "retrieval": params.retrieval.value,
         "fusion": params.fusion.value, "sampling": dataclasses.asdict(sampling_config(params)),

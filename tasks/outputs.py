@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
+import glob
 import json
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.disk import no_space_is_one_line, write_whole
-from tasks.errors import RagbatchError
+from tasks.errors import RagbatchError, first_line
+from tasks.questions import question_digest
 from tasks.validation import QuarantinedRow
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -103,6 +111,7 @@ ANSWER_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
         pa.field("question", pa.string(), nullable=False),
+        pa.field("filter", pa.string()),  # the question's filter as JSON (sorted keys), if any
         pa.field("answer", pa.string()),
         pa.field("error", pa.string()),
         pa.field("contexts", pa.list_(CONTEXT_TYPE), nullable=False),
@@ -122,43 +131,69 @@ ANSWER_SCHEMA = pa.schema(
 
 
 class ResumeMismatch(RagbatchError):
-    """An output or its parts hold answers made with other settings than this run's."""
+    """An output or its parts hold answers made with other settings than this run's, or are no answers file."""
 
 
 SETTINGS_KEY = b"ragbatch.answer_settings"
+OUTPUT_ROW_GROUP = 1024  # rows per row group of the merged output: what its merge holds in memory per source
+LOADED_ROW_GROUPS = 4  # row groups the merge keeps read: enough for the earlier output and the parts taking turns
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """The merged output: its rows, how many of them are errors, and its first rows for a quick look."""
+
+    rows: int
+    failed: int
+    head: pa.Table
 
 
 class AnswerCheckpoint:
     """Answer rows checkpointed as Parquet parts beside the output, so a re-run skips finished questions.
 
     Each part is written to a temporary name and renamed, so a killed process never leaves half a
-    part. `finalize` writes the output with each question exactly once (also atomically). Parts and
-    output record `settings`, what shaped the answers (model, prompt, retrieval, sampling); a run with
-    other settings refuses to resume them rather than mix answers of both in one file.
+    part. `finalize` writes the output with each question exactly once (also atomically), streaming.
+    Parts and output record `settings`, what shaped the answers (model, prompt, retrieval, sampling); a
+    run with other settings refuses to resume them rather than mix answers of both in one file. A row
+    counts as done for its question only while the question, its filter and references are unchanged.
+    `replace_output` (--overwrite) ignores the earlier output, which the merged one replaces at the end.
     """
 
-    def __init__(self, output: Path, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, output: Path, settings: dict[str, Any] | None = None, *, replace_output: bool = False) -> None:
         self.output = Path(output)
         self.parts_dir = self.output.with_name(self.output.name + ".parts")
+        self.replace_output = replace_output
         recorded = json.dumps(settings or {}, sort_keys=True)
         self.settings = json.loads(recorded)  # as read back: tuples are lists
         self._schema = ANSWER_SCHEMA.with_metadata({SETTINGS_KEY: recorded})
 
-    def reset(self) -> None:
-        """Forget earlier results (the --overwrite case)."""
-        self.reset_parts()
-        self.output.unlink(missing_ok=True)
+    def prepare(self) -> None:
+        """Make the parts directory and try a write there (beside the output) before any answer is made:
+        an unusable --out fails the run at its start, not after the engine start and a part's answers.
+        With `replace_output`, earlier parts go first."""
+        if self.replace_output:
+            self.reset_parts()
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.parts_dir, suffix=".tmp"):
+                pass
+        except OSError as exc:
+            raise ResumeMismatch(f"{self.output}: cannot write answers there ({exc.strerror or exc})") from None
 
-    def done_ids(self) -> set[str]:
-        """Question ids already answered (or failed) in earlier parts or an earlier final output."""
-        done: set[str] = set()
-        for path in [*self._parts(), *([self.output] if self.output.exists() else [])]:
+    def answered(self) -> dict[str, bytes]:
+        """Per question id answered (or failed) in earlier parts or output: the digest of the question
+        that row answered (`Question.digest`); a later row of an id replaces an earlier one."""
+        answered: dict[str, bytes] = {}
+        for path in self._sources():
             self._require_same_settings(path)
-            done.update(pq.read_table(path, columns=["question_id"]).column("question_id").to_pylist())
-        return done
+            for batch in self._batches(path, ["question_id", "question", "filter", "reference_answers"]):
+                for question_id, text, filter_text, references in zip(*(column.to_pylist() for column in batch.columns)):
+                    answered[question_id] = question_digest(text, filter_text, references)
+        return answered
 
     def _require_same_settings(self, path: Path) -> None:
-        recorded = (pq.read_schema(path).metadata or {}).get(SETTINGS_KEY)
+        with self._reading(path):
+            recorded = (pq.read_schema(path).metadata or {}).get(SETTINGS_KEY)
         if recorded is None:
             return  # written before settings were recorded
         earlier = json.loads(recorded)
@@ -179,33 +214,102 @@ class AnswerCheckpoint:
             write_whole(path, lambda temporary: pq.write_table(table, temporary))
         return path
 
-    def finalize(self, question_ids: Sequence[str]) -> pa.Table:
+    def finalize(self, question_ids: Sequence[str]) -> Finalized:
         """Merge the earlier output and all parts into the output: one row per id of `question_ids` (the
-        run's questions), in that order. Rows of other ids, questions since removed from the set or now
-        quarantined, are dropped, so the output answers exactly the questions the run counted."""
+        run's questions), in that order, each id's latest row. Rows of other ids, questions since removed
+        from the set or now quarantined, are dropped, so the output answers exactly the questions the run
+        counted. Streams: memory holds a few row groups, not the output."""
         position = {question_id: index for index, question_id in enumerate(question_ids)}
-        sources = ([self.output] if self.output.exists() else []) + self._parts()
-        tables = [pq.read_table(path, schema=ANSWER_SCHEMA) for path in sources]
-        table = pa.concat_tables(tables) if tables else ANSWER_SCHEMA.empty_table()
-        first_row: dict[str, int] = {}
-        for index, question_id in enumerate(table.column("question_id").to_pylist()):
-            if question_id in position:
-                first_row.setdefault(question_id, index)
-        keep = [first_row[question_id] for question_id in sorted(first_row, key=position.__getitem__)]
-        table = table.take(pa.array(keep, type=pa.int64()))  # typed: an empty list would be a null array
-        table = table.replace_schema_metadata(self._schema.metadata)
+        sources = self._sources()
+        latest: dict[str, tuple[int, int]] = {}  # question id -> (source, row)
+        for source, path in enumerate(sources):
+            row = 0
+            for batch in self._batches(path, ["question_id"]):
+                for question_id in batch.column(0).to_pylist():
+                    if question_id in position:
+                        latest[question_id] = (source, row)
+                    row += 1
+        locations = [latest[question_id] for question_id in sorted(latest, key=position.__getitem__)]
+        for stale in self.output.parent.glob(f"{glob.escape(self.output.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a merge killed mid-write; this run holds the output's lock
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        merged: list[Finalized] = []
+
+        def write(temporary: Path) -> None:
+            rows = failed = 0
+            head = self._schema.empty_table()
+            with pq.ParquetWriter(temporary, self._schema) as writer:
+                for table in self._rows_at(sources, locations):
+                    writer.write_table(table, row_group_size=OUTPUT_ROW_GROUP)
+                    head = head if rows else table.slice(0, 5)
+                    rows += table.num_rows
+                    failed += table.num_rows - table.column("error").null_count
+            merged.append(Finalized(rows, failed, head))
+
         with no_space_is_one_line(self.output.parent, f"writing {self.output.name} (every answer is kept in its parts)"):
-            write_whole(self.output, lambda temporary: pq.write_table(table, temporary))
+            write_whole(self.output, write)
         self.reset_parts()
-        return table
+        return merged[0]
+
+    def _rows_at(self, sources: list[Path], locations: list[tuple[int, int]]) -> Iterator[pa.Table]:
+        """The rows at `locations` ((source, row) pairs) in that order, OUTPUT_ROW_GROUP at a time, read a
+        row group at a time with the last LOADED_ROW_GROUPS kept."""
+        firsts: dict[int, list[int]] = {}  # per source, the first row of each of its row groups
+        loaded: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+
+        def row_group(source: int, row: int) -> tuple[pa.Table, int]:
+            if source not in firsts:
+                with self._reading(sources[source]):
+                    metadata = pq.ParquetFile(sources[source]).metadata
+                firsts[source] = list(accumulate((metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
+                                                 initial=0))[:-1]
+            group = bisect.bisect_right(firsts[source], row) - 1
+            if (source, group) not in loaded:
+                with self._reading(sources[source]):
+                    table = pq.ParquetFile(sources[source]).read_row_group(group)
+                    loaded[source, group] = table.select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
+                if len(loaded) > LOADED_ROW_GROUPS:
+                    loaded.popitem(last=False)
+            loaded.move_to_end((source, group))
+            return loaded[source, group], row - firsts[source][group]
+
+        for start in range(0, len(locations), OUTPUT_ROW_GROUP):
+            pieces, take, current = [], [], None
+            for source, row in locations[start:start + OUTPUT_ROW_GROUP]:
+                table, index = row_group(source, row)
+                if table is not current and take:
+                    pieces.append(current.take(pa.array(take, type=pa.int64())))
+                    take = []
+                current = table
+                take.append(index)
+            if take:
+                pieces.append(current.take(pa.array(take, type=pa.int64())))
+            yield pa.concat_tables(pieces)
 
     def reset_parts(self) -> None:
         """Remove the parts directory, with any temporary file a killed write left in it."""
         shutil.rmtree(self.parts_dir, ignore_errors=not self.parts_dir.exists())
 
+    def _sources(self) -> list[Path]:
+        """The earlier output (unless replaced) and the parts, oldest first."""
+        earlier = [self.output] if self.output.exists() and not self.replace_output else []
+        return earlier + self._parts()
+
     def _parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.exists() else []
+
+    def _batches(self, path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        with self._reading(path):
+            yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=8192)
+
+    @contextmanager
+    def _reading(self, path: Path) -> Iterator[None]:
+        """A file at --out (or among its parts) that is no answers file is one line, not a traceback."""
+        try:
+            yield
+        except (OSError, pa.ArrowException) as exc:
+            raise ResumeMismatch(f"{path}: not an answers file of `ragbatch answer` ({first_line(exc)}); "
+                                 "give another --out, or --overwrite to replace it") from None
 
 
 def artifact_key(kind: str, collection: str) -> str:

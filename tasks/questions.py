@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,22 @@ class Question:
     reference_answers: list[str] = field(default_factory=list)
     filter: dict[str, Any] | None = None
 
+    @property
+    def digest(self) -> bytes:
+        """What an answer row answered; a question edited since is answered again on resume."""
+        return question_digest(self.text, filter_json(self.filter), self.reference_answers)
+
+
+def filter_json(query_filter: dict[str, Any] | None) -> str | None:
+    """A question's filter as its output row records it: JSON with sorted keys, or None."""
+    return None if query_filter is None else json.dumps(query_filter, sort_keys=True, ensure_ascii=False)
+
+
+def question_digest(text: str, filter_text: str | None, references: Sequence[str]) -> bytes:
+    """The question, filter and references of an answer row, in 16 bytes (one per question in memory)."""
+    encoded = json.dumps([text, filter_text, list(references)], ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
 
 def to_question(row: SourceRow) -> Question:
     """Read references and the filter from a validated row's extra columns."""
@@ -33,8 +51,6 @@ def to_question(row: SourceRow) -> Question:
             references = [str(v) for v in value if v is not None] if isinstance(value, list) else [str(value)]
             break
     query_filter = json_cell(row.metadata.get("filter"))
-    if isinstance(query_filter, dict):  # a Parquet struct has every row's keys, null where a row has none
-        query_filter = {key: value for key, value in query_filter.items() if value is not None}
     return Question(row.doc_id, row.text, row.locator, references, query_filter if query_filter not in ("", None, {}) else None)
 
 

@@ -261,7 +261,7 @@ class AnswerParams(StoreParams, EngineParams):
         "query embedding engine, which runs beside the generator.",
     )
     max_question_chars: int = Field(MAX_QUESTION_CHARS, ge=1, description="Longer questions are quarantined.")
-    overwrite: bool = Field(False, description="Discard earlier results at the output path instead of resuming.")
+    overwrite: bool = Field(False, description="Answer every question again instead of resuming; the output is replaced when the run ends.")
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
     retrieval: RetrievalMode = Field(RetrievalMode.hybrid, description="Retrieval: dense, sparse (BM25) or hybrid (both, fused).")
     fusion: FusionMethod = Field(FusionMethod.rrf, description="Fusion for hybrid retrieval: rrf (reciprocal rank, k=60) or dbsf.")
@@ -270,6 +270,8 @@ class AnswerParams(StoreParams, EngineParams):
     def _default_out(self) -> "AnswerParams":
         if self.out is None:
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
+        if self.out.absolute() == self.questions.absolute():  # --overwrite deleted the question set
+            raise ValueError(f"out is the questions file {self.questions}; give the answers another file")
         return self
 
     @model_validator(mode="after")

@@ -387,6 +387,7 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
 
 
 def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     name = path.name
@@ -396,11 +397,21 @@ def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     id_column = _id_column(parquet.schema_arrow.names, path)
     _require_text(parquet.schema_arrow.names, path, text_column)
+    structs = [field.name for field in parquet.schema_arrow if pa.types.is_struct(field.type)]
     number = 0
     for record_batch in parquet.iter_batches(batch_size=1024):
         for record in record_batch.to_pylist():
             number += 1
+            for column in structs:
+                record[column] = _set_fields(record[column])
             yield _table_row(f"{name}:row {number}", name, record, id_column, text_column)
+
+
+def _set_fields(value: Any) -> Any:
+    """A Parquet struct has every row's keys, null where a row has none: only the keys a row sets."""
+    if isinstance(value, dict):
+        return {key: _set_fields(item) for key, item in value.items() if item is not None}
+    return value
 
 
 @contextmanager

@@ -113,11 +113,18 @@ def test_a_completed_output_is_not_generated_again(params, tmp_path):
     lines = [json.loads(line) for line in questions.read_text().splitlines()]
     lines = [{"id": "new", "question": "How do I clean a rain gauge?"}] + [q for q in lines if q["id"] != "q02"]
     lines[[q["id"] for q in lines].index("q05")]["question"] = "Why " + "really " * 5000 + "?"
+    # q03 reworded and q04 given a filter since: answered again (resume matched by id alone kept both old answers)
+    lines[[q["id"] for q in lines].index("q03")]["question"] += " Please be brief."
+    lines[[q["id"] for q in lines].index("q04")]["filter"] = {"source": "troubleshooting-guide.txt"}
     questions.write_text("".join(json.dumps(q) + "\n" for q in lines))
     edited = answer(params(questions))
-    assert (edited.questions, edited.quarantined, edited.resumed) == (24, 1, 22)
+    assert (edited.questions, edited.quarantined, edited.resumed) == (24, 1, 20)
     assert edited.answered + edited.failed + edited.quarantined == edited.questions
-    assert pq.read_table(edited.output).column("question_id").to_pylist() == [q["id"] for q in lines if q["id"] != "q05"]
+    table = pq.read_table(edited.output)
+    assert table.column("question_id").to_pylist() == [q["id"] for q in lines if q["id"] != "q05"]
+    rows = {row["question_id"]: row for row in table.to_pylist()}
+    assert rows["q03"]["question"].endswith("Please be brief.") and rows["q04"]["filter"] == '{"source": "troubleshooting-guide.txt"}'
+    assert {c["source"] for c in rows["q04"]["contexts"]} <= {"troubleshooting-guide.txt"}
     with pytest.raises(RagbatchError, match=r"answers.parquet: holds answers made with other settings \(sampling, top_k\); "):
         answer(params(questions, top_k=2, max_tokens=MAX_TOKENS + 1))
     # The context length decides which passages fit beside a question: answers of two would be mixed.

@@ -64,6 +64,8 @@ ERROR_CASES = [
     (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
     (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory; name a Parquet file"),
     (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory"),
+    (["answer", "{tmp}/q.parquet", "--collection", "x", "--out", "{tmp}/q.parquet", "--overwrite"],  # deleted the question set
+     "out is the questions file {tmp}/q.parquet; give the answers another file"),
     (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--answers", "{tmp}/a.parquet", "--out", "{tmp}/a.parquet"],
      "out is the answers file {tmp}/a.parquet; give the metrics another file"),
 ]

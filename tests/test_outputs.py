@@ -1,8 +1,10 @@
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
+import pytest
 
-from tasks.outputs import ANSWER_SCHEMA, AnswerCheckpoint, artifact_key, sample_markdown
+from tasks.outputs import ANSWER_SCHEMA, OUTPUT_ROW_GROUP, AnswerCheckpoint, ResumeMismatch, artifact_key, sample_markdown
+from tasks.questions import Question
 
 
 def row(question_id: str, answer: str | None = "an answer", error: str | None = None) -> dict:
@@ -21,18 +23,33 @@ def test_parts_are_resumable_and_final_output_has_each_question_once(tmp_path):
     out = tmp_path / "answers.parquet"
     first = AnswerCheckpoint(out)
     first.write_part([row("q1"), row("q2")])
-    assert first.done_ids() == {"q1", "q2"}
+    assert set(first.answered()) == {"q1", "q2"}
     assert not list(first.parts_dir.glob("*.tmp"))
 
-    again = AnswerCheckpoint(out)  # a re-run after a crash
-    again.write_part([row("q2", answer="duplicate from an overlapping re-run"), row("q3", answer=None, error="boom")])
-    table = again.finalize(["q1", "q2", "q3"])
+    again = AnswerCheckpoint(out)  # a re-run after a crash, on a set where q2 was edited since
+    again.write_part([dict(row("q2", answer="the edited question's answer"), question="question q2, edited?"),
+                      row("q3", answer=None, error="boom")])
+    merged = again.finalize(["q1", "q2", "q3"])
+    assert (merged.rows, merged.failed) == (3, 1) and merged.head.column("question_id").to_pylist() == ["q1", "q2", "q3"]
+    table = pq.read_table(out)
     assert table.schema.equals(ANSWER_SCHEMA)
     assert table.column("question_id").to_pylist() == ["q1", "q2", "q3"]
-    assert table.column("answer").to_pylist()[1] == "an answer"
+    assert table.column("answer").to_pylist()[1] == "the edited question's answer"  # an id's latest row
     assert not again.parts_dir.exists()
-    assert pq.read_table(out).num_rows == 3
-    assert AnswerCheckpoint(out).done_ids() == {"q1", "q2", "q3"}
+    assert set(AnswerCheckpoint(out).answered()) == {"q1", "q2", "q3"}
+
+
+def test_a_question_edited_since_its_answer_is_answered_again(tmp_path):
+    """Resume matched by id alone: a fixed filter or another question set with the same ids kept the old
+    answers, reported as resumed."""
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    checkpoint.write_part([row("q1"), dict(row("q2"), filter='{"source": "a.md"}', reference_answers=["yes"])])
+    answered = checkpoint.answered()
+    assert answered["q1"] == Question("q1", "question q1?", "l").digest
+    assert answered["q2"] == Question("q2", "question q2?", "l", ["yes"], {"source": "a.md"}).digest
+    for edited in (Question("q1", "question q1, edited?", "l"), Question("q1", "question q1?", "l", ["new"]),
+                   Question("q2", "question q2?", "l", ["yes"], {"source": "b.md"}), Question("q2", "question q2?", "l", ["yes"])):
+        assert answered[edited.id] != edited.digest, edited
 
 
 def test_the_output_answers_the_runs_questions_in_their_order(tmp_path):
@@ -42,47 +59,82 @@ def test_the_output_answers_the_runs_questions_in_their_order(tmp_path):
     checkpoint.write_part([row("q1"), row("q2"), row("q3")])
     checkpoint.finalize(["q1", "q2", "q3"])
     checkpoint.write_part([row("q0")])  # the resumed run, on a set that now starts with q0 and lost q2
-    table = checkpoint.finalize(["q0", "q1", "q3"])
-    assert table.column("question_id").to_pylist() == ["q0", "q1", "q3"] == pq.read_table(checkpoint.output).column("question_id").to_pylist()
+    checkpoint.finalize(["q0", "q1", "q3"])
+    assert pq.read_table(checkpoint.output).column("question_id").to_pylist() == ["q0", "q1", "q3"]
+
+
+def test_a_large_output_is_merged_in_row_groups_in_the_questions_order(tmp_path):
+    """The merge held the earlier output and every part in memory at once (about 15 KiB per question)."""
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    ids = [f"q{i}" for i in range(3000)]
+    for start in range(0, 3000, 500):
+        checkpoint.write_part([row(question_id) for question_id in ids[start:start + 500]])
+    assert checkpoint.finalize(ids).rows == 3000
+    edited = ["q2999", "q10", "q1500"]  # a resumed run answers these again, in this order, and a new one
+    checkpoint.write_part([dict(row(question_id, answer="new"), question="edited?") for question_id in edited] + [row("new")])
+    order = ["new"] + ids[::-1]
+    merged = checkpoint.finalize(order)
+    table = pq.read_table(checkpoint.output)
+    assert merged.rows == table.num_rows == 3001 and table.column("question_id").to_pylist() == order
+    answers = dict(zip(table.column("question_id").to_pylist(), table.column("answer").to_pylist()))
+    assert [answers[question_id] for question_id in edited] == ["new"] * 3 and answers["q11"] == "an answer"
+    metadata = pq.ParquetFile(checkpoint.output).metadata
+    assert max(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)) <= OUTPUT_ROW_GROUP
 
 
 def test_a_run_with_other_settings_refuses_to_resume_answers_made_with_these(tmp_path):
     """Resumed with another model or sampling, a run kept the old answers beside new ones in one file."""
-    import pytest
-
-    from tasks.outputs import ResumeMismatch
-
     settings = {"llm_model": "m", "top_k": 4, "sampling": {"max_tokens": 8, "stop": ("\n",)}}
     first = AnswerCheckpoint(tmp_path / "a.parquet", settings=settings)
     first.write_part([row("q1")])
-    assert AnswerCheckpoint(tmp_path / "a.parquet", settings=settings).done_ids() == {"q1"}
+    assert set(AnswerCheckpoint(tmp_path / "a.parquet", settings=settings).answered()) == {"q1"}
     changed = {**settings, "llm_model": "other", "sampling": {"max_tokens": 16, "stop": ("\n",)}}
     with pytest.raises(ResumeMismatch) as refused:
-        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).done_ids()
+        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).answered()
     assert str(refused.value) == (f"{tmp_path / 'a.parquet'}: holds answers made with other settings (llm_model, sampling); "
                                   "--overwrite replaces them, or give another --out")
     first.finalize(["q1"])  # the merged output records them too
     with pytest.raises(ResumeMismatch):
-        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).done_ids()
+        AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).answered()
 
 
-def test_reset_discards_earlier_results(tmp_path):
-    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+def test_overwrite_keeps_the_earlier_output_until_the_new_one_replaces_it(tmp_path):
+    """--overwrite deleted the output at the start: a run that then failed (engine start, server) lost it."""
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet", settings={"llm_model": "m"})
     checkpoint.write_part([row("q1")])
     checkpoint.finalize(["q1"])
     checkpoint.write_part([row("q2")])
     (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")  # a write that was killed
-    checkpoint.reset()
-    assert checkpoint.done_ids() == set() and not checkpoint.output.exists() and not checkpoint.parts_dir.exists()
+    replacing = AnswerCheckpoint(tmp_path / "a.parquet", settings={"llm_model": "other"}, replace_output=True)
+    replacing.prepare()
+    assert replacing.answered() == {} and not replacing._parts()
+    assert pq.read_table(checkpoint.output).column("question_id").to_pylist() == ["q1"]  # still there
+    replacing.write_part([row("q3")])
+    replacing.finalize(["q3"])
+    assert pq.read_table(checkpoint.output).column("question_id").to_pylist() == ["q3"]
+
+
+def test_an_unusable_out_fails_before_any_answer_and_a_non_answers_file_in_one_line(tmp_path):
+    """A file where --out's directory should be failed after the engine start and a part of answers;
+    a question set given as --out was a pyarrow traceback."""
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(ResumeMismatch, match=r"results/a.parquet: cannot write answers there \(Not a directory\)$"):
+        AnswerCheckpoint(tmp_path / "results" / "a.parquet").prepare()
+    (tmp_path / "q.parquet").write_bytes(b'{"id": 1, "question": "Q?"}\n')
+    with pytest.raises(ResumeMismatch, match=r"q.parquet: not an answers file of `ragbatch answer` \(.*\); give another --out, or "
+                                             r"--overwrite to replace it$"):
+        AnswerCheckpoint(tmp_path / "q.parquet").answered()
 
 
 def test_a_part_left_half_written_by_a_killed_run_is_ignored_and_removed(tmp_path):
-    """The next run's final merge ended in a traceback ("Directory not empty"), and --overwrite too."""
+    """The next run's final merge ended in a traceback ("Directory not empty"), and --overwrite too; a
+    merge killed mid-write left its full-size temporary beside the output for good."""
     checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
     checkpoint.write_part([row("q1")])
     (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")
-    assert checkpoint.done_ids() == {"q1"}
-    assert checkpoint.finalize(["q1"]).column("question_id").to_pylist() == ["q1"]
+    (tmp_path / "a.parquet.4242-0badcafe.tmp").write_bytes(b"half a merged output")
+    assert set(checkpoint.answered()) == {"q1"}
+    assert checkpoint.finalize(["q1"]).rows == 1
     assert not checkpoint.parts_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
