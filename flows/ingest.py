@@ -18,10 +18,10 @@ from tasks.child_process import end_descendants_with_this_process
 from tasks.chunking import TokenChunker, load_tokenizer
 from tasks.concurrency import exclusive
 from tasks.indexing import index_fingerprint
-from tasks.ingest import IngestReport, Target, check_quarantine_share, finish_rebuild, prepare_target
+from tasks.ingest import IngestReport, Target, check_quarantine_share, check_rebuild_complete, finish_rebuild, prepare_target
 from tasks.locks import CollectionLock
 from tasks.memory import fix_mmap_threshold
-from tasks.models import embedding_text_limit, require_chunks_fit, resolve_embedding_model
+from tasks.models import embedding_prompts, embedding_text_limit, require_chunks_fit, resolve_embedding_model
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
@@ -65,7 +65,8 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         )
         bm25 = None
         fingerprint = index_fingerprint(
-            embedding_model=params.embedding_model, chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap
+            embedding_model=params.embedding_model, chunk_tokens=params.chunk_tokens, chunk_overlap=params.chunk_overlap,
+            document_prompt=embedding_prompts(resolve_embedding_model(params.embedding_model)).document,
         )
         validator = DocumentValidator(max_chars=params.max_chars)
 
@@ -109,6 +110,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
+        check_rebuild_complete(target, report.unidentified, str(params.source))
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids, unidentified=report.unidentified)
         store.optimize(target.collection)
         if target.is_rebuild:

@@ -113,6 +113,7 @@ class TokenChunker:
         for i, encoding in zip(at_risk, encodings, strict=True):
             offsets = title_offsets[chunks[i].title]
             room = max(0, self.model_tokens - TITLE_SEPARATOR_TOKENS - len(encoding.ids))
-            if len(offsets) > room:
-                chunks[i] = replace(chunks[i], embedded_title=chunks[i].title[: offsets[room - 1][1]] if room else "")
+            if len(offsets) > room:  # cut where the first token past the room starts: a byte-level BPE token
+                # can be part of a character, whose other tokens would otherwise come along
+                chunks[i] = replace(chunks[i], embedded_title=chunks[i].title[: offsets[room][0]].rstrip())
         return chunks

@@ -15,7 +15,8 @@ import numpy as np
 from tasks.child_process import end_descendants_with_this_process
 from tasks.errors import ModelError, first_line
 from tasks.locks import gpu_start_lock, waiting_for
-from tasks.models import EmbeddingPrompts, embedding_input_limit, embedding_prompts, prompts_of, resolve_embedding_model
+from tasks.models import (EmbeddingPrompts, embedding_input_limit, embedding_prompts, pools_its_prompt, prompts_of,
+                          resolve_embedding_model)
 from tasks.settings import EmbeddingBackend
 
 
@@ -153,6 +154,9 @@ class VLLMEmbedder:
     def llm(self):
         from tasks.llm import has_cuda, vllm_environment
 
+        if self.prompts != EmbeddingPrompts() and not pools_its_prompt(self.path):
+            raise ModelError(f"{self.model_name} leaves its prompt out of its pooling, which vLLM cannot: its vectors "
+                             f"would differ; use the {EmbeddingBackend.sentence_transformers.value} embedding backend")
         cuda = vllm_on_gpu(self.device, cuda=has_cuda())
         os.environ.update(vllm_environment(self.cache_dir, cuda=cuda))
         try:

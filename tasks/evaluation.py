@@ -180,21 +180,26 @@ def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[
 
 
 def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str], int], list[list[str]]], *,
-                   depth: int) -> dict[str, list[str]]:
+                      depth: int) -> dict[str, list[str]]:
     """Documents per query, ranked by their best chunk among the top `depth` chunks (`search`: texts and
     a depth in, each text's chunk doc_ids out, best first). A query whose chunks name fewer than
     RANKING_KEPT documents while the collection has more chunks is searched again twice as deep (up to
-    MAX_DEPTH), so that recall@100 counts 100 documents also where documents have many chunks."""
+    MAX_DEPTH), so that recall@100 counts 100 documents also where documents have many chunks. A deeper
+    search only appends documents: hybrid fusion over deeper branches would reorder the top ten, which
+    the query's other measures read at `depth`. It stops when a pass adds no document."""
     rankings: dict[str, list[str]] = {}
     pending = list(queries)
     while pending:
         results = search([query.text for query in pending], depth)
-        short = []
+        deeper = []
         for query, doc_ids in zip(pending, results, strict=True):
-            rankings[query.id] = rank_documents(doc_ids)
-            if len(rankings[query.id]) < RANKING_KEPT and len(doc_ids) == depth < MAX_DEPTH:
-                short.append(query)
-        pending, depth = short, min(2 * depth, MAX_DEPTH)
+            ranking = rankings.setdefault(query.id, [])
+            seen = set(ranking)
+            added = [doc_id for doc_id in rank_documents(doc_ids) if doc_id not in seen]
+            ranking += added
+            if added and len(ranking) < RANKING_KEPT and len(doc_ids) == depth < MAX_DEPTH:
+                deeper.append(query)
+        pending, depth = deeper, min(2 * depth, MAX_DEPTH)
     return rankings
 
 

@@ -40,9 +40,10 @@ def document_hash(row: SourceRow, fingerprint: str) -> str:
     return content_hash("\x1e".join(parts))
 
 
-def index_fingerprint(*, embedding_model: str, chunk_tokens: int, chunk_overlap: int) -> str:
-    """Settings that change the points produced from the same document."""
-    return f"{embedding_model}|{chunk_tokens}|{chunk_overlap}"
+def index_fingerprint(*, embedding_model: str, chunk_tokens: int, chunk_overlap: int, document_prompt: str = "") -> str:
+    """Settings that change the points produced from the same document. The model's document prompt
+    counts where it has one (documents embedded before prompts were applied are embedded again)."""
+    return f"{embedding_model}|{chunk_tokens}|{chunk_overlap}" + (f"|{document_prompt}" if document_prompt else "")
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,17 @@ def finish_rebuild(store: QdrantStore, target: Target) -> list[str]:
     return dropped
 
 
+def check_rebuild_complete(target: Target, unidentified: int, source: str) -> None:
+    """Refuse to move the alias to a rebuild that lacks documents it cannot name: a row without a readable
+    id may be a document the old collection holds, and the rebuild would drop it (an incremental run
+    keeps it, deleting nothing)."""
+    if target.is_rebuild and unidentified:
+        raise QuarantineThresholdExceeded(
+            f"{source}: {unidentified} quarantined rows have no readable id (see the quarantine file), so the rebuild "
+            "may lack documents the index holds; the alias still points at the old collection; fix those rows and rebuild"
+        )
+
+
 def check_quarantine_share(loaded: int, quarantined: int, max_share: float, source: str) -> None:
     """Refuse to touch the index further when the source looks broken."""
     if loaded == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import ModelError
 
@@ -43,11 +44,31 @@ def resolve_embedding_model(name: str) -> str:
 ENCODER_MARKERS = 2
 
 
+def model_file(model_path: str, filename: str) -> Path | None:
+    """A file of a model directory, or of a hub model in the local Hugging Face cache; None if absent."""
+    if Path(model_path).is_dir():
+        path = Path(model_path) / filename
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id=model_path, filename=filename)
+    except ValueError:  # not a valid hub id either
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def model_json(model_path: str, filename: str) -> dict[str, Any]:
+    """A model's JSON file as a dict; empty when the model has none."""
+    path = model_file(model_path, filename)
+    return json.loads(path.read_text()) if path is not None else {}
+
+
 def embedding_input_limit(model_path: str) -> int | None:
     """The most tokens the embedding model reads of a text, markers included (sentence-transformers'
-    `max_seq_length`: 256 for MiniLM, whose positions go to 512), or None when its directory does not say."""
-    config = Path(model_path) / "sentence_bert_config.json"
-    return int(json.loads(config.read_text())["max_seq_length"]) if config.is_file() else None
+    `max_seq_length`: 256 for MiniLM, whose positions go to 512), or None when the model does not say."""
+    limit = model_json(model_path, "sentence_bert_config.json").get("max_seq_length")
+    return int(limit) if limit is not None else None
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,7 @@ def prompts_of(prompts: dict[str, str], default_name: str | None = None) -> Embe
     """The prompts a sentence-transformers model declares, by the names its `encode_query` and
     `encode_document` look for; where a role has none, the model's default prompt, if any. Empty ones are
     skipped: sentence-transformers 5+ adds an empty "document" to every model, which hid e5's "passage"."""
+    prompts = {name: prompt for name, prompt in prompts.items() if isinstance(prompt, str)}  # as vLLM's loader keeps them
     default = prompts.get(default_name, "") if default_name else ""
 
     def first(names: tuple[str, ...]) -> str:
@@ -71,10 +93,15 @@ def prompts_of(prompts: dict[str, str], default_name: str | None = None) -> Embe
 
 
 def embedding_prompts(model_path: str) -> EmbeddingPrompts:
-    """The prompts of a model directory (none for MiniLM, or when its directory does not say)."""
-    config = Path(model_path) / "config_sentence_transformers.json"
-    declared = json.loads(config.read_text()) if config.is_file() else {}
+    """The prompts a model declares (none for MiniLM, or when the model does not say)."""
+    declared = model_json(model_path, "config_sentence_transformers.json")
     return prompts_of(declared.get("prompts") or {}, declared.get("default_prompt_name"))
+
+
+def pools_its_prompt(model_path: str) -> bool:
+    """Whether the model's mean pooling covers its prompt's tokens too (sentence-transformers' default;
+    INSTRUCTOR-style models leave them out, which vLLM's pooling cannot)."""
+    return model_json(model_path, "1_Pooling/config.json").get("include_prompt", True) is not False
 
 
 def embedding_text_limit(model_name: str) -> int | None:

@@ -73,6 +73,23 @@ def test_a_long_title_is_cut_so_the_model_reads_every_chunk_whole(tokenizer):
     assert untitled.embedding_text == "Short text."  # no room left at all: the chunk alone
 
 
+def test_a_title_is_cut_between_characters_on_a_byte_level_tokenizer():
+    """RoBERTa-style byte-level BPE splits an emoji or a CJK character into several tokens; cutting after
+    the room's last token kept the whole character, up to 3 tokens past the model's input."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator(["the wind measure of anemometer calibration station " * 50, "東京 研究 Müller"],
+                                vocab_size=400, min_frequency=1, show_progress=False)
+    tokenizer = trained._tokenizer
+    title = "😀🧬東京大学研究" * 10
+    chunker = TokenChunker(tokenizer=tokenizer, chunk_tokens=50, overlap_tokens=0, model_tokens=60)
+    for words in range(1, 60):
+        for chunk in chunker.chunk([(SourceRow("a", "a", " ".join(["anemometer"] * words), title=title), "h")]):
+            assert len(tokenizer.encode(chunk.embedding_text, add_special_tokens=False).ids) <= 60, (words, chunk.embedded_title)
+            assert title.startswith(chunk.embedded_title)
+
+
 def test_chunking_many_documents_at_once_keeps_order_and_each_documents_splitter(tokenizer):
     """Texts are split in one parallel call per splitter; chunks must still follow document order,
     with Markdown and plain documents interleaved and each split by its own splitter."""

@@ -1,6 +1,7 @@
 """Both embedding backends give the same vectors, so an index built with one is queried with the other."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from tasks.embedding import SentenceTransformerEmbedder, VLLMEmbedder, open_embedder, vllm_on_gpu
 from tasks.errors import ModelError
-from tasks.models import EmbeddingPrompts, embedding_text_limit, prompts_of, resolve_embedding_model
+from tasks.models import (EmbeddingPrompts, embedding_input_limit, embedding_prompts, embedding_text_limit, prompts_of,
+                          resolve_embedding_model)
 from tasks.llm import engine_dtype
 from tasks.settings import EmbeddingBackend
 
@@ -56,12 +58,42 @@ def test_a_models_own_prompts_go_before_queries_and_documents(embedder, prompted
     assert embedding_text_limit(prompted_model) == 254 - 2 and embedding_text_limit("all-MiniLM-L6-v2") == 254  # "passage", ":"
 
 
+def test_a_hub_models_prompts_and_limits_come_from_the_local_hub_cache(prompted_model, tmp_path, monkeypatch):
+    """Given as a hub id (how e5 and bge are named), a model's prompts and input limit were read from no
+    file: the vLLM backend embedded without prompts and titles were never cut."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--team--e5-like" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for entry in Path(prompted_model).iterdir():
+        (snapshot / entry.name).symlink_to(entry)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert embedding_prompts("team/e5-like") == EmbeddingPrompts(query="query: ", document="passage: ")
+    assert embedding_input_limit("team/e5-like") == 256 and embedding_text_limit("team/e5-like") == 252
+    assert embedding_prompts("team/not-cached") == EmbeddingPrompts() and embedding_input_limit("not a hub id!") is None
+
+
+def test_vllm_refuses_a_model_that_leaves_its_prompt_out_of_its_pooling(prompted_model, tmp_path):
+    """sentence-transformers drops the prompt's tokens from the mean there; vLLM cannot, so its vectors differed."""
+    model = tmp_path / "instructor-like"
+    shutil.copytree(prompted_model, model, symlinks=True)
+    (model / "1_Pooling").unlink()
+    (model / "1_Pooling").mkdir()
+    pooling = json.loads((Path(prompted_model) / "1_Pooling" / "config.json").read_text())
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": False}))
+    with pytest.raises(ModelError, match="instructor-like leaves its prompt out of its pooling, which vLLM cannot"):
+        _ = VLLMEmbedder(model_name=str(model), cache_dir=tmp_path / "cache").llm
+
+
 def test_prompts_are_picked_by_role_then_the_models_default():
     assert prompts_of({"document": "d: ", "passage": "p: ", "query": "q: "}) == EmbeddingPrompts(query="q: ", document="d: ")
     assert prompts_of({"retrieval": "r: ", "query": "q: "}, "retrieval") == EmbeddingPrompts(query="q: ", document="r: ")
     assert prompts_of({"retrieval": "r: "}) == EmbeddingPrompts()
     # sentence-transformers adds {"query": "", "document": ""} to every model; e5's passage prompt still counts.
     assert prompts_of({"query": "query: ", "document": "", "passage": "passage: "}).document == "passage: "
+    assert prompts_of({"query": 5, "document": None}) == EmbeddingPrompts()  # not text: no prompt, as vLLM's loader has it
 
 
 @pytest.mark.slow

@@ -283,3 +283,17 @@ def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     assert searched == [(["probe", "gauge7"], 300), (["probe"], 600)]  # 75 documents in 300 chunks; "r" had all of its
     assert steps.rank_documents.fn(queries, store, retriever, depth=300) == rankings
     store.close()
+
+
+def test_a_deeper_search_only_appends_documents_and_stops_when_it_adds_none():
+    """Hybrid fusion over deeper branches reordered the top ten that nDCG@10 reads; a collection of few
+    documents in many chunks was searched seven times, each pass finding the same documents."""
+    passes = {300: ["d1", "d2", "d1"] * 100, 600: ["d3", "d2", "d1", "d4"] * 150, 1200: ["d4", "d3"] * 600}
+    searched = []
+
+    def search(texts, depth):
+        searched.append(depth)
+        return [passes[depth]]
+
+    assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1", "d2", "d3", "d4"]}
+    assert searched == [300, 600, 1200]  # the third pass added nothing: no fourth

@@ -21,7 +21,7 @@ import pytest
 
 from flows.ingest import ingest
 from tasks.chunking import TokenChunker
-from tasks.errors import SourceError
+from tasks.errors import QuarantineThresholdExceeded, SourceError
 from tasks.settings import IngestParams
 from tasks.sources import SourceRow, read_rows
 from tasks.store import QdrantStore
@@ -196,6 +196,11 @@ def test_rows_without_a_readable_id_hold_back_deletions(prefect_api_url, tmp_pat
     held = ingest(params)
     assert (held.quarantined, held.unidentified, held.deleted) == (1, 1, 0)
     assert set(index_contents(params)) == {"a", "b", "c"}
+    # A rebuild would leave b out of the new collection: refused, the alias stays on the old one.
+    with pytest.raises(QuarantineThresholdExceeded, match=r"docs.jsonl: 1 quarantined rows have no readable id .* the alias "
+                                                          r"still points at the old collection"):
+        ingest(params.model_copy(update={"rebuild": True}))
+    assert set(index_contents(params)) == {"a", "b", "c"}
     path.write_text(f"{rows['a']}\n{rows['b']}\n")
     fixed = ingest(params)
     assert (fixed.unidentified, fixed.unchanged, fixed.deleted) == (0, 2, 1)
@@ -303,7 +308,7 @@ def test_a_question_set_without_a_valid_question_gives_an_empty_output_and_an_em
     """Every question quarantined: the run completes with an output of no rows. No question at all (an
     empty file or directory): one line, as for an empty source to ingest."""
     from flows.answer import answer
-    from tasks.errors import SourceError
+    from tasks.errors import QuarantineThresholdExceeded, SourceError
     from tasks.settings import AnswerParams
 
     from .test_concurrency import small_corpus

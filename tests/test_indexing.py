@@ -3,7 +3,8 @@ import pytest
 
 from tasks.chunking import Chunk
 from tasks.indexing import (
-    Marker, build_points, delete_missing_documents, document_hash, plan_batch, point_id, read_markers, write_documents,
+    Marker, build_points, delete_missing_documents, document_hash, index_fingerprint, plan_batch, point_id, read_markers,
+    write_documents,
 )
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore
@@ -74,3 +75,11 @@ def test_delete_missing_removes_only_documents_not_in_source(store):
     assert delete_missing_documents(store, "c", {"keep"}) == 4
     assert store.count("c") == 3
     assert set(read_markers(store, "c", ["keep", "gone"])) == {"keep"}
+
+
+def test_a_models_document_prompt_is_part_of_the_fingerprint():
+    """Documents embedded before prompts were applied (or under another prompt) must count as changed;
+    a model without one keeps the fingerprint, so nothing is embedded again for it."""
+    plain = index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32)
+    assert plain == "m|200|32" == index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32, document_prompt="")
+    assert index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32, document_prompt="passage: ") != plain
