@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasks.errors import SourceError
+from tasks.errors import SourceError, first_line
 from tasks.settings import SourceFormat
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
@@ -142,11 +143,13 @@ def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
 def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
     root = root.resolve()
     max_bytes = max_chars * BYTES_PER_CHAR + len(_BOMS[0][0]) + 1  # beyond this no file fits max_chars
-    for path in _walk_files(root):
-        relative = path.relative_to(root).as_posix()
+    for path, unreadable in _walk_files(root):
+        relative = path.relative_to(root).as_posix() if path != root else "."
+        if unreadable:  # its files are unknown, so it names no document: no deletions while it is quarantined
+            yield SourceRow(relative, None, None, source=relative, error=f"unreadable directory ({unreadable})")
+            continue
         if _UNDECODABLE.search(relative):  # kept as surrogates by the file system encoding; no id can hold them
-            shown = relative.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            yield SourceRow(shown, None, None, source=shown, error="file name is not valid UTF-8")
+            yield SourceRow(shown_name(relative), None, None, source=shown_name(relative), error="file name is not valid UTF-8")
             continue
         if path.is_symlink() and path.is_dir():
             yield SourceRow(relative, relative, None, source=relative, error="symlink to a directory (not followed)")
@@ -168,18 +171,29 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
         yield SourceRow(relative, relative, text, title=title, source=relative, kind=kind, metadata={"format": kind})
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    """Entries below root other than directories, in a stable order, skipping hidden ones.
+def shown_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept as surrogates) shown as \\x escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if _UNDECODABLE.search(name) else name
+
+
+def _walk_files(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Entries below root other than directories, in a stable order, skipping hidden ones, each with
+    None or, for a directory that cannot be listed, why (an entry itself, for the reader to quarantine:
+    its files were left out of the run and deleted from the index as gone).
 
     Symlinked directories are not followed, so the walk never leaves root and cannot loop; they are
     entries themselves, for the reader to quarantine (counted, not silently left out).
     """
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable.append):
+        yield from ((Path(exc.filename), exc.strerror or str(exc)) for exc in unreadable)
+        unreadable.clear()
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         linked = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
         for name in sorted([*filenames, *linked]):
             if not name.startswith("."):
-                yield Path(dirpath) / name
+                yield Path(dirpath) / name, None
+    yield from ((Path(exc.filename), exc.strerror or str(exc)) for exc in unreadable)
 
 
 def _read_inside(path: Path, root: Path, max_bytes: int, max_chars: int) -> tuple[bytes, str | None]:
@@ -241,9 +255,31 @@ def html_to_text(html: str) -> tuple[str | None, str]:
     return title or None, text
 
 
+_FRONT_MATTER_TITLE = re.compile(r"""^title:[ \t]*["']?(.+?)["']?[ \t]*$""")
+_HEADING_1 = re.compile(r"^ {0,3}#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+
+
 def _markdown_title(text: str) -> str | None:
-    match = re.search(r"^#\s+(.+?)\s*#*\s*$", text, flags=re.MULTILINE)
-    return match.group(1) if match else None
+    """The front matter's `title:`, else the first `# ` heading outside fenced code (a shell comment there
+    is no heading, nor is a YAML comment in the front matter)."""
+    lines = text.splitlines()
+    if lines and lines[0].strip() == "---":
+        end = next((i for i, line in enumerate(lines[1:], start=1) if line.strip() in ("---", "...")), None)
+        if end is not None:
+            titles = [match.group(1) for line in lines[1:end] if (match := _FRONT_MATTER_TITLE.match(line))]
+            if titles:
+                return titles[0]
+            lines = lines[end + 1:]
+    fence = None
+    for line in lines:
+        stripped = line.strip()
+        if fence is not None:
+            fence = None if stripped.startswith(fence) else fence
+        elif stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+        elif match := _HEADING_1.match(line):
+            return match.group(1)
+    return None
 
 
 # -- tables -----------------------------------------------------------------------------------------
@@ -254,6 +290,12 @@ def _id_column(columns: Iterable[str], path: Path) -> str:
         if name in columns:
             return name
     raise SourceError(f"{path}: missing required column 'id' (found: {', '.join(columns) or 'none'})")
+
+
+def _require_unique(columns: Sequence[str], path: Path) -> None:
+    """A column named twice: the readers keep only its last, so an id or a text was taken silently."""
+    if twice := sorted({column for column in columns if list(columns).count(column) > 1}):
+        raise SourceError(f"{path}: column {twice[0]!r} appears more than once in the header")
 
 
 def _require_text(columns: Iterable[str], path: Path, text_column: str) -> None:
@@ -272,7 +314,7 @@ def _table_row(locator: str, source: str, record: dict[str, Any], id_column: str
         error = _text_problem(text, raw_id, title, metadata)
     return SourceRow(
         locator, doc_id, text if error is None else None,
-        title=str(title) if title not in (None, "") else None,
+        title=None if title in (None, "") or (isinstance(title, float) and not math.isfinite(title)) else str(title),
         source=source, kind="text", metadata=metadata, error=error,
     )
 
@@ -285,6 +327,8 @@ def row_id(raw_id: Any) -> tuple[str | None, str | None]:
         raw_id = int(raw_id)
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         return None, f"id is not a string or an integer ({type(raw_id).__name__})"
+    if isinstance(raw_id, str) and _SURROGATE.search(raw_id):  # no store, file or log can hold it as it is
+        return None, "id is not valid Unicode (bytes that are not UTF-8, or a lone surrogate)"
     return str(raw_id), None
 
 
@@ -317,7 +361,10 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _jsonable(value: Any) -> Any:
-    """Payload values must survive JSON: keep plain types, stringify the rest."""
+    """Payload values must survive JSON: keep plain types, stringify the rest; NaN and infinities (which
+    JSON has not, and Qdrant's engine refuses, failing the whole batch) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
@@ -328,10 +375,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[SourceRow]:
-    name = path.name
+    name = shown_name(path.name)
     id_column: str | None = None
-    with _open_text(path) as handle:
-        for number, line in enumerate(_bounded_lines(handle, line_chars), start=1):
+    with _open_text(path, newline="\n") as handle:  # JSON Lines end at \n alone: a raw \r inside a line split it
+        for number, line in enumerate(_bounded_lines(handle, line_chars, path), start=1):
             if line is None:
                 yield SourceRow(f"{name}:{number}", None, None, source=name,
                                 error=f"line longer than {line_chars:,} characters (too big for max_chars; not parsed)")
@@ -344,6 +391,9 @@ def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[Sourc
             except json.JSONDecodeError as exc:
                 yield SourceRow(locator, None, None, source=name, error=f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}")
                 continue
+            except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+                yield SourceRow(locator, None, None, source=name, error=f"invalid JSON: {first_line(exc)}")
+                continue
             if not isinstance(record, dict):
                 yield SourceRow(locator, None, None, source=name, error="line is not a JSON object")
                 continue
@@ -353,25 +403,32 @@ def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[Sourc
             yield _table_row(locator, name, record, id_column, text_column)
 
 
-def _bounded_lines(handle: TextIO, limit: int) -> Iterator[str | None]:
+def _bounded_lines(handle: TextIO, limit: int, path: Path) -> Iterator[str | None]:
     """Lines of at most `limit` characters; a longer line is skipped to its end and yields None."""
-    while line := handle.readline(limit + 1):
-        if len(line) <= limit or line.endswith("\n"):
-            yield line
-            continue
-        while (rest := handle.readline(limit)) and not rest.endswith("\n"):
-            pass
-        yield None
+    number = 0
+    try:
+        while line := handle.readline(limit + 1):
+            number += 1
+            if len(line) <= limit or line.endswith("\n"):
+                yield line
+                continue
+            while (rest := handle.readline(limit)) and not rest.endswith("\n"):
+                pass
+            yield None
+    except UnicodeDecodeError as exc:  # UTF-16/32 (by its BOM) with a broken code unit: no resynchronising
+        raise SourceError(f"{path}: {first_line(exc)}, at or after line {number + 1}; nothing after it can be read "
+                          "reliably") from None
 
 
 def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceRow]:
-    name = path.name
+    name = shown_name(path.name)
     csv.field_size_limit(line_chars)  # process-wide; the default (131,072) is far below a normal document
     with _open_text(path, newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             if reader.fieldnames is None:
                 raise SourceError(f"{path}: empty CSV file (no header row)")
+            _require_unique(reader.fieldnames, path)
             id_column = _id_column(reader.fieldnames, path)
             _require_text(reader.fieldnames, path, text_column)
             for record in reader:
@@ -381,30 +438,36 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
                 if extra:
                     row = replace(row, text=None, error=f"{len(extra)} more field(s) than the header's {len(reader.fieldnames)}")
                 yield row
-        except csv.Error as exc:
+        except (csv.Error, UnicodeDecodeError) as exc:
             # The parser cannot resynchronise after this, so the rest of the file cannot be read reliably.
-            raise SourceError(f"{path}: line {reader.line_num}: {exc}; nothing after it can be read reliably") from None
+            raise SourceError(f"{path}: line {reader.line_num + 1}: {first_line(exc)}; nothing after it can be read "
+                              "reliably") from None
 
 
 def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    name = path.name
+    name = shown_name(path.name)
     try:
-        parquet = pq.ParquetFile(path)
+        # Without pre-buffering: with it, every row group read stayed in memory until the file's end.
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+    _require_unique(parquet.schema_arrow.names, path)
     id_column = _id_column(parquet.schema_arrow.names, path)
     _require_text(parquet.schema_arrow.names, path, text_column)
     structs = [field.name for field in parquet.schema_arrow if pa.types.is_struct(field.type)]
     number = 0
-    for record_batch in parquet.iter_batches(batch_size=1024):
-        for record in record_batch.to_pylist():
-            number += 1
-            for column in structs:
-                record[column] = _set_fields(record[column])
-            yield _table_row(f"{name}:row {number}", name, record, id_column, text_column)
+    try:
+        for record_batch in parquet.iter_batches(batch_size=1024):
+            for record in record_batch.to_pylist():
+                number += 1
+                for column in structs:
+                    record[column] = _set_fields(record[column])
+                yield _table_row(f"{name}:row {number}", name, record, id_column, text_column)
+    except (OSError, pa.ArrowException) as exc:  # a corrupt page: pyarrow's message names no file
+        raise SourceError(f"{path}: row {number + 1}: {first_line(exc)}; nothing after it can be read reliably") from None
 
 
 def _set_fields(value: Any) -> Any:

@@ -94,7 +94,7 @@ class DocumentValidator:
         seen_before = []
         for row in rows:
             seen_before.append(row.doc_id is not None and row.doc_id in self._first_kept)
-            if row.doc_id is not None and row.error is None and row.doc_id not in self._first_kept:
+            if row.doc_id is not None and row.doc_id not in self._first_kept:  # a first occurrence, kept or not
                 self._first_kept[row.doc_id] = False  # until it passes every rule, below
         frame = pd.DataFrame(
             {

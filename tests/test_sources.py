@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,6 +93,13 @@ def test_parquet_and_beir(tmp_path):
         (lambda d: (d / "t.csv").write_text("id,body\n1,x\n") and d / "t.csv", "missing required column 'text' (found: id, body)"),
         (lambda d: (d / "t.jsonl").write_text('{"text": "x"}\n') and d / "t.jsonl", "missing required column 'id'"),
         (lambda d: (d / "bad.parquet").write_bytes(b"nope") and d / "bad.parquet", "not a readable Parquet file"),
+        # A column named twice: the readers kept its last silently (document 'a' became 'b').
+        (lambda d: (d / "twice.csv").write_text("id,id,text\na,b,x\n") and d / "twice.csv", "column 'id' appears more than once"),
+        (lambda d: pq.write_table(pa.table([["a"], ["x"], ["y"]], names=["id", "text", "text"]), d / "twice.parquet")
+         or d / "twice.parquet", "column 'text' appears more than once"),
+        # UTF-16 (by its BOM) with a broken code unit was a UnicodeDecodeError traceback.
+        (lambda d: (d / "u16.jsonl").write_bytes(b"\xff\xfe" + '{"id": "a", "text": "x"}\n'.encode("utf-16-le") + b"\x00\xd8A\x00")
+         and d / "u16.jsonl", "u16.jsonl: 'utf-16-le' codec can't decode bytes"),
     ],
 )
 def test_unusable_sources_raise_one_line_errors(tmp_path, make, message):
@@ -156,3 +164,86 @@ def test_unreadable_files_are_rows_with_a_reason_and_a_directory_is_not_a_table(
     assert rows["dangling.txt"].error == "unreadable: No such file or directory"
     with pytest.raises(SourceError, match="is a directory, expected a jsonl file"):
         read_rows(tmp_path, SourceFormat.jsonl)
+
+
+def test_odd_values_become_quarantined_rows_or_storable_ones(tmp_path):
+    """NaN metadata failed every write to the edge store; an id of bytes that are not UTF-8 crashed
+    validation; an integer of 5,000 digits was a traceback; a raw CR split a JSON line in two; a NaN
+    title was embedded as "nan"."""
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "alpha", "x": NaN, "y": [Infinity, 1.5]}\n'
+                     b'{"id": "\\ud800x", "text": "lone surrogate id"}\n'
+                     b'{"id": "big", "text": "t", "n": ' + b"9" * 5000 + b'}\n'
+                     b'{"id": "cr",\r"text": "a raw CR inside the line"}\n')
+    rows = list(read_rows(path))
+    assert [(r.doc_id, r.error) for r in rows] == [
+        ("a", None), (None, "id is not valid Unicode (bytes that are not UTF-8, or a lone surrogate)"),
+        (None, "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; "
+               "use sys.set_int_max_str_digits() to increase the limit"), ("cr", None)]
+    assert rows[0].metadata == {"x": None, "y": [None, 1.5]}
+    assert count_rows(path) == 4
+    from tasks.validation import DocumentValidator
+
+    valid, rejected = DocumentValidator(max_chars=100).validate(rows)
+    assert [r.doc_id for r in valid] == ["a", "cr"] and len(rejected) == 2
+    titled = tmp_path / "titles.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"], "title": [float("nan"), 3.0]}), titled)
+    assert [r.title for r in read_rows(titled)] == [None, "3.0"]
+
+
+def test_a_corrupt_parquet_page_is_one_line_naming_the_file_and_row(tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(2048)], "text": ["some text"] * 2048}), path, row_group_size=1024)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset:column.data_page_offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    rows = read_rows(path)
+    with pytest.raises(SourceError, match=r"c.parquet: row 1025: .*; nothing after it can be read reliably$"):
+        list(rows)
+
+
+def test_a_table_whose_file_name_is_not_utf8_names_its_rows_readably(tmp_path):
+    path = tmp_path / "t\udcff.jsonl"  # the byte 0xff, as the file system hands it over
+    path.write_text('{"id": "a", "text": "x"}\n')
+    [row] = read_rows(path)
+    assert (row.locator, row.source) == ("t\\xff.jsonl:1", "t\\xff.jsonl")
+
+
+@pytest.mark.parametrize("text, title", [
+    ("---\ntitle: 'Real title'\n# a YAML comment\n---\n\n# Heading\n", "Real title"),
+    ("---\nauthor: x\n# a YAML comment\n---\n\n# Heading\n", "Heading"),
+    ("```sh\n# install it\npip install x\n```\n\n# Usage ##\n", "Usage"),
+    ("#\n\nJust a paragraph, no heading.\n", None),
+])
+def test_markdown_titles_skip_front_matter_comments_and_fenced_code(tmp_path, text, title):
+    (tmp_path / "doc.md").write_text(text)
+    [row] = read_rows(tmp_path)
+    assert row.title == title
+
+
+def test_a_directory_that_cannot_be_listed_is_a_row_without_an_id(tmp_path):
+    """Its files were left out without a word, so the run deleted them from the index as gone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "docs" / "locked").mkdir(parents=True)
+    (tmp_path / "docs" / "open.txt").write_text("readable")
+    (tmp_path / "docs" / "locked" / "secret.txt").write_text("unseen")
+    (tmp_path / "docs" / "locked").chmod(0o000)
+    script = ("import sys; from tasks.sources import read_rows, count_rows; "
+              "rows = list(read_rows(sys.argv[1])); print(count_rows(sys.argv[1]), [(r.locator, r.doc_id, r.error) for r in rows])")
+    command = [sys.executable, "-c", script, str(tmp_path / "docs")]
+    if os.geteuid() == 0:  # root reads any directory: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("runs as root without setpriv to drop its file capabilities")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"] + command
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    finally:
+        (tmp_path / "docs" / "locked").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("2 [('open.txt', 'open.txt', None), "
+                                     "('locked', None, 'unreadable directory (Permission denied)')]")

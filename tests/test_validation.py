@@ -48,9 +48,12 @@ def test_duplicates_are_found_across_batches_and_totals_add_up(make_validator):
     _, blank_first = validator.validate([row("d", "  "), row("d", "real text")])
     assert [q.reason for q in blank_first] == ["text is empty or whitespace only",
                                                "duplicate id 'd' (its first occurrence was quarantined too)"]
+    # Also when the first occurrence failed to load (a text that is no string): the second was indexed.
+    _, load_first = validator.validate([SourceRow("src:9", "e", None, error="text is not a string (int)"), row("e", "real text")])
+    assert [q.reason for q in load_first] == ["text is not a string (int)", "duplicate id 'e' (its first occurrence was quarantined too)"]
     summary = validator.summary
-    assert (summary.rows, summary.valid, summary.quarantined) == (6, 3, 3)
-    assert "| id unique across the source | 2 |" in summary.to_markdown(50)
+    assert (summary.rows, summary.valid, summary.quarantined) == (8, 3, 5)
+    assert "| id unique across the source | 3 |" in summary.to_markdown(50)
 
 
 def test_a_row_failing_several_rules_is_counted_once(make_validator):
