@@ -424,7 +424,7 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
     name = shown_name(path.name)
     csv.field_size_limit(line_chars)  # process-wide; the default (131,072) is far below a normal document
     with _open_text(path, newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(_capped_lines(handle, line_chars, path))
         try:
             if reader.fieldnames is None:
                 raise SourceError(f"{path}: empty CSV file (no header row)")
@@ -442,6 +442,17 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
             # The parser cannot resynchronise after this, so the rest of the file cannot be read reliably.
             raise SourceError(f"{path}: line {reader.line_num + 1}: {first_line(exc)}; nothing after it can be read "
                               "reliably") from None
+
+
+def _capped_lines(handle: TextIO, limit: int, path: Path) -> Iterator[str]:
+    """The lines of a CSV file, refusing one longer than `limit` characters before it is read whole (a
+    wide line of many big fields passed the field limit and went into the payload): a CSV line cannot be
+    skipped safely, since it may open a quoted field that later lines continue."""
+    for number, line in enumerate(iter(lambda: handle.readline(limit + 1), ""), start=1):
+        if len(line) > limit:
+            raise SourceError(f"{path}: line {number} is longer than {limit:,} characters, more than a row of at most "
+                              "--max-chars characters needs; nothing after it can be read reliably")
+        yield line
 
 
 def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:

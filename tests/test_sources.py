@@ -247,3 +247,13 @@ def test_a_directory_that_cannot_be_listed_is_a_row_without_an_id(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("2 [('open.txt', 'open.txt', None), "
                                      "('locked', None, 'unreadable directory (Permission denied)')]")
+
+
+def test_a_csv_line_too_long_for_any_row_is_refused_before_it_is_read_whole(tmp_path):
+    """150 fields of 1 MB each passed the field limit one by one: the line was read whole and indexed,
+    150 MB of metadata in the payload."""
+    path = tmp_path / "wide.csv"
+    path.write_text("id,text," + ",".join(f"c{i}" for i in range(20)) + "\na,short," + ",".join(["x" * 60_000] * 20) + "\nb,next,\n")
+    with pytest.raises(SourceError, match=r"wide.csv: line 2 is longer than 1,049,776 characters, more than a row of at most "):
+        list(read_rows(path, max_chars=100))
+    assert [row.doc_id for row in read_rows(path, max_chars=100_000)] == ["a", "b"]
