@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import glob
 import json
+import re
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -135,6 +136,7 @@ class ResumeMismatch(RagbatchError):
 
 
 SETTINGS_KEY = b"ragbatch.answer_settings"
+REPLACING_MARKER = "replacing-the-output.json"  # in the parts directory: an --overwrite run's parts, with its settings
 OUTPUT_ROW_GROUP = 1024  # rows per row group of the merged output: what its merge holds in memory per source
 LOADED_ROW_GROUPS = 4  # row groups the merge keeps read: enough for the earlier output and the parts taking turns
 
@@ -156,29 +158,43 @@ class AnswerCheckpoint:
     Parts and output record `settings`, what shaped the answers (model, prompt, retrieval, sampling); a
     run with other settings refuses to resume them rather than mix answers of both in one file. A row
     counts as done for its question only while the question, its filter and references are unchanged.
-    `replace_output` (--overwrite) ignores the earlier output, which the merged one replaces at the end.
+    `replace_output` (--overwrite) ignores the earlier output, which the merged one replaces at the end;
+    a marker in the parts directory says so until then, so a killed --overwrite run resumes as one.
     """
 
     def __init__(self, output: Path, settings: dict[str, Any] | None = None, *, replace_output: bool = False) -> None:
         self.output = Path(output)
         self.parts_dir = self.output.with_name(self.output.name + ".parts")
         self.replace_output = replace_output
+        self._marker = self.parts_dir / REPLACING_MARKER
         recorded = json.dumps(settings or {}, sort_keys=True)
         self.settings = json.loads(recorded)  # as read back: tuples are lists
+        self._recorded = recorded
         self._schema = ANSWER_SCHEMA.with_metadata({SETTINGS_KEY: recorded})
 
     def prepare(self) -> None:
-        """Make the parts directory and try a write there (beside the output) before any answer is made:
-        an unusable --out fails the run at its start, not after the engine start and a part's answers.
-        With `replace_output`, earlier parts go first."""
-        if self.replace_output:
+        """Try a write in the parts directory (beside the output) before any answer is made: an unusable
+        --out fails the run at its start, not after the engine start and a part's answers. With
+        `replace_output`, earlier parts go first, unless they are a killed --overwrite run's with these
+        settings, and the marker is written."""
+        resuming_replacement = self._marker.is_file() and self._marker.read_text() == self._recorded
+        if self.replace_output and not resuming_replacement:
             self.reset_parts()
+        created = not self.parts_dir.exists()
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
+            if self.replace_output:
+                write_whole(self._marker, lambda temporary: temporary.write_text(self._recorded))
             with tempfile.NamedTemporaryFile(dir=self.parts_dir, suffix=".tmp"):
                 pass
         except OSError as exc:
             raise ResumeMismatch(f"{self.output}: cannot write answers there ({exc.strerror or exc})") from None
+        if created and not any(self.parts_dir.iterdir()):
+            self.parts_dir.rmdir()  # made again by the first part; a run failing before one leaves nothing
+
+    @property
+    def _replacing(self) -> bool:
+        return self.replace_output or self._marker.is_file()
 
     def answered(self) -> dict[str, bytes]:
         """Per question id answered (or failed) in earlier parts or output: the digest of the question
@@ -193,7 +209,11 @@ class AnswerCheckpoint:
 
     def _require_same_settings(self, path: Path) -> None:
         with self._reading(path):
-            recorded = (pq.read_schema(path).metadata or {}).get(SETTINGS_KEY)
+            schema = pq.read_schema(path)
+        if missing := [name for name in ANSWER_SCHEMA.names if name not in schema.names]:
+            raise ResumeMismatch(f"{path}: not an answers file of this version of `ragbatch answer` (no column "
+                                 f"{missing[0]!r}); {self._remedy(path)}")
+        recorded = (schema.metadata or {}).get(SETTINGS_KEY)
         if recorded is None:
             return  # written before settings were recorded
         earlier = json.loads(recorded)
@@ -230,8 +250,10 @@ class AnswerCheckpoint:
                         latest[question_id] = (source, row)
                     row += 1
         locations = [latest[question_id] for question_id in sorted(latest, key=position.__getitem__)]
+        temporary = re.compile(re.escape(self.output.name) + r"\.\d+-[0-9a-f]{8}\.tmp")  # write_whole's names
         for stale in self.output.parent.glob(f"{glob.escape(self.output.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)  # a merge killed mid-write; this run holds the output's lock
+            if temporary.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)  # a merge killed mid-write; this run holds the output's lock
         self.output.parent.mkdir(parents=True, exist_ok=True)
         merged: list[Finalized] = []
 
@@ -252,39 +274,44 @@ class AnswerCheckpoint:
         return merged[0]
 
     def _rows_at(self, sources: list[Path], locations: list[tuple[int, int]]) -> Iterator[pa.Table]:
-        """The rows at `locations` ((source, row) pairs) in that order, OUTPUT_ROW_GROUP at a time, read a
-        row group at a time with the last LOADED_ROW_GROUPS kept."""
+        """The rows at `locations` ((source, row) pairs) in that order, OUTPUT_ROW_GROUP at a time. Each
+        chunk reads every row group it needs once (the last LOADED_ROW_GROUPS stay read), so a question
+        set reordered since the earlier output costs a read per row group and chunk, not per row."""
         firsts: dict[int, list[int]] = {}  # per source, the first row of each of its row groups
         loaded: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
-        def row_group(source: int, row: int) -> tuple[pa.Table, int]:
+        def place(source: int, row: int) -> tuple[int, int]:
+            """(row group, row within it) of a source's row."""
             if source not in firsts:
                 with self._reading(sources[source]):
                     metadata = pq.ParquetFile(sources[source]).metadata
-                firsts[source] = list(accumulate((metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)),
-                                                 initial=0))[:-1]
+                sizes = (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+                firsts[source] = list(accumulate(sizes, initial=0))[:-1]
             group = bisect.bisect_right(firsts[source], row) - 1
+            return group, row - firsts[source][group]
+
+        def row_group(source: int, group: int) -> pa.Table:
             if (source, group) not in loaded:
                 with self._reading(sources[source]):
                     table = pq.ParquetFile(sources[source]).read_row_group(group)
-                    loaded[source, group] = table.select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
+                loaded[source, group] = table.select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
                 if len(loaded) > LOADED_ROW_GROUPS:
                     loaded.popitem(last=False)
             loaded.move_to_end((source, group))
-            return loaded[source, group], row - firsts[source][group]
+            return loaded[source, group]
 
         for start in range(0, len(locations), OUTPUT_ROW_GROUP):
-            pieces, take, current = [], [], None
-            for source, row in locations[start:start + OUTPUT_ROW_GROUP]:
-                table, index = row_group(source, row)
-                if table is not current and take:
-                    pieces.append(current.take(pa.array(take, type=pa.int64())))
-                    take = []
-                current = table
-                take.append(index)
-            if take:
-                pieces.append(current.take(pa.array(take, type=pa.int64())))
-            yield pa.concat_tables(pieces)
+            wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (source, group) -> (position, row within)
+            for position, (source, row) in enumerate(locations[start:start + OUTPUT_ROW_GROUP]):
+                group, within = place(source, row)
+                wanted.setdefault((source, group), []).append((position, within))
+            pieces, order = [], []
+            for (source, group), rows in sorted(wanted.items()):
+                pieces.append(row_group(source, group).take(pa.array([within for _, within in rows], type=pa.int64())))
+                order += [position for position, _ in rows]
+            table = pa.concat_tables(pieces)
+            inverse = sorted(range(len(order)), key=order.__getitem__)  # gathered order -> the chunk's order
+            yield table.take(pa.array(inverse, type=pa.int64()))
 
     def reset_parts(self) -> None:
         """Remove the parts directory, with any temporary file a killed write left in it."""
@@ -292,7 +319,7 @@ class AnswerCheckpoint:
 
     def _sources(self) -> list[Path]:
         """The earlier output (unless replaced) and the parts, oldest first."""
-        earlier = [self.output] if self.output.exists() and not self.replace_output else []
+        earlier = [self.output] if self.output.exists() and not self._replacing else []
         return earlier + self._parts()
 
     def _parts(self) -> list[Path]:
@@ -304,12 +331,18 @@ class AnswerCheckpoint:
 
     @contextmanager
     def _reading(self, path: Path) -> Iterator[None]:
-        """A file at --out (or among its parts) that is no answers file is one line, not a traceback."""
+        """A file at --out (or among its parts) that is no answers file is one line, not a traceback. The
+        system's own errors (memory, disk, permissions: they carry an errno) pass unchanged."""
         try:
             yield
         except (OSError, pa.ArrowException) as exc:
+            if isinstance(exc, MemoryError) or getattr(exc, "errno", None) is not None:
+                raise
             raise ResumeMismatch(f"{path}: not an answers file of `ragbatch answer` ({first_line(exc)}); "
-                                 "give another --out, or --overwrite to replace it") from None
+                                 f"{self._remedy(path)}") from None
+
+    def _remedy(self, path: Path) -> str:
+        return "remove it or give another --out" if path.parent == self.parts_dir else "give another --out, or --overwrite to replace it"
 
 
 def artifact_key(kind: str, collection: str) -> str:

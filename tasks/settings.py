@@ -270,7 +270,7 @@ class AnswerParams(StoreParams, EngineParams):
     def _default_out(self) -> "AnswerParams":
         if self.out is None:
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
-        if self.out.absolute() == self.questions.absolute():  # --overwrite deleted the question set
+        if self.out.resolve() == self.questions.resolve():  # --overwrite replaced the question set
             raise ValueError(f"out is the questions file {self.questions}; give the answers another file")
         return self
 

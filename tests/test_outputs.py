@@ -1,5 +1,6 @@
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -114,6 +115,36 @@ def test_overwrite_keeps_the_earlier_output_until_the_new_one_replaces_it(tmp_pa
     assert pq.read_table(checkpoint.output).column("question_id").to_pylist() == ["q3"]
 
 
+def test_a_killed_overwrite_run_resumes_as_one(tmp_path):
+    """The earlier output stays until the end; nothing said the parts replaced it, so a plain re-run mixed
+    old and new answers, and another --overwrite threw the finished parts away."""
+    settings = {"llm_model": "new"}
+    AnswerCheckpoint(tmp_path / "a.parquet").finalize([])  # an earlier output, other settings
+    AnswerCheckpoint(tmp_path / "a.parquet").write_part([row("q1", answer="old"), row("q2", answer="old")])
+    AnswerCheckpoint(tmp_path / "a.parquet").finalize(["q1", "q2"])
+    killed = AnswerCheckpoint(tmp_path / "a.parquet", settings=settings, replace_output=True)
+    killed.prepare()
+    killed.write_part([row("q1", answer="new")])  # ... and the run is killed here
+    for again in (AnswerCheckpoint(tmp_path / "a.parquet", settings=settings),
+                  AnswerCheckpoint(tmp_path / "a.parquet", settings=settings, replace_output=True)):
+        again.prepare()
+        assert set(again.answered()) == {"q1"}  # the killed run's part, not the old output
+    again.write_part([row("q2", answer="new")])
+    again.finalize(["q1", "q2"])
+    assert pq.read_table(tmp_path / "a.parquet").column("answer").to_pylist() == ["new", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
+
+
+def test_a_merge_reads_each_row_group_once_per_chunk_also_when_the_set_was_reordered(tmp_path):
+    checkpoint = AnswerCheckpoint(tmp_path / "a.parquet")
+    ids = [f"q{i}" for i in range(2500)]
+    checkpoint.write_part([row(question_id, answer=question_id) for question_id in ids])
+    shuffled = ids[1::2] + ids[::2]
+    checkpoint.finalize(shuffled)
+    table = pq.read_table(checkpoint.output)
+    assert table.column("question_id").to_pylist() == shuffled == table.column("answer").to_pylist()
+
+
 def test_an_unusable_out_fails_before_any_answer_and_a_non_answers_file_in_one_line(tmp_path):
     """A file where --out's directory should be failed after the engine start and a part of answers;
     a question set given as --out was a pyarrow traceback."""
@@ -124,6 +155,14 @@ def test_an_unusable_out_fails_before_any_answer_and_a_non_answers_file_in_one_l
     with pytest.raises(ResumeMismatch, match=r"q.parquet: not an answers file of `ragbatch answer` \(.*\); give another --out, or "
                                              r"--overwrite to replace it$"):
         AnswerCheckpoint(tmp_path / "q.parquet").answered()
+    # A Parquet file of other columns (a question set, documents) was read as no answers at all: every
+    # question generated again, then the merge failed with an IndexError.
+    pq.write_table(pa.table({"id": ["q1"], "text": ["Q?"]}), tmp_path / "docs.parquet")
+    with pytest.raises(ResumeMismatch, match=r"docs.parquet: not an answers file of this version of `ragbatch answer` \(no "
+                                             r"column 'question_id'\); give another --out, or --overwrite to replace it$"):
+        AnswerCheckpoint(tmp_path / "docs.parquet").answered()
+    AnswerCheckpoint(tmp_path / "fine.parquet").prepare()
+    assert not (tmp_path / "fine.parquet.parts").exists()  # a run failing before its first part leaves nothing
 
 
 def test_a_part_left_half_written_by_a_killed_run_is_ignored_and_removed(tmp_path):
@@ -133,9 +172,12 @@ def test_a_part_left_half_written_by_a_killed_run_is_ignored_and_removed(tmp_pat
     checkpoint.write_part([row("q1")])
     (checkpoint.parts_dir / "part-000001.parquet.tmp").write_bytes(b"half a part")
     (tmp_path / "a.parquet.4242-0badcafe.tmp").write_bytes(b"half a merged output")
+    others = ["a.parquet.v2.4242-0badcafe.tmp", "a.parquet.notes.tmp"]  # another output's merge, a user's file
+    for name in others:
+        (tmp_path / name).write_bytes(b"not this output's")
     assert set(checkpoint.answered()) == {"q1"}
     assert checkpoint.finalize(["q1"]).rows == 1
-    assert not checkpoint.parts_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
+    assert not checkpoint.parts_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", *sorted(others)]
 
 
 def test_sample_markdown_and_artifact_keys():
