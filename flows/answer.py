@@ -74,7 +74,8 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         report = AnswerReport(collection=params.collection, model=params.llm_model, output=str(params.out), run_id=run_id)
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "questions-quarantine.parquet")
         progress = RunProgress(key=artifact_key("answer-progress", params.collection), label=f"answer {params.collection}",
-                               total=count_rows(params.questions, params.format), terminal=params.show_progress)
+                               total=count_rows(params.questions, params.format, max_chars=params.max_question_chars),
+                               terminal=params.show_progress)
         batches = batched(rows, params.batch_questions)
         question_ids: list[str] = []  # the valid questions in input order: what the output answers
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:

@@ -82,13 +82,16 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         present_doc_ids: set[str] = set()
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "quarantine.parquet")
         progress = RunProgress(key=artifact_key("ingest-progress", params.collection), label=f"ingest {params.collection}",
-                               total=count_rows(params.source, params.format), terminal=params.show_progress)
+                               total=count_rows(params.source, params.format, max_chars=params.max_chars),
+                               terminal=params.show_progress)
         batches = batched(rows, params.batch_docs)
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
             while (batch := steps.load(batches)) is not None:
                 present_doc_ids.update(row.doc_id for row in batch if row.doc_id is not None)
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
+                report.unidentified += sum(row.doc_id is None for row in batch)
+                check_rebuild_complete(target, report.unidentified, str(params.source))  # before embedding this batch
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
                 chunks = steps.chunk(chunker(), plan) if plan.changed else []
                 if chunks and target.layout.sparse and bm25 is None:
@@ -98,7 +101,6 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
                 report.loaded += len(batch)
                 report.valid += len(valid)
                 report.quarantined += len(rejected)
-                report.unidentified += sum(row.doc_id is None for row in batch)
                 report.unchanged += plan.unchanged
                 report.chunks += len(chunks)
                 report.embedded += len(chunks) if target.layout.dense else 0
@@ -110,7 +112,6 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
-        check_rebuild_complete(target, report.unidentified, str(params.source))
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids, unidentified=report.unidentified)
         store.optimize(target.collection)
         if target.is_rebuild:

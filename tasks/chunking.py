@@ -113,7 +113,17 @@ class TokenChunker:
         for i, encoding in zip(at_risk, encodings, strict=True):
             offsets = title_offsets[chunks[i].title]
             room = max(0, self.model_tokens - TITLE_SEPARATOR_TOKENS - len(encoding.ids))
-            if len(offsets) > room:  # cut where the first token past the room starts: a byte-level BPE token
-                # can be part of a character, whose other tokens would otherwise come along
-                chunks[i] = replace(chunks[i], embedded_title=chunks[i].title[: offsets[room][0]].rstrip())
+            if len(offsets) > room:
+                chunks[i] = replace(chunks[i], embedded_title=self._cut(chunks[i].title, offsets, room))
         return chunks
+
+    def _cut(self, title: str, offsets: list[tuple[int, int]], room: int) -> str:
+        """The title up to where its first token past `room` starts, then shorter while it re-tokenizes
+        into more than `room` tokens: a byte-level BPE token can hold part of a character, and merges
+        differ at the new end."""
+        while room > 0:
+            cut = title[: offsets[room][0]].rstrip()
+            if len(self._tokenizer.encode(cut, add_special_tokens=False).ids) <= room:
+                return cut
+            room -= 1
+        return ""

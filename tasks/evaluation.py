@@ -186,7 +186,8 @@ def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str],
     RANKING_KEPT documents while the collection has more chunks is searched again twice as deep (up to
     MAX_DEPTH), so that recall@100 counts 100 documents also where documents have many chunks. A deeper
     search only appends documents: hybrid fusion over deeper branches would reorder the top ten, which
-    the query's other measures read at `depth`. It stops when a pass adds no document."""
+    the query's other measures read at `depth`. A pass that adds no document does not stop it: the next
+    documents may lie past the chunks of those already ranked."""
     rankings: dict[str, list[str]] = {}
     pending = list(queries)
     while pending:
@@ -197,7 +198,7 @@ def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str],
             seen = set(ranking)
             added = [doc_id for doc_id in rank_documents(doc_ids) if doc_id not in seen]
             ranking += added
-            if added and len(ranking) < RANKING_KEPT and len(doc_ids) == depth < MAX_DEPTH:
+            if len(ranking) < RANKING_KEPT and len(doc_ids) == depth < MAX_DEPTH:
                 deeper.append(query)
         pending, depth = deeper, min(2 * depth, MAX_DEPTH)
     return rankings

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ModelError
+from tasks.errors import ModelError, first_line
 
 
 def _bundled_minilm() -> str:
@@ -45,23 +45,35 @@ ENCODER_MARKERS = 2
 
 
 def model_file(model_path: str, filename: str) -> Path | None:
-    """A file of a model directory, or of a hub model in the local Hugging Face cache; None if absent."""
-    if Path(model_path).is_dir():
+    """A file of a model directory, or of a hub model (from the local Hugging Face cache, else fetched
+    as the model's loading would); None when the model has no such file. Never a guess: a hub model whose
+    files cannot be had is a ModelError, not a model without prompts or limits."""
+    if Path(model_path).is_dir() or is_path_name(model_path):
         path = Path(model_path) / filename
         return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         cached = try_to_load_from_cache(repo_id=model_path, filename=filename)
-    except ValueError:  # not a valid hub id either
+        if cached is not None:
+            return Path(cached) if isinstance(cached, str) else None  # else the hub said it has no such file
+        return Path(hf_hub_download(repo_id=model_path, filename=filename))
+    except RemoteEntryNotFoundError:
         return None
-    return Path(cached) if isinstance(cached, str) else None
+    except Exception as exc:  # noqa: BLE001 - offline and not cached, no such repository, network, invalid id
+        raise ModelError(f"cannot read {filename} of model {model_path}: {first_line(exc)}") from None
 
 
 def model_json(model_path: str, filename: str) -> dict[str, Any]:
     """A model's JSON file as a dict; empty when the model has none."""
     path = model_file(model_path, filename)
-    return json.loads(path.read_text()) if path is not None else {}
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable JSON file of model {model_path} ({first_line(exc)})") from None
 
 
 def embedding_input_limit(model_path: str) -> int | None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from tasks.errors import SourceError, first_line
 from tasks.settings import SourceFormat
@@ -116,8 +116,9 @@ def batched(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
         yield batch
 
 
-def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
-    """How many rows `read_rows` will yield (for progress reporting), in one cheap pass; None if unknown."""
+def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto, *, max_chars: int = MAX_CHARS) -> int | None:
+    """How many rows `read_rows` will yield (for progress reporting), in one cheap pass in bounded
+    memory; None if unknown (a CSV line longer than `read_rows` takes: it refuses the file)."""
     path = Path(path)
     try:
         fmt = detect_format(path) if fmt == SourceFormat.auto else fmt
@@ -130,12 +131,25 @@ def count_rows(path: Path, fmt: SourceFormat = SourceFormat.auto) -> int | None:
         if fmt == SourceFormat.csv:
             csv.field_size_limit(max(csv.field_size_limit(), COUNTING_FIELD_LIMIT))  # _read_csv sets its own again
             with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-                return max(sum(1 for _ in csv.reader(handle)) - 1, 0)
+                lines = _capped_lines(handle, max_chars * LINE_CHARS_PER_CHAR + LINE_SLACK, path)
+                return max(sum(1 for _ in csv.reader(lines)) - 1, 0)
         table = path / "corpus.jsonl" if fmt == SourceFormat.beir and path.is_dir() else path
         with open(table, "rb") as handle:
-            return sum(1 for line in handle if line.strip())
+            return _count_lines(handle)
     except (OSError, SourceError, ValueError, csv.Error):
         return None
+
+
+def _count_lines(handle: BinaryIO) -> int:
+    """Lines that are not blank, a block at a time: a line of any length costs no more memory."""
+    count, open_line = 0, False  # open_line: the unfinished line so far holds more than whitespace
+    while block := handle.read(1 << 20):
+        *finished, rest = block.split(b"\n")
+        for line in finished:
+            count += open_line or bool(line.strip())
+            open_line = False
+        open_line = open_line or bool(rest.strip())
+    return count + open_line
 
 
 # -- directories of files ---------------------------------------------------------------------------
@@ -146,7 +160,7 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
     for path, unreadable in _walk_files(root):
         relative = path.relative_to(root).as_posix() if path != root else "."
         if unreadable:  # its files are unknown, so it names no document: no deletions while it is quarantined
-            yield SourceRow(relative, None, None, source=relative, error=f"unreadable directory ({unreadable})")
+            yield SourceRow(shown_name(relative), None, None, source=shown_name(relative), error=f"unreadable directory ({unreadable})")
             continue
         if _UNDECODABLE.search(relative):  # kept as surrogates by the file system encoding; no id can hold them
             yield SourceRow(shown_name(relative), None, None, source=shown_name(relative), error="file name is not valid UTF-8")
@@ -255,31 +269,47 @@ def html_to_text(html: str) -> tuple[str | None, str]:
     return title or None, text
 
 
-_FRONT_MATTER_TITLE = re.compile(r"""^title:[ \t]*["']?(.+?)["']?[ \t]*$""")
 _HEADING_1 = re.compile(r"^ {0,3}#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE_OPENING = re.compile(r"^ {0,3}(`{3,}(?=[^`]*$)|~{3,})")  # a backtick fence's info string has no backtick
 
 
 def _markdown_title(text: str) -> str | None:
     """The front matter's `title:`, else the first `# ` heading outside fenced code (a shell comment there
     is no heading, nor is a YAML comment in the front matter)."""
     lines = text.splitlines()
-    if lines and lines[0].strip() == "---":
-        end = next((i for i, line in enumerate(lines[1:], start=1) if line.strip() in ("---", "...")), None)
-        if end is not None:
-            titles = [match.group(1) for line in lines[1:end] if (match := _FRONT_MATTER_TITLE.match(line))]
-            if titles:
-                return titles[0]
-            lines = lines[end + 1:]
-    fence = None
+    if front := _front_matter(lines):
+        end, fields = front
+        title = fields.get("title")
+        if isinstance(title, str) and title.strip():
+            return title.strip()
+        lines = lines[end + 1:]
+    fence: str | None = None
     for line in lines:
-        stripped = line.strip()
         if fence is not None:
-            fence = None if stripped.startswith(fence) else fence
-        elif stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
-        elif match := _HEADING_1.match(line):
-            return match.group(1)
+            if re.fullmatch(f" {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*", line):
+                fence = None
+        elif opening := _FENCE_OPENING.match(line):
+            fence = opening.group(1)
+        elif heading := _HEADING_1.match(line):
+            return heading.group(1)
     return None
+
+
+def _front_matter(lines: list[str]) -> tuple[int, dict[str, Any]] | None:
+    """(index of its closing line, its fields) when the text opens with a YAML mapping between `---`
+    lines; a `---` rule that opens a text is no front matter."""
+    import yaml
+
+    if not lines or lines[0].rstrip() != "---":
+        return None
+    end = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() in ("---", "...")), None)
+    if end is None:
+        return None
+    try:
+        fields = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:
+        return None
+    return (end, fields) if isinstance(fields, dict) else None
 
 
 # -- tables -----------------------------------------------------------------------------------------
@@ -292,9 +322,11 @@ def _id_column(columns: Iterable[str], path: Path) -> str:
     raise SourceError(f"{path}: missing required column 'id' (found: {', '.join(columns) or 'none'})")
 
 
-def _require_unique(columns: Sequence[str], path: Path) -> None:
-    """A column named twice: the readers keep only its last, so an id or a text was taken silently."""
-    if twice := sorted({column for column in columns if list(columns).count(column) > 1}):
+def _require_unique(columns: Sequence[str], path: Path, text_column: str) -> None:
+    """An id, text or title column named twice: the readers keep only its last, so an id or a text was
+    taken silently. (Other columns, e.g. the empty names of a spreadsheet's trailing commas, may repeat.)"""
+    read = {*ID_COLUMNS, text_column, TITLE_COLUMN}
+    if twice := sorted({column for column in columns if column in read and list(columns).count(column) > 1}):
         raise SourceError(f"{path}: column {twice[0]!r} appears more than once in the header")
 
 
@@ -377,6 +409,7 @@ def _jsonable(value: Any) -> Any:
 def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[SourceRow]:
     name = shown_name(path.name)
     id_column: str | None = None
+    _require_line_feeds(path)
     with _open_text(path, newline="\n") as handle:  # JSON Lines end at \n alone: a raw \r inside a line split it
         for number, line in enumerate(_bounded_lines(handle, line_chars, path), start=1):
             if line is None:
@@ -391,7 +424,7 @@ def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[Sourc
             except json.JSONDecodeError as exc:
                 yield SourceRow(locator, None, None, source=name, error=f"invalid JSON at column {exc.colno}: {exc.msg.removesuffix(' at')}")
                 continue
-            except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+            except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting past the stack
                 yield SourceRow(locator, None, None, source=name, error=f"invalid JSON: {first_line(exc)}")
                 continue
             if not isinstance(record, dict):
@@ -401,6 +434,17 @@ def _read_jsonl(path: Path, text_column: str, line_chars: int) -> Iterator[Sourc
                 id_column = _id_column(record, path)
                 _require_text(record, path, text_column)
             yield _table_row(locator, name, record, id_column, text_column)
+
+
+def _require_line_feeds(path: Path) -> None:
+    """Lines ended by CR alone (old Mac files) are one long broken line to a JSON Lines reader: say so."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    if b"\r" in head and b"\n" not in head:
+        raise SourceError(f"{path}: its lines end in CR alone; JSON Lines end in LF (or CR LF)")
 
 
 def _bounded_lines(handle: TextIO, limit: int, path: Path) -> Iterator[str | None]:
@@ -428,7 +472,7 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
         try:
             if reader.fieldnames is None:
                 raise SourceError(f"{path}: empty CSV file (no header row)")
-            _require_unique(reader.fieldnames, path)
+            _require_unique(reader.fieldnames, path, text_column)
             id_column = _id_column(reader.fieldnames, path)
             _require_text(reader.fieldnames, path, text_column)
             for record in reader:
@@ -440,8 +484,8 @@ def _read_csv(path: Path, text_column: str, line_chars: int) -> Iterator[SourceR
                 yield row
         except (csv.Error, UnicodeDecodeError) as exc:
             # The parser cannot resynchronise after this, so the rest of the file cannot be read reliably.
-            raise SourceError(f"{path}: line {reader.line_num + 1}: {first_line(exc)}; nothing after it can be read "
-                              "reliably") from None
+            raise SourceError(f"{path}: {first_line(exc)}, at or after line {reader.line_num + 1}; nothing after it can "
+                              "be read reliably") from None
 
 
 def _capped_lines(handle: TextIO, limit: int, path: Path) -> Iterator[str]:
@@ -465,7 +509,7 @@ def _read_parquet(path: Path, text_column: str) -> Iterator[SourceRow]:
         parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
-    _require_unique(parquet.schema_arrow.names, path)
+    _require_unique(parquet.schema_arrow.names, path, text_column)
     id_column = _id_column(parquet.schema_arrow.names, path)
     _require_text(parquet.schema_arrow.names, path, text_column)
     structs = [field.name for field in parquet.schema_arrow if pa.types.is_struct(field.type)]

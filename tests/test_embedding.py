@@ -72,7 +72,12 @@ def test_a_hub_models_prompts_and_limits_come_from_the_local_hub_cache(prompted_
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert embedding_prompts("team/e5-like") == EmbeddingPrompts(query="query: ", document="passage: ")
     assert embedding_input_limit("team/e5-like") == 256 and embedding_text_limit("team/e5-like") == 252
-    assert embedding_prompts("team/not-cached") == EmbeddingPrompts() and embedding_input_limit("not a hub id!") is None
+    # Not cached and offline: one line, not a model silently without prompts (whose documents would be
+    # embedded without theirs under a fingerprint that said otherwise once the cache held the files).
+    with pytest.raises(ModelError, match=r"^cannot read config_sentence_transformers.json of model team/not-cached: "):
+        embedding_prompts("team/not-cached")
+    with pytest.raises(ModelError, match=r"^cannot read sentence_bert_config.json of model not a hub id!: "):
+        embedding_input_limit("not a hub id!")
 
 
 def test_vllm_refuses_a_model_that_leaves_its_prompt_out_of_its_pooling(prompted_model, tmp_path):

@@ -285,15 +285,16 @@ def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     store.close()
 
 
-def test_a_deeper_search_only_appends_documents_and_stops_when_it_adds_none():
-    """Hybrid fusion over deeper branches reordered the top ten that nDCG@10 reads; a collection of few
-    documents in many chunks was searched seven times, each pass finding the same documents."""
-    passes = {300: ["d1", "d2", "d1"] * 100, 600: ["d3", "d2", "d1", "d4"] * 150, 1200: ["d4", "d3"] * 600}
+def test_a_deeper_search_only_appends_documents_until_the_collection_runs_out():
+    """Hybrid fusion over deeper branches reordered the top ten that nDCG@10 reads. A pass that adds no
+    document goes on: the next documents may lie past many chunks of those already ranked."""
+    passes = {300: ["d1", "d2", "d1"] * 100, 600: ["d3", "d2", "d1", "d4"] * 150, 1200: ["d2", "d1"] * 600,
+              2400: ["d5"] + ["d2", "d1"] * 1000}  # 2,001 chunks: the collection has no more
     searched = []
 
     def search(texts, depth):
         searched.append(depth)
         return [passes[depth]]
 
-    assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1", "d2", "d3", "d4"]}
-    assert searched == [300, 600, 1200]  # the third pass added nothing: no fourth
+    assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1", "d2", "d3", "d4", "d5"]}
+    assert searched == [300, 600, 1200, 2400]

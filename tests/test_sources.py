@@ -94,7 +94,7 @@ def test_parquet_and_beir(tmp_path):
         (lambda d: (d / "t.jsonl").write_text('{"text": "x"}\n') and d / "t.jsonl", "missing required column 'id'"),
         (lambda d: (d / "bad.parquet").write_bytes(b"nope") and d / "bad.parquet", "not a readable Parquet file"),
         # A column named twice: the readers kept its last silently (document 'a' became 'b').
-        (lambda d: (d / "twice.csv").write_text("id,id,text\na,b,x\n") and d / "twice.csv", "column 'id' appears more than once"),
+        (lambda d: (d / "twice.csv").write_text("id,id,text,,\na,b,x,,\n") and d / "twice.csv", "column 'id' appears more than once"),
         (lambda d: pq.write_table(pa.table([["a"], ["x"], ["y"]], names=["id", "text", "text"]), d / "twice.parquet")
          or d / "twice.parquet", "column 'text' appears more than once"),
         # UTF-16 (by its BOM) with a broken code unit was a UnicodeDecodeError traceback.
@@ -215,6 +215,14 @@ def test_a_table_whose_file_name_is_not_utf8_names_its_rows_readably(tmp_path):
     ("---\nauthor: x\n# a YAML comment\n---\n\n# Heading\n", "Heading"),
     ("```sh\n# install it\npip install x\n```\n\n# Usage ##\n", "Usage"),
     ("#\n\nJust a paragraph, no heading.\n", None),
+    ("---\n# Real Title\n\ntext\n---\n", "Real Title"),  # a rule, no front matter
+    ("---\ntitle: >-\n  A long\n  title\n---\n# Heading\n", "A long title"),
+    ("---\ntitle: ''\n---\n# Heading\n", "Heading"),
+    ("---\ntitle: Foo # draft\n---\n", "Foo"),
+    ("    ```\n    indented code\n# Title\n", "Title"),
+    ("```x``` is inline code\n\n# Title\n", "Title"),
+    ("````md\n```\n# inner\n```\n````\n# Outer\n", "Outer"),
+    ("# Learning C#\n", "Learning C#"),
 ])
 def test_markdown_titles_skip_front_matter_comments_and_fenced_code(tmp_path, text, title):
     (tmp_path / "doc.md").write_text(text)
@@ -257,3 +265,23 @@ def test_a_csv_line_too_long_for_any_row_is_refused_before_it_is_read_whole(tmp_
     with pytest.raises(SourceError, match=r"wide.csv: line 2 is longer than 1,049,776 characters, more than a row of at most "):
         list(read_rows(path, max_chars=100))
     assert [row.doc_id for row in read_rows(path, max_chars=100_000)] == ["a", "b"]
+
+
+def test_trailing_empty_csv_columns_may_repeat_and_cr_only_jsonl_is_one_line(tmp_path):
+    """Spreadsheet exports end rows in commas (columns named ''): refused once duplicates were checked.
+    Old Mac line ends made a JSON Lines file one broken row."""
+    (tmp_path / "t.csv").write_text("id,text,,\n1,hello,,\n2,world,,\n")
+    assert [row.text for row in read_rows(tmp_path / "t.csv")] == ["hello", "world"]
+    (tmp_path / "cr.jsonl").write_bytes(b'{"id": "a", "text": "x"}\r{"id": "b", "text": "y"}\r')
+    with pytest.raises(SourceError, match=r"cr.jsonl: its lines end in CR alone; JSON Lines end in LF \(or CR LF\)$"):
+        read_rows(tmp_path / "cr.jsonl")
+    (tmp_path / "deep.jsonl").write_text('{"id": "a", "text": "x"}\n' + "[" * 200_000 + "\n")
+    assert [row.error for row in read_rows(tmp_path / "deep.jsonl")][1].startswith("invalid JSON: maximum recursion depth")
+
+
+def test_counting_rows_reads_no_line_whole(tmp_path):
+    """The progress total read an over-long line whole (150 MB of memory) before `read_rows` refused it."""
+    (tmp_path / "t.jsonl").write_bytes(b'{"id": "a", "text": "x"}\r\n \n{"id": "b", "text": "' + b"y" * (3 << 20) + b'"}')
+    assert count_rows(tmp_path / "t.jsonl") == 2
+    (tmp_path / "t.csv").write_text("id,text\na,x\nb," + "y" * (3 << 20) + "\n")
+    assert count_rows(tmp_path / "t.csv", max_chars=100) is None and count_rows(tmp_path / "t.csv") == 2
