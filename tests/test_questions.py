@@ -51,6 +51,13 @@ def test_a_parquet_filter_holds_only_the_rows_own_keys(tmp_path):
     questions = [to_question(r) for r in read_rows(tmp_path / "q.parquet", text_column=QUESTION_COLUMN)]
     assert [q.filter for q in questions] == [{"source": "a.md"}, {"lang": "de"}, None]
     assert build_filter(questions[0].filter).must[0].key == "source"
+    # A null a JSON filter gives itself is the question's own mistake: refused, not dropped (the question was
+    # answered from the whole collection without a word).
+    (tmp_path / "q.jsonl").write_text('{"id": "1", "question": "Only German?", "filter": {"metadata.lang": null}}\n')
+    [question] = [to_question(r) for r in read_rows(tmp_path / "q.jsonl", text_column=QUESTION_COLUMN)]
+    assert question.filter == {"metadata.lang": None}
+    with pytest.raises(InvalidFilter):
+        build_filter(question.filter)
 
 
 def test_citations_and_templates(tmp_path):
