@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import bisect
 import glob
 import json
 import re
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -137,8 +135,9 @@ class ResumeMismatch(RagbatchError):
 
 SETTINGS_KEY = b"ragbatch.answer_settings"
 REPLACING_MARKER = "replacing-the-output.json"  # in the parts directory: an --overwrite run's parts, with its settings
-OUTPUT_ROW_GROUP = 1024  # rows per row group of the merged output: what its merge holds in memory per source
-LOADED_ROW_GROUPS = 4  # row groups the merge keeps read: enough for the earlier output and the parts taking turns
+OUTPUT_ROW_GROUP = 1024  # rows per row group of the merged output
+REORDER_BUCKET = 16_384  # output places per bucket when the merge reorders: what it holds in memory then
+PLACE = "__place"  # a bucket's column of each row's place in the output
 
 
 @dataclass(frozen=True)
@@ -238,18 +237,23 @@ class AnswerCheckpoint:
         """Merge the earlier output and all parts into the output: one row per id of `question_ids` (the
         run's questions), in that order, each id's latest row. Rows of other ids, questions since removed
         from the set or now quarantined, are dropped, so the output answers exactly the questions the run
-        counted. Streams: memory holds a few row groups, not the output."""
+        counted. Streams, in memory bounded by a row group (in the sources' order, a fresh run's) or by
+        a bucket of REORDER_BUCKET rows (a set reordered since its parts were written)."""
         position = {question_id: index for index, question_id in enumerate(question_ids)}
         sources = self._sources()
-        latest: dict[str, tuple[int, int]] = {}  # question id -> (source, row)
-        for source, path in enumerate(sources):
-            row = 0
-            for batch in self._batches(path, ["question_id"]):
-                for question_id in batch.column(0).to_pylist():
-                    if question_id in position:
-                        latest[question_id] = (source, row)
-                    row += 1
-        locations = [latest[question_id] for question_id in sorted(latest, key=position.__getitem__)]
+        positions: list[np.ndarray] = []  # per source and row: its place in the output, -1 if it has none
+        for path in sources:
+            ids = [question_id for batch in self._batches(path, ["question_id"]) for question_id in batch.column(0).to_pylist()]
+            positions.append(np.array([position.get(question_id, -1) for question_id in ids], dtype=np.int64))
+        latest = np.full(len(question_ids), -1, dtype=np.int64)  # an id's last row wins: drop the earlier ones
+        for source, places in enumerate(positions):
+            for row in np.nonzero(places >= 0)[0]:
+                if latest[places[row]] >= 0:
+                    earlier_source, earlier_row = divmod(int(latest[places[row]]), 1 << 40)
+                    positions[earlier_source][earlier_row] = -1
+                latest[places[row]] = (source << 40) + int(row)
+        kept = np.concatenate([places[places >= 0] for places in positions]) if positions else np.zeros(0, np.int64)
+        in_order = bool(np.all(np.diff(kept) > 0))
         temporary = re.compile(re.escape(self.output.name) + r"\.\d+-[0-9a-f]{8}\.tmp")  # write_whole's names
         for stale in self.output.parent.glob(f"{glob.escape(self.output.name)}.*.tmp"):
             if temporary.fullmatch(stale.name):
@@ -260,10 +264,12 @@ class AnswerCheckpoint:
         def write(temporary: Path) -> None:
             rows = failed = 0
             head = self._schema.empty_table()
+            tables = self._in_order(sources, positions) if in_order else self._reordered(sources, positions)
             with pq.ParquetWriter(temporary, self._schema) as writer:
-                for table in self._rows_at(sources, locations):
+                for table in tables:
                     writer.write_table(table, row_group_size=OUTPUT_ROW_GROUP)
-                    head = head if rows else table.slice(0, 5)
+                    if head.num_rows < 5:
+                        head = pa.concat_tables([head, table.slice(0, 5 - head.num_rows).replace_schema_metadata(head.schema.metadata)])
                     rows += table.num_rows
                     failed += table.num_rows - table.column("error").null_count
             merged.append(Finalized(rows, failed, head))
@@ -273,45 +279,49 @@ class AnswerCheckpoint:
         self.reset_parts()
         return merged[0]
 
-    def _rows_at(self, sources: list[Path], locations: list[tuple[int, int]]) -> Iterator[pa.Table]:
-        """The rows at `locations` ((source, row) pairs) in that order, OUTPUT_ROW_GROUP at a time. Each
-        chunk reads every row group it needs once (the last LOADED_ROW_GROUPS stay read), so a question
-        set reordered since the earlier output costs a read per row group and chunk, not per row."""
-        firsts: dict[int, list[int]] = {}  # per source, the first row of each of its row groups
-        loaded: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+    def _kept_rows(self, sources: list[Path], positions: list[np.ndarray]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+        """Each row group's rows that have a place in the output, with their places; one group at a time."""
+        for path, places in zip(sources, positions, strict=True):
+            with self._reading(path):
+                parquet = pq.ParquetFile(path)
+                first = 0
+                for group in range(parquet.num_row_groups):
+                    size = parquet.metadata.row_group(group).num_rows
+                    wanted = np.nonzero(places[first:first + size] >= 0)[0]
+                    if len(wanted):
+                        table = parquet.read_row_group(group).select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
+                        yield table.take(pa.array(wanted)), places[first + wanted]
+                    first += size
 
-        def place(source: int, row: int) -> tuple[int, int]:
-            """(row group, row within it) of a source's row."""
-            if source not in firsts:
-                with self._reading(sources[source]):
-                    metadata = pq.ParquetFile(sources[source]).metadata
-                sizes = (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-                firsts[source] = list(accumulate(sizes, initial=0))[:-1]
-            group = bisect.bisect_right(firsts[source], row) - 1
-            return group, row - firsts[source][group]
+    def _in_order(self, sources: list[Path], positions: list[np.ndarray]) -> Iterator[pa.Table]:
+        """The kept rows as read: the sources already hold them in the output's order."""
+        for table, _ in self._kept_rows(sources, positions):
+            yield table
 
-        def row_group(source: int, group: int) -> pa.Table:
-            if (source, group) not in loaded:
-                with self._reading(sources[source]):
-                    table = pq.ParquetFile(sources[source]).read_row_group(group)
-                loaded[source, group] = table.select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
-                if len(loaded) > LOADED_ROW_GROUPS:
-                    loaded.popitem(last=False)
-            loaded.move_to_end((source, group))
-            return loaded[source, group]
-
-        for start in range(0, len(locations), OUTPUT_ROW_GROUP):
-            wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (source, group) -> (position, row within)
-            for position, (source, row) in enumerate(locations[start:start + OUTPUT_ROW_GROUP]):
-                group, within = place(source, row)
-                wanted.setdefault((source, group), []).append((position, within))
-            pieces, order = [], []
-            for (source, group), rows in sorted(wanted.items()):
-                pieces.append(row_group(source, group).take(pa.array([within for _, within in rows], type=pa.int64())))
-                order += [position for position, _ in rows]
-            table = pa.concat_tables(pieces)
-            inverse = sorted(range(len(order)), key=order.__getitem__)  # gathered order -> the chunk's order
-            yield table.take(pa.array(inverse, type=pa.int64()))
+    def _reordered(self, sources: list[Path], positions: list[np.ndarray]) -> Iterator[pa.Table]:
+        """The kept rows in the output's order, in two passes: each row goes to the bucket file of its
+        place (REORDER_BUCKET places each, in the parts directory), then each bucket is read and sorted."""
+        buckets = self.parts_dir / "reorder"
+        buckets.mkdir(parents=True, exist_ok=True)
+        writers: dict[int, pq.ParquetWriter] = {}
+        try:
+            for table, places in self._kept_rows(sources, positions):
+                table = table.append_column(PLACE, pa.array(places))
+                bucket_of = places // REORDER_BUCKET
+                for bucket in np.unique(bucket_of):
+                    piece = table.filter(pa.array(bucket_of == bucket))
+                    if bucket not in writers:
+                        writers[bucket] = pq.ParquetWriter(buckets / f"{bucket:09d}.parquet", piece.schema)
+                    writers[bucket].write_table(piece)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        for bucket in sorted(writers):
+            path = buckets / f"{bucket:09d}.parquet"
+            table = pq.read_table(path).sort_by(PLACE).drop_columns([PLACE])
+            path.unlink()
+            for start in range(0, table.num_rows, OUTPUT_ROW_GROUP):
+                yield table.slice(start, OUTPUT_ROW_GROUP)
 
     def reset_parts(self) -> None:
         """Remove the parts directory, with any temporary file a killed write left in it."""
