@@ -15,7 +15,9 @@ Files that must never be seen half-written (outputs, the edge store's aliases) g
 from __future__ import annotations
 
 import errno
+import glob
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +29,9 @@ MIB = 1024 * 1024
 # Headroom kept free below every write: two WAL segments (2 x 32 MiB) and a segment page (32 MiB)
 # besides, far more than one write batch (about 1 MB at 256 chunks).
 MIN_FREE_BYTES = 128 * MIB
+
+
+TEMPORARY_TOKEN_BYTES = 4  # of a write_whole temporary's random part: one per writer
 
 
 def free_bytes(path: Path) -> int:
@@ -94,7 +99,7 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
     the write fails; it is flushed to the disk and renamed over `path`, and the rename flushed too.
     Readers and a crash see the old or the new content, never a mix, and a power loss after a caller
     deletes what the file replaces (answer parts, once merged) still finds it."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(TEMPORARY_TOKEN_BYTES)}.tmp")
     try:
         write(temporary)
         with open(temporary, "rb") as written:
@@ -108,3 +113,12 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries `write_whole` left beside `path` when its process was killed mid-write (of
+    this path only); the caller must be the path's only writer (holding its lock)."""
+    mine = re.compile(re.escape(path.name) + rf"\.\d+-[0-9a-f]{{{2 * TEMPORARY_TOKEN_BYTES}}}\.tmp")
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        if mine.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.disk import no_space_is_one_line, write_whole
+from tasks.disk import no_space_is_one_line, remove_stale_temporaries, write_whole
 from tasks.errors import RagbatchError, first_line
 from tasks.questions import question_digest
 from tasks.validation import QuarantinedRow
@@ -245,26 +243,25 @@ class AnswerCheckpoint:
         for path in sources:
             ids = [question_id for batch in self._batches(path, ["question_id"]) for question_id in batch.column(0).to_pylist()]
             positions.append(np.array([position.get(question_id, -1) for question_id in ids], dtype=np.int64))
-        latest = np.full(len(question_ids), -1, dtype=np.int64)  # an id's last row wins: drop the earlier ones
-        for source, places in enumerate(positions):
-            for row in np.nonzero(places >= 0)[0]:
-                if latest[places[row]] >= 0:
-                    earlier_source, earlier_row = divmod(int(latest[places[row]]), 1 << 40)
-                    positions[earlier_source][earlier_row] = -1
-                latest[places[row]] = (source << 40) + int(row)
+        placed = np.zeros(len(question_ids), dtype=bool)  # an id's last row wins: walk back, drop the earlier ones
+        for places in reversed(positions):
+            for row in reversed(np.nonzero(places >= 0)[0]):
+                if placed[places[row]]:
+                    places[row] = -1
+                else:
+                    placed[places[row]] = True
         kept = np.concatenate([places[places >= 0] for places in positions]) if positions else np.zeros(0, np.int64)
         in_order = bool(np.all(np.diff(kept) > 0))
-        temporary = re.compile(re.escape(self.output.name) + r"\.\d+-[0-9a-f]{8}\.tmp")  # write_whole's names
-        for stale in self.output.parent.glob(f"{glob.escape(self.output.name)}.*.tmp"):
-            if temporary.fullmatch(stale.name):
-                stale.unlink(missing_ok=True)  # a merge killed mid-write; this run holds the output's lock
+        remove_stale_temporaries(self.output)  # a merge killed mid-write; this run holds the output's lock
         self.output.parent.mkdir(parents=True, exist_ok=True)
         merged: list[Finalized] = []
 
         def write(temporary: Path) -> None:
             rows = failed = 0
             head = self._schema.empty_table()
-            tables = self._in_order(sources, positions) if in_order else self._reordered(sources, positions)
+            # In order (a fresh run's parts), the rows as read; else through buckets.
+            tables = (table for table, _ in self._kept_rows(sources, positions)) if in_order \
+                else self._reordered(sources, positions)
             with pq.ParquetWriter(temporary, self._schema) as writer:
                 for table in tables:
                     writer.write_table(table, row_group_size=OUTPUT_ROW_GROUP)
@@ -292,11 +289,6 @@ class AnswerCheckpoint:
                         table = parquet.read_row_group(group).select(ANSWER_SCHEMA.names).cast(ANSWER_SCHEMA)
                         yield table.take(pa.array(wanted)), places[first + wanted]
                     first += size
-
-    def _in_order(self, sources: list[Path], positions: list[np.ndarray]) -> Iterator[pa.Table]:
-        """The kept rows as read: the sources already hold them in the output's order."""
-        for table, _ in self._kept_rows(sources, positions):
-            yield table
 
     def _reordered(self, sources: list[Path], positions: list[np.ndarray]) -> Iterator[pa.Table]:
         """The kept rows in the output's order, in two passes: each row goes to the bucket file of its
