@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.disk import no_space_is_one_line, write_whole
-from tasks.errors import SourceError, first_line
+from tasks.errors import SourceError, StoreError, first_line
 from tasks.indexing import read_markers
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, rank_documents, retrieval_metrics, token_f1
 from tasks.questions import QUESTION_COLUMN, json_cell, to_question
+from tasks.retrieval import InvalidFilter, build_filter
 from tasks.settings import SourceFormat
 from tasks.sources import SourceRow, batched, read_rows, row_id
 from tasks.store import QdrantStore
@@ -36,16 +37,19 @@ RELEVANT_COLUMNS = ("relevant_doc_ids", "source")
 RANKING_KEPT = 100  # documents per query kept in the per-query output, and what recall@100 needs ranked
 MAX_DEPTH = 16_000  # chunks a query is deepened to at most, for documents of many chunks
 VALIDATION_BATCH = 1024
+ANSWER_COLUMNS = ("question_id", "answer", "error", "contexts", "citations", "reference_answers")  # what is scored
 
 
 @dataclass(frozen=True)
 class EvalQuery:
-    """One query with its relevance judgements (doc_id -> grade) and reference answers."""
+    """One query with its relevance judgements (doc_id -> grade), reference answers and the filter its
+    retrieval takes (a question set's `filter`, as the answer flow applies it)."""
 
     id: str
     text: str
     relevant: dict[str, int] = field(default_factory=dict)
     references: list[str] = field(default_factory=list)
+    filter: dict[str, Any] | None = None
 
 
 def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[list[EvalQuery], list[QuarantinedRow]]:
@@ -62,11 +66,17 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
         quarantined += rejected
         for row in valid:
             relevant, problem = _relevant_doc_ids(row)
-            if problem is None:
-                question = to_question(row)
-                queries.append(EvalQuery(question.id, question.text, dict.fromkeys(relevant, 1), question.reference_answers))
-            else:
+            if problem is not None:
                 quarantined.append(QuarantinedRow(row.locator, row.doc_id, row.source, "relevant_doc_ids", problem))
+                continue
+            question = to_question(row)
+            try:
+                build_filter(question.filter)
+            except InvalidFilter as exc:  # the answer flow fails the question for it
+                quarantined.append(QuarantinedRow(row.locator, row.doc_id, row.source, "filter", f"invalid filter: {exc}"))
+                continue
+            queries.append(EvalQuery(question.id, question.text, dict.fromkeys(relevant, 1), question.reference_answers,
+                                     question.filter))
     if not queries:
         if not quarantined:
             raise SourceError(f"{path}: no questions")
@@ -77,10 +87,10 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
 
 def _relevant_doc_ids(row: SourceRow) -> tuple[list[str], str | None]:
     """The row's relevant document ids (the first of RELEVANT_COLUMNS it has): one id, a list, or a CSV
-    cell holding a JSON list; whole numbers are ids as text. Else ([], why) for the quarantine."""
-    name, value = next(((name, row.metadata[name]) for name in RELEVANT_COLUMNS
-                        if row.metadata.get(name) not in (None, "", [])), (None, None))
-    value = json_cell(value)
+    cell holding a JSON list; whole numbers are ids as text. An empty list says none (in every format).
+    Else ([], why) for the quarantine."""
+    name, value = next(((name, json_cell(row.metadata[name])) for name in RELEVANT_COLUMNS
+                        if row.metadata.get(name) not in (None, "")), (None, None))
     ids = []
     for item in value if isinstance(value, list) else [] if value is None else [value]:
         doc_id, _ = row_id(item)  # the rule for a source row's id: strings and whole numbers
@@ -110,13 +120,19 @@ def check_measurable(queries: Sequence[EvalQuery], *, dataset: Path, answers: Pa
 
 
 def _read_answers(path: Path, columns: list[str]) -> pa.Table:
-    """`columns` of an answers Parquet; SourceError naming the file and the columns it lacks."""
+    """`columns` of an answers Parquet, whose schema is checked whole (every column the answer metrics
+    read, contexts naming their documents) before any is read: SourceError naming the file and the problem."""
     try:
-        found = pq.read_schema(path).names
-        missing = [name for name in columns if name not in found]
+        schema = pq.read_schema(path)
+        missing = [name for name in ANSWER_COLUMNS if name not in schema.names]
         if missing:
             raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` (no column "
-                              f"{', '.join(map(repr, missing))}; found: {', '.join(found) or 'none'})")
+                              f"{', '.join(map(repr, missing))}; found: {', '.join(schema.names) or 'none'})")
+        contexts = schema.field("contexts").type
+        if not (pa.types.is_list(contexts) and pa.types.is_struct(contexts.value_type)
+                and contexts.value_type.get_field_index("doc_id") >= 0):
+            raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` (its contexts are {contexts}, "
+                              "not a list of passages with a doc_id)")
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"{path}: not an answers Parquet of `ragbatch answer` ({first_line(exc)})") from None
@@ -128,44 +144,58 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
         if not required.is_file():
             raise SourceError(f"{path}: not a BEIR dataset with split {split!r} (missing {required.relative_to(path)})")
     qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if not "".join(row).strip() or (number == 1 and not row[-1].lstrip("-").isdigit()):
-                continue  # a blank line (as in queries.jsonl), the header
-            try:
-                query_id, doc_id, grade = row[0], row[1], int(row[2])
-            except (IndexError, ValueError):
-                raise SourceError(f"{qrels_path}:{number}: expected query-id, corpus-id and an integer score") from None
-            judged = qrels.setdefault(query_id, {})  # a query judged only 0 scores 0, as in BEIR's scorer
-            if judged.get(doc_id, grade) != grade:
-                raise SourceError(f"{qrels_path}:{number}: query {query_id!r} judges corpus-id {doc_id!r} again with "
-                                  f"another score ({judged[doc_id]}, now {grade}); which one counts is not clear")
-            judged[doc_id] = grade
+    for number, line in _text_lines(qrels_path):
+        row = next(csv.reader([line], delimiter="\t"), [])
+        if not "".join(row).strip() or (number == 1 and not row[-1].lstrip("-").isdigit()):
+            continue  # a blank line (as in queries.jsonl), the header
+        try:
+            if len(row) != 3:
+                raise ValueError
+            query_id, doc_id, grade = row[0], row[1], int(row[2])
+        except ValueError:
+            trec = " (TREC qrels? drop the second, iteration column)" if len(row) == 4 else ""
+            raise SourceError(f"{qrels_path}:{number}: expected three tab-separated columns, query-id, corpus-id and an "
+                              f"integer score; found {len(row)} column{'s' * (len(row) != 1)}{trec}") from None
+        judged = qrels.setdefault(query_id, {})  # a query judged only 0 scores 0, as in BEIR's scorer
+        if judged.get(doc_id, grade) != grade:
+            raise SourceError(f"{qrels_path}:{number}: query {query_id!r} judges corpus-id {doc_id!r} again with "
+                              f"another score ({judged[doc_id]}, now {grade}); which one counts is not clear")
+        judged[doc_id] = grade
     queries = []
     first_line_of: dict[str, int] = {}
-    with open(queries_path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                (query_id, _), text = row_id(record["_id"]), record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                query_id, text = None, None
-            if query_id is None or not isinstance(text, str) or not text.strip():
-                raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id (a string or an integer) "
-                                  "and text (a string, not blank)")
-            if query_id in first_line_of:
-                raise SourceError(f"{queries_path}:{number}: query id {query_id!r} again (first on line {first_line_of[query_id]})")
-            first_line_of[query_id] = number
-            if query_id in qrels:
-                queries.append(EvalQuery(query_id, text, qrels[query_id]))
+    for number, line in _text_lines(queries_path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            (query_id, _), text = row_id(record["_id"]), record["text"]
+        except (ValueError, RecursionError, KeyError, TypeError):
+            query_id, text = None, None
+        if query_id is None or not isinstance(text, str) or not text.strip():
+            raise SourceError(f"{queries_path}:{number}: expected a JSON object with _id (a string or an integer) "
+                              "and text (a string, not blank)")
+        if query_id in first_line_of:
+            raise SourceError(f"{queries_path}:{number}: query id {query_id!r} again (first on line {first_line_of[query_id]})")
+        first_line_of[query_id] = number
+        if query_id in qrels:
+            queries.append(EvalQuery(query_id, text, qrels[query_id]))
     if not queries:
         raise SourceError(f"{path}: no query of {queries_path.name} is judged in qrels/{split}.tsv")
     if missing := sorted(qrels.keys() - first_line_of.keys()):
         raise SourceError(f"{qrels_path}: {len(missing)} judged queries are not in {queries_path.name} "
                           f"(the first: {', '.join(missing[:3])}); the split would not be scored whole")
     return queries
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A BEIR file's lines, numbered from 1, as text: a byte-order mark dropped, undecodable bytes one line
+    naming the line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{path}:{number}: not valid UTF-8 at byte {exc.start}") from None
 
 
 def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[EvalQuery]) -> list[str]:
@@ -179,10 +209,20 @@ def relevant_not_indexed(store: QdrantStore, collection: str, queries: Sequence[
     return [doc_id for doc_id in relevant if doc_id not in held]
 
 
-def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str], int], list[list[str]]], *,
+def query_filters(queries: Sequence[EvalQuery], store: QdrantStore) -> dict[str, Any]:
+    """Each query's Qdrant filter (None: unfiltered), by query id; a filter the store cannot apply as
+    written is a StoreError naming the question (a filter that is no filter was quarantined at loading)."""
+    filters = {query.id: build_filter(query.filter) for query in queries}
+    for query_id, query_filter in filters.items():
+        if problem := store.filter_problem(query_filter):
+            raise StoreError(f"question {query_id!r}: its filter cannot be applied to this store ({problem})")
+    return filters
+
+
+def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[EvalQuery], int], list[list[str]]], *,
                       depth: int) -> dict[str, list[str]]:
-    """Documents per query, ranked by their best chunk among the top `depth` chunks (`search`: texts and
-    a depth in, each text's chunk doc_ids out, best first). A query whose chunks name fewer than
+    """Documents per query, ranked by their best chunk among the top `depth` chunks (`search`: queries and
+    a depth in, each query's chunk doc_ids out, best first). A query whose chunks name fewer than
     RANKING_KEPT documents while the collection has more chunks is searched again twice as deep (up to
     MAX_DEPTH), so that recall@100 counts 100 documents also where documents have many chunks. A deeper
     search only appends documents: hybrid fusion over deeper branches would reorder the top ten, which
@@ -191,7 +231,7 @@ def document_rankings(queries: Sequence[EvalQuery], search: Callable[[list[str],
     rankings: dict[str, list[str]] = {}
     pending = list(queries)
     while pending:
-        results = search([query.text for query in pending], depth)
+        results = search(pending, depth)
         deeper = []
         for query, doc_ids in zip(pending, results, strict=True):
             ranking = rankings.setdefault(query.id, [])
@@ -221,7 +261,7 @@ def query_rows(queries: Sequence[EvalQuery], rankings: Mapping[str, Sequence[str
 
 def add_answer_metrics(rows: list[dict[str, Any]], queries: Sequence[EvalQuery], answers_path: Path) -> int:
     """Join an answers Parquet on query id and add answer metrics to the rows; returns answers matched."""
-    table = _read_answers(answers_path, ["question_id", "answer", "error", "contexts", "citations", "reference_answers"])
+    table = _read_answers(answers_path, list(ANSWER_COLUMNS))
     answers = {row["question_id"]: row for row in table.to_pylist()}
     by_id = {query.id: query for query in queries}
     matched = 0
@@ -305,7 +345,8 @@ def write_outputs(rows: Sequence[dict[str, Any]], report: EvaluateReport, per_qu
     summary_path = per_query_path.with_name(per_query_path.stem + ".summary.json")
     report.per_query_path, report.summary_path = str(per_query_path), str(summary_path)
     with no_space_is_one_line(per_query_path.parent, f"writing {per_query_path.name}"):
-        table = pa.Table.from_pylist(list(rows))
+        columns = list(dict.fromkeys(name for row in rows for name in row))  # answer metrics: only answered rows have them
+        table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows])
         write_whole(per_query_path, lambda temporary: pq.write_table(table, temporary))
         summary = json.dumps(report.model_dump(), indent=2) + "\n"
         write_whole(summary_path, lambda temporary: temporary.write_text(summary, encoding="utf-8"))

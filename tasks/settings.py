@@ -308,10 +308,15 @@ class EvaluateParams(StoreParams):
     show_progress: bool = Field(False, description="Show a progress bar on the terminal.")
 
     @model_validator(mode="after")
-    def _out_is_not_the_answers(self) -> "EvaluateParams":
-        """RAGBATCH_OUT, set for an answer run, made evaluate write its metrics over the answers it read."""
-        if self.out is not None and self.answers is not None and self.out.absolute() == self.answers.absolute():
-            raise ValueError(f"out is the answers file {self.answers}; give the metrics another file")
+    def _out_is_not_an_input(self) -> "EvaluateParams":
+        """The metrics (and the summary beside them) replaced the answers or the question set they read:
+        RAGBATCH_OUT set for an answer run, say, or one path reached through `..` or a link."""
+        if self.out is not None:
+            written = {self.out.resolve(), self.out.resolve().with_name(self.out.stem + ".summary.json")}
+            for name, read in (("answers", self.answers), ("dataset", self.dataset)):
+                if read is not None and read.resolve() in written:
+                    raise ValueError(f"out {self.out} (or the summary beside it) would replace the {name} file {read}; "
+                                     "give the metrics another file")
         return self
 
 

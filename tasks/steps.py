@@ -151,7 +151,10 @@ def write(checkpoint: AnswerCheckpoint, rows: list[dict]) -> None:
 
 @task(name="rank-documents", **STEP, **STORE_RETRIES)
 def rank_documents(queries: list[EvalQuery], store: QdrantStore, retriever: Retriever, *, depth: int) -> dict[str, list[str]]:
-    def search(texts: list[str], top_k: int) -> list[list[str]]:
-        return [[hit.doc_id for hit in hits] for hits in retriever.search(store, texts, [None] * len(texts), top_k=top_k)]
+    filters = evaluation.query_filters(queries, store)
+
+    def search(pending: list[EvalQuery], top_k: int) -> list[list[str]]:
+        hits = retriever.search(store, [query.text for query in pending], [filters[query.id] for query in pending], top_k=top_k)
+        return [[hit.doc_id for hit in query_hits] for query_hits in hits]
 
     return evaluation.document_rankings(queries, search, depth=depth)

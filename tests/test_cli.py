@@ -67,7 +67,7 @@ ERROR_CASES = [
     (["answer", "{tmp}/q.parquet", "--collection", "x", "--out", "{tmp}/q.parquet", "--overwrite"],  # deleted the question set
      "out is the questions file {tmp}/q.parquet; give the answers another file"),
     (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--answers", "{tmp}/a.parquet", "--out", "{tmp}/a.parquet"],
-     "out is the answers file {tmp}/a.parquet; give the metrics another file"),
+     "out {tmp}/a.parquet (or the summary beside it) would replace the answers file {tmp}/a.parquet; give the metrics another file"),
 ]
 
 

@@ -104,6 +104,29 @@ def test_a_beir_split_is_scored_whole_judged_queries_missing_or_judged_only_not_
                                   "(2, now 0); which one counts is not clear")
 
 
+def test_qrels_of_another_shape_and_undecodable_bytes_are_one_line(beir):
+    """TREC qrels (query, iteration, document, grade) were read as document "0" with the document id as
+    its grade, and every metric was 0; a byte that is not UTF-8 was a bare traceback."""
+    qrels = beir / "qrels" / "test.tsv"
+    qrels.write_text("1\t0\td3\t1\n")
+    with pytest.raises(SourceError) as refused:
+        load_dataset(beir, "test", max_chars=4000)
+    assert str(refused.value) == (f"{qrels}:1: expected three tab-separated columns, query-id, corpus-id and an integer "
+                                  "score; found 4 columns (TREC qrels? drop the second, iteration column)")
+    qrels.write_text(QRELS.replace("2\td5\t1", "2\td5"))
+    with pytest.raises(SourceError, match=rf"^{qrels}:3: expected three tab-separated columns, .* found 2 columns$"):
+        load_dataset(beir, "test", max_chars=4000)
+    qrels.write_bytes(b"\xef\xbb\xbf" + QRELS.replace("\n", "\r\n").encode())  # a byte-order mark and CRLF (a Windows editor)
+    assert [q.relevant for q in load_dataset(beir, "test", max_chars=4000)[0]] == [{"d3": 1}, {"d5": 1}, {"d2": 2, "d1": 0}]
+    qrels.write_bytes(QRELS.encode() + b"3\td\xe9\t1\n")
+    with pytest.raises(SourceError, match=rf"^{qrels}:6: not valid UTF-8 at byte 3$"):
+        load_dataset(beir, "test", max_chars=4000)
+    qrels.write_text(QRELS)
+    (beir / "queries.jsonl").write_bytes(b'{"_id": "1", "text": "caf\xe9?"}\n')
+    with pytest.raises(SourceError, match=rf"^{beir}/queries.jsonl:1: not valid UTF-8 at byte 25$"):
+        load_dataset(beir, "test", max_chars=4000)
+
+
 def test_relevant_documents_as_a_list_a_json_list_in_a_csv_cell_or_a_number(tmp_path):
     """A CSV cell holding a JSON list was taken as one document id (every metric 0), a numeric id crashed
     the run; a value that is no document id is quarantined with its reason."""
@@ -121,6 +144,10 @@ def test_relevant_documents_as_a_list_a_json_list_in_a_csv_cell_or_a_number(tmp_
                      + json.dumps({"id": "t", "question": "Which one?", "relevant_doc_ids": [12.0, "d7"]}) + "\n")
     queries, quarantined = load_dataset(jsonl, max_chars=4000)
     assert [(q.id, q.relevant) for q in queries] == [("s", {"4983": 1}), ("t", {"12": 1, "d7": 1})] and quarantined == []
+    # An empty list says no document is relevant, in every format (JSONL took `source` instead, CSV did not).
+    jsonl.write_text(json.dumps({"id": "u", "question": "None?", "relevant_doc_ids": [], "source": "d9"}) + "\n")
+    path.write_text('id,question,relevant_doc_ids,source\nu,None?,[],d9\n')
+    assert [q.relevant for q in load_dataset(jsonl, max_chars=4000)[0]] == [q.relevant for q in load_dataset(path, max_chars=4000)[0]] == [{}]
 
 
 def test_question_sets_name_relevant_documents_and_references(tmp_path):
@@ -161,6 +188,15 @@ def test_a_question_sets_unusable_rows_are_quarantined_as_the_answer_flow_does(t
     answer_flow = DocumentValidator(max_chars=80, text_label="question")
     _, rejected = answer_flow.validate(list(read_rows(path, text_column=QUESTION_COLUMN, max_chars=80)))
     assert rejected == quarantined
+
+    # The filter the answer flow retrieves with; one that is no filter fails the question there, is quarantined here.
+    path.write_text(json.dumps({"id": "f", "question": "Which gauge?", "source": "d2", "filter": {"source": "d2"}}) + "\n"
+                    + json.dumps({"id": "g", "question": "Which probe?", "source": "d1", "filter": {"source": 1.5}}) + "\n")
+    queries, quarantined = load_dataset(path, max_chars=80)
+    assert [(q.id, q.filter) for q in queries] == [("f", {"source": "d2"})]
+    assert [(row.locator, row.rule, row.reason) for row in quarantined] == [
+        ("q.jsonl:2", "filter", "invalid filter: filter value for 'source' must be a string, number, boolean, "
+                                "or a list of strings or of integers")]
 
     path.write_text("\n".join(lines[1:3]) + "\n")
     with pytest.raises(SourceError) as refused:
@@ -208,8 +244,19 @@ def test_a_question_set_without_judgements_is_measured_by_its_answers_or_refused
     pq.write_table(pa.table({"id": ["a"], "text": ["?"]}), tmp_path / "docs.parquet")
     with pytest.raises(SourceError) as refused:
         check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "docs.parquet")
-    assert str(refused.value) == (f"{tmp_path}/docs.parquet: not an answers Parquet of `ragbatch answer` "
-                                  "(no column 'question_id'; found: id, text)")
+    assert str(refused.value) == (f"{tmp_path}/docs.parquet: not an answers Parquet of `ragbatch answer` (no column "
+                                  "'question_id', 'answer', 'error', 'contexts', 'citations', 'reference_answers'; found: id, text)")
+    # Checked whole before retrieval runs: a column the answer metrics read, or passages without their document.
+    table = pq.read_table(answers)
+    pq.write_table(table.drop_columns(["citations"]), tmp_path / "thin.parquet")
+    with pytest.raises(SourceError, match=r"thin.parquet: not an answers Parquet of `ragbatch answer` \(no column 'citations';"):
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "thin.parquet")
+    contexts = pa.array([[{"rank": 1, "text": "t"}]] * table.num_rows)
+    pq.write_table(table.set_column(table.schema.get_field_index("contexts"), "contexts", contexts), tmp_path / "odd.parquet")
+    with pytest.raises(SourceError) as refused:
+        check_measurable(queries, dataset=tmp_path / "q.jsonl", answers=tmp_path / "odd.parquet")
+    assert str(refused.value) == (f"{tmp_path}/odd.parquet: not an answers Parquet of `ragbatch answer` (its contexts are "
+                                  "list<element: struct<rank: int64, text: string>>, not a list of passages with a doc_id)")
 
     rows = query_rows(queries, {"a": ["x"], "b": ["y"]})
     add_answer_metrics(rows, queries, answers)
@@ -259,6 +306,19 @@ def test_answer_metrics(tmp_path):
         add_answer_metrics(rows, queries, ROOT / "data" / "questions.jsonl")
 
 
+def test_the_per_query_output_keeps_the_answer_metrics_when_the_first_query_has_no_answer(tmp_path):
+    """The Parquet took its columns from the first row: an unanswered first query dropped every answer
+    metric from the file, while the summary reported their means."""
+    queries = [EvalQuery("a", "qa", {"x": 1}), EvalQuery("b", "qb", {"y": 1}, ["clock drift"])]
+    rows = query_rows(queries, {"a": ["x"], "b": ["y"]})
+    assert add_answer_metrics(rows, queries, answers_parquet(tmp_path / "answers.parquet", [("b", "Clock drift [1].", ["y"], [1])])) == 1
+    report = summarize(rows, collection="kb", dataset="d", retrieval="dense")
+    write_outputs(rows, report, tmp_path / "eval.parquet")
+    written = pq.read_table(tmp_path / "eval.parquet").to_pylist()
+    assert [(row["query_id"], row["exact_match"], row["cites"], row["citations"]) for row in written] == [
+        ("a", None, None, None), ("b", 1.0, True, 1)]
+
+
 def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     """Documents of many chunks: 300 chunks held 75 documents, and recall@100 was measured on 75."""
     store = QdrantStore.connect(":memory:")
@@ -274,7 +334,8 @@ def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     queries = [EvalQuery("q", "probe", {"d0": 1}), EvalQuery("r", "gauge7", {"d7": 1})]
     searched = []
 
-    def search(query_texts, depth):
+    def search(pending, depth):
+        query_texts = [query.text for query in pending]
         searched.append((query_texts, depth))
         return [[hit.doc_id for hit in hits] for hits in retriever.search(store, query_texts, [None] * len(query_texts), top_k=depth)]
 
@@ -282,6 +343,9 @@ def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     assert rankings["q"] == [f"d{doc}" for doc in reversed(range(150))] and rankings["r"] == ["d7"]
     assert searched == [(["probe", "gauge7"], 300), (["probe"], 600)]  # 75 documents in 300 chunks; "r" had all of its
     assert steps.rank_documents.fn(queries, store, retriever, depth=300) == rankings
+    # A question's filter restricts its retrieval as in the answer flow (evaluate searched unfiltered).
+    filtered = [EvalQuery("q", "probe", {"d0": 1}, filter={"doc_id": ["d3", "d140"]})]
+    assert steps.rank_documents.fn(filtered, store, retriever, depth=300) == {"q": ["d140", "d3"]}
     store.close()
 
 
@@ -292,9 +356,27 @@ def test_a_deeper_search_only_appends_documents_until_the_collection_runs_out():
               2400: ["d5"] + ["d2", "d1"] * 1000}  # 2,001 chunks: the collection has no more
     searched = []
 
-    def search(texts, depth):
+    def search(pending, depth):
         searched.append(depth)
         return [passes[depth]]
 
     assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1", "d2", "d3", "d4", "d5"]}
     assert searched == [300, 600, 1200, 2400]
+
+
+def test_the_metrics_never_replace_the_answers_or_the_question_set_they_read(tmp_path):
+    """`out` compared with the answers as written: `sub/../a.parquet` or a link replaced them, and the
+    question set itself was not compared at all."""
+    from pydantic import ValidationError
+
+    from tasks.settings import EvaluateParams
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.parquet").symlink_to(tmp_path / "q.parquet")
+    for given in ({"answers": tmp_path / "a.parquet", "out": tmp_path / "sub" / ".." / "a.parquet"},
+                  {"out": tmp_path / "link.parquet"}):
+        with pytest.raises(ValidationError, match="would replace the (answers|dataset) file"):
+            EvaluateParams(dataset=tmp_path / "q.parquet", collection="kb", data_dir=tmp_path, **given)
+    assert EvaluateParams(dataset=tmp_path / "q.parquet", collection="kb", data_dir=tmp_path, answers=tmp_path / "a.parquet",
+                          out=tmp_path / "sub" / "a.parquet").out == tmp_path / "sub" / "a.parquet"
+
