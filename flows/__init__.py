@@ -20,17 +20,23 @@ def _set(name: str, value: str) -> None:
         _SET_HERE.add(name)
 
 
-def use_data_dir(data_dir: Path) -> None:
-    """Keep Prefect's home (its database, logs, results and memo) and torch's compile cache in `data_dir`,
-    where the user has not placed them. On import for RAGBATCH_DATA_DIR (or ./.ragbatch); the command
-    line calls it again for --data-dir, before Prefect loads and reads them."""
-    data_dir = Path(data_dir).absolute()
-    for created in _CREATED_HERE:  # the previous data directory's, if nothing was put there since
+def remove_unused_home() -> None:
+    """Remove the directories made for the Prefect home if nothing was put there since: a command that
+    ended before it ran (`--help`, a refused flag) left ./.ragbatch/prefect in the working directory."""
+    for created in _CREATED_HERE:
         try:
             created.rmdir()
         except OSError:
             break
     _CREATED_HERE.clear()
+
+
+def use_data_dir(data_dir: Path) -> None:
+    """Keep Prefect's home (its database, logs, results and memo) and torch's compile cache in `data_dir`,
+    where the user has not placed them. On import for RAGBATCH_DATA_DIR (or ./.ragbatch); the command
+    line calls it again for --data-dir, before Prefect loads and reads them."""
+    data_dir = Path(data_dir).absolute()
+    remove_unused_home()  # the previous data directory's
     if "PREFECT_HOME" not in os.environ or "PREFECT_HOME" in _SET_HERE:
         # Prefect reads its profiles from its home: keep reading the user's (`prefect config set
         # PREFECT_API_URL=...`, `prefect profile use`), or a team server set that way was ignored.

@@ -8,16 +8,18 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
+from pydantic_settings import SettingsError
 
-from flows import use_data_dir  # (importing `flows` sets the environment defaults before Prefect loads)
+from flows import remove_unused_home, use_data_dir  # (importing `flows` sets the environment defaults before Prefect loads)
 from tasks.disk import MIN_FREE_BYTES, prepare_data_dir, require_free_space
 from tasks.errors import RagbatchError
 from tasks.settings import AnswerParams, EvaluateParams, IngestParams, PrefectServerParams, RagbatchSettings, ServeParams
@@ -37,7 +39,7 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
         if getattr(field.annotation, "__origin__", None) is list:
             parser.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(), help=help_text)
             continue
-        choices = None
+        choices = list(get_args(field.annotation)) if get_origin(field.annotation) is Literal else None
         enum_type = next((t for t in (field.annotation, *get_args(field.annotation)) if isinstance(t, type) and issubclass(t, Enum)), None)
         if enum_type is not None:
             choices = [member.value for member in enum_type]
@@ -47,10 +49,22 @@ def add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], p
                             help=help_text + shown)
 
 
+class InvalidParameters(Exception):
+    """A flag or RAGBATCH_* variable the parameter model refuses; the message names which, in one line."""
+
+
 def params_from_args(model: type[BaseModel], args: argparse.Namespace) -> Any:
     """Build the parameter model from the flags that were given; the rest come from env or defaults."""
     given = {name: value for name, value in vars(args).items() if name in model.model_fields and value is not None}
-    return model(**given)
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        raise InvalidParameters(_one_line(exc, model, given)) from None
+    except SettingsError as exc:  # a list variable that is not JSON, read before the flags are applied
+        field = re.search(r'field "(\w+)"', str(exc))
+        variable = f"RAGBATCH_{field.group(1).upper()}" if field else "a RAGBATCH_* variable"
+        raise InvalidParameters(f"invalid {variable}: a list is written as JSON in the environment, "
+                                f"such as {variable}='[\"one\", \"two\"]'") from None
 
 
 def _command_params(model: type[RagbatchSettings], args: argparse.Namespace, command: str) -> Any:
@@ -64,10 +78,20 @@ def _command_params(model: type[RagbatchSettings], args: argparse.Namespace, com
     return params
 
 
-def _one_line(error: ValidationError) -> str:
+def _one_line(error: ValidationError, model: type[BaseModel], given: dict[str, Any]) -> str:
+    """The first problem, named as the user set it: its flag, or its RAGBATCH_* variable when that and
+    not a flag gave the value; a problem of the parameters together (a model validator's) as it is."""
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "parameters"
-    return f"invalid --{where.replace('_', '-')}: {first['msg']}" + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
+    message = first["msg"].removeprefix("Value error, ") + (f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else "")
+    if not first["loc"]:
+        return message
+    name = str(first["loc"][0])
+    variable = f"RAGBATCH_{name.upper()}"
+    if name not in given and any(key.upper() == variable for key in os.environ):
+        return f"invalid {variable}: {message}"
+    field = model.model_fields.get(name)
+    flag = (field and (field.json_schema_extra or {}).get("flag")) or "--" + name.replace("_", "-")
+    return f"invalid {flag}: {message}"
 
 
 def _is_file_error(exc: BaseException) -> bool:
@@ -178,10 +202,10 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     import signal
     import subprocess
 
-    from tasks.child_process import die_with_parent, require_free_port, supervised
+    from tasks.child_process import die_with_parent, http_address, require_free_port, supervised
     from tasks.llm import has_cuda, vllm_environment
     from tasks.llm_models import resolve_llm_model
-    from tasks.serving import STOP_GRACE_SECONDS, server_key_environment, vllm_server_command
+    from tasks.serving import STOP_GRACE_SECONDS, ServerExited, server_key_environment, vllm_server_command
 
     params = _command_params(ServeParams, args, "serve")
     key_environment = server_key_environment(params.host, os.environ)
@@ -193,20 +217,28 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=params.max_model_len, dtype=params.dtype, enforce_eager=params.enforce_eager,
         kv_cache_gib=params.kv_cache_gib, gpu_memory_utilization=params.gpu_memory_utilization,
         tensor_parallel_size=params.tensor_parallel_size,
-        data_parallel_size=params.data_parallel_size, cuda=cuda,
+        data_parallel_size=params.data_parallel_size, cuda=cuda, require_key=bool(key_environment),
     )
-    print(f"serving {params.llm_model} at http://{params.host}:{params.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    url = f"{http_address(params.host, params.port)}/v1"
+    print(f"serving {params.llm_model} at {url} (Ctrl-C to stop)", file=sys.stderr)
+    scratch = params.data_dir / "cache" / "tmp"  # vLLM's engine leaves a file store of its process group there
+    scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **vllm_environment(params.data_dir / "cache", cuda=cuda, kv_cache_gib=params.kv_cache_gib),
-           **key_environment}
+           **key_environment, "TMPDIR": str(scratch)}
     server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=env, preexec_fn=die_with_parent)
 
+    stopped = []
+
     def stop(signum, frame):
+        stopped.append(signum)
         server.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     code = server.wait()
-    return {"exit_code": code, "model": params.llm_model, "url": f"http://{params.host}:{params.port}/v1"}
+    if code and not stopped:  # a bad --max-model-len, say: after vLLM's own traceback, what ended
+        raise ServerExited(f"the vLLM server exited with code {code}; its log above says why")
+    return {"exit_code": code, "model": params.llm_model, "url": url}
 
 
 def _run_server(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +289,8 @@ def _print_ingest(result: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragbatch", description="Batch RAG: index documents into Qdrant and run question sets.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs and vLLM's engine logs on the terminal.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs and vLLM's engine logs on the terminal "
+                        "(`serve` always shows its server's log).")
     commands = parser.add_subparsers(dest="command", required=True)
     ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
     add_model_options(ingest, IngestParams, positional=("source",))
@@ -291,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        remove_unused_home()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -298,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     except RagbatchError as exc:
         print(f"ragbatch: error: {exc}", file=sys.stderr)
         return 1
-    except ValidationError as exc:
-        print(f"ragbatch: error: {_one_line(exc)}", file=sys.stderr)
+    except InvalidParameters as exc:
+        print(f"ragbatch: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if not _is_file_error(exc):  # a socket, say: keep the traceback

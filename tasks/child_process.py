@@ -11,6 +11,7 @@ starts.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import signal
@@ -22,7 +23,7 @@ from contextlib import suppress
 
 import psutil
 
-from tasks.errors import PortInUseError
+from tasks.errors import AddressError, PortInUseError
 
 _PR_SET_PDEATHSIG = 1
 REAP_GRACE_SECONDS = 10.0
@@ -38,15 +39,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def http_address(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets as URLs write it."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def require_free_port(host: str, port: int) -> None:
-    """Raise `PortInUseError` when something holds `host:port` already: a server started there would
-    fail with a traceback of its own, after its start-up."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise PortInUseError(f"{host}:{port} is already in use; pick another port with --port") from None
+    """Raise `PortInUseError` when something holds `host:port` already, `AddressError` when `host` is no
+    address of this machine (a name that does not resolve, another machine's address): a server
+    started there would fail with a traceback of its own, after its start-up. IPv6 addresses as IPv4."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AddressError(f"--host {host}: {exc.strerror}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUseError(f"{host}:{port} is already in use; pick another port with --port") from None
+                raise AddressError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
 
 
 def die_with_parent() -> None:

@@ -46,6 +46,10 @@ class PortInUseError(RagbatchError):
     """A server was asked to listen on a port that something else holds."""
 
 
+class AddressError(RagbatchError):
+    """A server was asked to listen on an address that is not this machine's."""
+
+
 class QuarantineThresholdExceeded(RagbatchError):
     """Too large a share of the input failed validation; the index is left untouched."""
 

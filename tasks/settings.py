@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -198,7 +198,7 @@ class EngineParams(RagbatchSettings):
 
     llm_model: str = Field("SmolLM2-135M-Instruct", description="Generation model: the bundled SmolLM2, a local directory or a hub id.")
     max_model_len: int | None = Field(None, ge=64, description="Context length for the engine; default: the model's.")
-    dtype: str = Field("auto", description="Weights dtype for vLLM; auto: bfloat16 on CPUs with native bf16, else float32; the model's own on GPU.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "half", "float"] = Field("auto", description="Weights dtype for vLLM; auto: bfloat16 on CPUs with native bf16, else float32; the model's own on GPU.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache space in GiB on CPU.")
     gpu_memory_utilization: float = Field(

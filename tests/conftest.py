@@ -160,9 +160,12 @@ def served_tiny_llm(tiny_llm_dir: Path, tmp_path_factory) -> str:
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", "--llm-model", SERVED_MODEL, "--port", str(port),
                "--max-model-len", "1024", "--kv-cache-gib", "1"]
-    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "RAGBATCH_LLM_API_KEY": SERVED_KEY}
+    scratch = tmp_path_factory.mktemp("serve-tmp")  # the user's temporary directory: vLLM left a file store there
+    env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path_factory.mktemp("serve-state")), "RAGBATCH_LLM_API_KEY": SERVED_KEY,
+           "TMPDIR": str(scratch)}
     with running_server(command, env, host="127.0.0.1", port=port, cwd=tiny_llm_dir.parent) as base_url:
         yield base_url
+    assert not list(scratch.iterdir()), "`ragbatch serve` wrote to the temporary directory"
 
 
 def _last_line(log) -> str:

@@ -154,3 +154,29 @@ def test_a_killed_command_or_flow_run_takes_its_temporary_prefect_server_along(c
     assert descendants[command], "no Prefect server process found for the command"
     assert any(runs_uvicorn(child) for child in descendants[flow]), "no Prefect server process found for the flow run"
     assert_all_end([*descendants[command], *descendants[flow]], timeout=30, after="the command and the flow run were killed")
+
+
+def test_a_port_is_probed_on_the_hosts_own_address_family_and_only_a_taken_one_is_in_use():
+    """Every probe was an IPv4 socket and every failure "already in use": `--host ::1` could never serve,
+    and a name that does not resolve or another machine's address was reported as a taken port."""
+    import socket
+
+    import pytest
+
+    from tasks.child_process import free_port, http_address, require_free_port
+    from tasks.errors import AddressError, PortInUseError
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(PortInUseError, match=rf"^127.0.0.1:{taken.getsockname()[1]} is already in use"):
+            require_free_port("127.0.0.1", taken.getsockname()[1])
+    require_free_port("127.0.0.1", free_port())
+    if socket.has_ipv6:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            ipv6_port = probe.getsockname()[1]
+        require_free_port("::1", ipv6_port)
+    with pytest.raises(AddressError, match=r"^--host no-such-host.invalid: "):
+        require_free_port("no-such-host.invalid", 8000)
+    with pytest.raises(AddressError, match=r"^cannot listen on 192.0.2.1:8000: Cannot assign requested address; check --host"):
+        require_free_port("192.0.2.1", 8000)  # TEST-NET-1: no machine's address
+    assert http_address("::1", 8000) == "http://[::1]:8000" and http_address("127.0.0.1", 80) == "http://127.0.0.1:80"

@@ -62,8 +62,8 @@ ERROR_CASES = [
     (["serve", "--llm-model", "{tmp}/broken", "--port", "{port}"], "{tmp}/broken/config.json: not a readable model config"),
     (["server", "--data-dir", "{tmp}/t.csv", "--project-dir", "{root}"], "cannot use {tmp}/t.csv as the data directory"),
     (["models", "prepare", "--data-dir", "{tmp}/t.csv"], "cannot use {tmp}/t.csv as the data directory"),
-    (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory; name a Parquet file"),
-    (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: Value error, {tmp} is a directory"),
+    (["answer", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: {tmp} is a directory; name a Parquet file"),
+    (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--out", "{tmp}"], "invalid --out: {tmp} is a directory"),
     (["answer", "{tmp}/q.parquet", "--collection", "x", "--out", "{tmp}/q.parquet", "--overwrite"],  # deleted the question set
      "out is the questions file {tmp}/q.parquet; give the answers another file"),
     (["evaluate", "--dataset", "{tmp}/q.jsonl", "--collection", "x", "--answers", "{tmp}/a.parquet", "--out", "{tmp}/a.parquet"],
@@ -139,6 +139,10 @@ def test_the_data_dir_flag_holds_prefects_state_too(corpus, subprocess_env, tmp_
     home = data / "prefect"
     assert json.loads(result.stdout.splitlines()[-1]) == [str(home), str(home / "storage"), str(home / "memo_store.toml")]
     assert home.is_dir() and not list(cwd.iterdir())  # the import's ./.ragbatch is gone again
+    for args, code in ((["--help"], 0), (["serve", "--port", "0"], 2)):  # commands that end before they run
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env={**env, "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == code and not list(cwd.iterdir()), (args, result.stderr[-2000:])
 
 
 def test_each_command_reads_its_own_variables_and_a_relative_data_dir_is_absolute(monkeypatch, tmp_path):
@@ -159,6 +163,31 @@ def test_each_command_reads_its_own_variables_and_a_relative_data_dir_is_absolut
     assert (flags.ui_host, flags.ui_port) == ("10.0.0.5", 4300)
     ingest = params_from_args(IngestParams, build_parser().parse_args(["ingest", "docs", "--collection", "kb"]))
     assert "show_progress" in ingest.model_fields_set and ingest.show_progress  # so the terminal's default does not replace it
+
+
+def test_a_refused_parameter_is_named_as_it_was_set(monkeypatch, tmp_path, capsys):
+    """Errors named `--ui-port` for `server --port`, `--parameters` for the parameters together, the flag
+    for a value that came from a variable; a list variable that is not JSON was a traceback, even with
+    the flag given beside it."""
+    for name in ("RAGBATCH_PORT", "RAGBATCH_STOP"):
+        monkeypatch.delenv(name, raising=False)
+    questions = tmp_path / "q.jsonl"
+    not_an_integer = "Input should be a valid integer, unable to parse string as an integer"
+    cases = [
+        ({}, ["server", "--port", "0"], "invalid --port: Input should be greater than or equal to 1"),
+        ({}, ["answer", str(questions), "--collection", "x", "--out", str(questions)],
+         f"out is the questions file {questions}; give the answers another file"),
+        ({"RAGBATCH_PORT": "x"}, ["serve"], f"invalid RAGBATCH_PORT: {not_an_integer}"),
+        ({"RAGBATCH_PORT": "x"}, ["serve", "--port", "y"], f"invalid --port: {not_an_integer}"),
+        ({"RAGBATCH_STOP": "###"}, ["answer", str(questions), "--collection", "x", "--stop", "x"],
+         """invalid RAGBATCH_STOP: a list is written as JSON in the environment, such as RAGBATCH_STOP='["one", "two"]'"""),
+    ]
+    for variables, args, message in cases:
+        with monkeypatch.context() as scope:
+            for name, value in variables.items():
+                scope.setenv(name, value)
+            assert main(args) == 2
+        assert capsys.readouterr().err.strip() == f"ragbatch: error: {message}"
 
 
 @pytest.mark.parametrize("args, message", ERROR_CASES)

@@ -3,6 +3,7 @@
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -229,6 +230,17 @@ def test_openai_server_gives_the_same_completions_as_the_in_process_engine(tiny_
     with pytest.raises(LLMServerError, match="HTTP 401") as error:
         stranger.generate(prompts[:1], sampling)
     assert "wrong-key" not in str(error.value)
+    # vLLM's own check guards /v1 alone: its /invocations generated for anyone, /tokenize and /metrics answered.
+    root = served_tiny_llm.removesuffix("/v1")
+    body = {"model": SERVED_MODEL, "prompt": prompts[0], "max_tokens": 2}
+    for key in (None, "wrong-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        assert [httpx.post(root + "/invocations", json=body, headers=headers).status_code,
+                httpx.post(root + "/tokenize", json=body, headers=headers).status_code,
+                httpx.get(root + "/metrics", headers=headers).status_code] == [401, 401, 401]
+    assert httpx.get(root + "/health").status_code == 200  # a load balancer's probe carries no key
+    invoked = httpx.post(root + "/invocations", json=body, headers={"Authorization": f"Bearer {SERVED_KEY}"})
+    assert invoked.status_code == 200 and invoked.json()["choices"][0]["text"]
     assert remote == tiny_llm.generate(prompts, sampling)
     # A prompt over the server's context is refused alone: its question fails, the others are answered
     # (one refusal ended the whole batch before, and every resume again).
@@ -287,7 +299,7 @@ def test_a_served_model_is_templated_counted_and_sized_by_its_server_as_by_its_l
         assert served.count(text) == local.count(text) > len(content) // 8
     assert served.max_model_len() == 1024  # the server's --max-model-len, not the model config's
     with pytest.raises(LLMServerError, match="HTTP 404 The model `no-such-model` does not exist"):
-        ServerChat(base_url=served_tiny_llm, model="no-such-model").count("x")
+        ServerChat(base_url=served_tiny_llm, model="no-such-model", api_key=SERVED_KEY).count("x")
 
 
 def test_a_server_without_the_tokenizer_endpoints_or_none_at_all_is_one_clear_error():
