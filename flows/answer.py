@@ -41,7 +41,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     # The output's lock after the store's slot: on an embedded store (one slot), a deployment run queued
     # behind another into the same output then resumes the finished output instead of refusing. With a
     # Qdrant server there is no slot to queue on, and the second run refuses at once.
-    with exclusive(params.store, params.collection, writes=False), OutputLock(params.data_dir, params.out):
+    with exclusive(params.store, params.collection, writes=False), OutputLock(params.out):
         report, head = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
     create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")

@@ -245,7 +245,7 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     """Start the local Prefect stack, print the UI address, and stop it all on Ctrl-C or SIGTERM."""
     import signal
 
-    from tasks.prefect_server import PrefectServerError, PrefectStack
+    from tasks.prefect_server import PrefectServerError, PrefectStack, work_pools
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -256,7 +256,8 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     stack.start()
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)  # also when started in the background, where SIGINT is ignored
-    print(f"Prefect UI: {stack.ui_url}  (work pool {params.work_pool}; Ctrl-C stops server and worker)", flush=True)
+    pools = ", ".join(work_pools(params.project_dir / "prefect.yaml"))
+    print(f"Prefect UI: {stack.ui_url}  (work pools: {pools}; Ctrl-C stops server and workers)", flush=True)
     try:
         exited = stack.wait()
     except KeyboardInterrupt:

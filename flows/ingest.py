@@ -26,7 +26,7 @@ from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
 from tasks.secrets import qdrant_api_key
 from tasks.settings import IngestParams
-from tasks.sharding import EmbedderSpec, ServerSpec, Shard, split_shards, task_runner
+from tasks.sharding import EmbedderSpec, ServerSpec, Shard, settled_results, split_shards, task_runner
 from tasks.sources import SourceRow, batched, count_rows, read_rows
 from tasks.sparse import Bm25
 from tasks.store import QdrantStore, is_server
@@ -132,7 +132,7 @@ def _embed_and_upsert(runner: TaskRunner, params: IngestParams, store: QdrantSto
         server = ServerSpec(params.store, qdrant_api_key(params.qdrant_api_key_block))
         futures = [runner.submit(steps.embed_upsert, dict(embedder=embedder, server=server, collection=target.collection,
                                                           shard=shard, **written)) for shard in shards]
-        return sum(future.result() for future in futures)
+        return sum(settled_results(futures))
     futures = [runner.submit(steps.embed, dict(embedder=embedder, chunks=shard.chunks)) if target.layout.dense else None
                for shard in shards]
     return sum(steps.upsert(store, target.collection, shard.chunks, future.result() if future else None,

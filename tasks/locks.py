@@ -5,16 +5,16 @@ Two runs writing the same collection would race on its markers and on the deleti
 missing from the source; two answer runs writing one output would each answer every question and
 delete each other's checkpoint parts when they finish, leaving an output without some questions.
 So the second run refuses with a clear message instead. A lock is a `flock` on a file (the
-collection's or the output's, in `<data dir>/locks/`): the kernel drops it when the holder exits,
-even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises runs that share a
-data directory on one machine (the CLI, a local worker); ingest runs on several machines against one
-Qdrant server need a Prefect concurrency limit on their deployments as well (`tasks.concurrency`).
+collection's in `<data dir>/locks/`, the output's beside it): the kernel drops it when the holder
+exits, even on SIGKILL, so a crashed run never leaves a stale lock behind. It serialises the ingest
+runs that share a data directory on one machine (the CLI, a local worker); ingest runs on several
+machines against one Qdrant server need a Prefect concurrency limit on their deployments as well
+(`tasks.concurrency`).
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -64,20 +64,24 @@ class RunLock:
             holder = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
             raise self.busy_error(self.busy_message(_describe(holder))) from None
-        os.ftruncate(fd, 0)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except BaseException:  # a full disk: the lock is not held, not kept for nobody
+            _unlock_and_close(fd)
+            raise
         self._fd = fd
         return self
 
     def release(self) -> None:
-        """Empty the file and drop the lock (closing the file releases the flock)."""
+        """Empty the file and drop the lock."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
                 os.ftruncate(fd, 0)
             finally:
-                os.close(fd)
+                _unlock_and_close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
@@ -101,19 +105,28 @@ class CollectionLock(RunLock):
 
 
 class OutputLock(RunLock):
-    """The lock of one answer output, `<data dir>/locks/answer-<digest of its absolute path>.lock`:
-    beside the collection locks, so the output's directory holds only outputs."""
+    """The lock of one answer output, `.<name>.lock` beside it: runs of any data directory meet there
+    (in `<data dir>/locks/`, two runs from two working directories, each with its own ./.ragbatch, both
+    held it and deleted each other's parts)."""
 
     busy_error = OutputBusy
 
-    def __init__(self, data_dir: Path, output: Path) -> None:
+    def __init__(self, output: Path) -> None:
         self.output = Path(output)
-        digest = hashlib.sha1(str(self.output.resolve()).encode()).hexdigest()[:16]
-        super().__init__(Path(data_dir) / "locks" / f"answer-{digest}.lock")
+        super().__init__(self.output.with_name(f".{self.output.name}.lock"))
 
     def busy_message(self, holder: str) -> str:
         return (f"{self.output}: another answer run is writing it ({holder}); wait for it to finish, "
                 "or give another --out")
+
+
+def _unlock_and_close(fd: int) -> None:
+    """Drop a `flock` and close its file. Closing alone keeps the lock while a process forked meanwhile
+    (vLLM's engine on CUDA) still holds a copy of the descriptor."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _describe(holder: str) -> str:
@@ -135,7 +148,7 @@ def waiting_for(path: Path) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        _unlock_and_close(fd)
 
 
 def gpu_start_lock(cache_dir: Path) -> Path:

@@ -22,7 +22,7 @@ from typing import IO
 import httpx
 
 from tasks.child_process import die_with_parent, free_port, http_address, require_free_port, stop_group
-from tasks.errors import RagbatchError
+from tasks.errors import RagbatchError, first_line
 from tasks.settings import PrefectServerParams
 
 
@@ -83,20 +83,22 @@ class PrefectStack:
         return env
 
     def start(self) -> None:
-        """Server, then work pool and deployments, then worker; stops what started if a step fails."""
-        if not (self.params.project_dir / "prefect.yaml").is_file():
-            raise PrefectServerError(f"no prefect.yaml in {self.params.project_dir}; run from the project directory or pass --project-dir")
+        """Server, then the work pools and deployments of prefect.yaml, then a worker per pool; stops
+        what started if a step fails."""
+        pools = work_pools(self.params.project_dir / "prefect.yaml")
         require_free_port(self.params.ui_host, self.params.ui_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._spawn("server", ["server", "start", "--host", self.params.ui_host, "--port", str(self.params.ui_port)])
             self._wait_healthy(timeout=90)
-            self._prefect("work-pool", "create", self.params.work_pool, "--type", "process", "--overwrite")
+            for pool in pools:
+                self._prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
             if self.params.deploy:
                 self._prefect("--no-prompt", "deploy", "--all")
             if self.params.worker:
-                self._spawn("worker", ["worker", "start", "--pool", self.params.work_pool, "--name", "ragbatch-local",
-                                       "--install-policy", "never"])
+                for pool in pools:
+                    self._spawn("worker" if len(pools) == 1 else f"worker-{pool}",
+                                ["worker", "start", "--pool", pool, "--name", f"ragbatch-local-{pool}", "--install-policy", "never"])
         except BaseException:
             self.stop()
             raise
@@ -137,6 +139,23 @@ class PrefectStack:
 
     def _wait_healthy(self, timeout: float) -> None:
         wait_healthy(self.api_url, self.children[0].process, self.log_dir / "server.log", timeout)
+
+
+def work_pools(prefect_yaml: Path) -> list[str]:
+    """The work pools the deployments of `prefect_yaml` run on, in order: what the local stack creates
+    and starts workers for (a pool named apart from the file deployed to one that had no worker)."""
+    import yaml
+
+    if not prefect_yaml.is_file():
+        raise PrefectServerError(f"no prefect.yaml in {prefect_yaml.parent}; run from the project directory or pass --project-dir")
+    try:
+        deployments = (yaml.safe_load(prefect_yaml.read_text(encoding="utf-8")) or {}).get("deployments") or []
+        pools = [deployment["work_pool"]["name"] for deployment in deployments]
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError) as exc:
+        raise PrefectServerError(f"{prefect_yaml}: every deployment needs a work_pool with a name ({first_line(exc)})") from None
+    if not pools:
+        raise PrefectServerError(f"{prefect_yaml}: no deployments")
+    return list(dict.fromkeys(pools))
 
 
 def prefect_tls_verify() -> ssl.SSLContext:

@@ -321,15 +321,14 @@ class EvaluateParams(StoreParams):
 
 
 class PrefectServerParams(RagbatchSettings):
-    """Parameters of `ragbatch server`: a local Prefect server, the work pool, the deployments and a worker."""
+    """Parameters of `ragbatch server`: a local Prefect server, prefect.yaml's work pools and deployments, and their workers."""
 
     # Flags --host and --port, but variables of their own (RAGBATCH_UI_HOST, RAGBATCH_UI_PORT): a shared
     # RAGBATCH_HOST, meant for `ragbatch serve`, put this unauthenticated server on every interface.
     ui_host: str = Field("127.0.0.1", description="Address the Prefect server listens on.", json_schema_extra={"flag": "--host"})
     ui_port: int = Field(4200, ge=1, le=65535, description="Port of the Prefect server and its UI.", json_schema_extra={"flag": "--port"})
-    work_pool: str = Field("ragbatch", description="Process work pool that the deployments in prefect.yaml use.")
     project_dir: Path = Field(
         default_factory=Path.cwd, description="Directory holding prefect.yaml; deployments run from there."
     )
     deploy: bool = Field(True, description="Deploy everything in prefect.yaml on start.")
-    worker: bool = Field(True, description="Start a worker for the work pool.")
+    worker: bool = Field(True, description="Start a worker for each work pool of prefect.yaml's deployments.")

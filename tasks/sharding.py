@@ -22,7 +22,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
+from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import TaskRunner
 from pydantic import SecretStr
 
@@ -147,6 +149,14 @@ def _connect(spec: ServerSpec) -> QdrantStore:
     return QdrantStore.connect(spec.url, api_key=spec.api_key)
 
 
+def settled_results(futures: Sequence[PrefectFuture]) -> list[Any]:
+    """The futures' results once every one has finished; a failure is raised only then. Raised at once,
+    the run released its collection's lock while the other shards still wrote to it (a remote Dask
+    cluster's workers go on after the run's client has closed)."""
+    wait(futures)
+    return [future.result() for future in futures]
+
+
 @contextmanager
 def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = None, api_url: str | None = None,
                 state_dir: Path | None = None) -> Iterator[TaskRunner]:
@@ -164,6 +174,10 @@ def task_runner(kind: TaskRunnerKind, *, workers: int, address: str | None = Non
     with ExitStack() as stack:
         if kind == TaskRunnerKind.dask and not address:
             stack.enter_context(_dask_worker_environment_undone())
+            if state_dir:  # the cluster's own lock files, which `local_directory` leaves in the temporary directory
+                import dask.config
+
+                stack.enter_context(dask.config.set({"temporary-directory": str(state_dir / "dask")}))
         try:
             stack.enter_context(runner)
             if kind == TaskRunnerKind.dask and address:

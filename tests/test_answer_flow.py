@@ -83,7 +83,7 @@ def test_every_question_gets_one_row_with_its_contexts(params, tmp_path, sample_
     assert {c["source"] for c in rows["filtered"]["contexts"]} == {"troubleshooting-guide.txt"}
     assert rows["q02"]["reference_answers"] == ["tipping bucket assembly"]
     assert report.prompts_per_s > 0 and report.output_tokens_per_s > 0
-    OutputLock(sample_index, Path(report.output)).acquire().release()  # the run let go of its output
+    OutputLock(Path(report.output)).acquire().release()  # the run let go of its output
 
 
 def test_a_second_run_of_an_output_refuses_while_the_first_writes_it(params, tmp_path, sample_index):
@@ -91,13 +91,16 @@ def test_a_second_run_of_an_output_refuses_while_the_first_writes_it(params, tmp
     store lets both run): the second refuses before loading anything."""
     questions = question_file(tmp_path, [])
     out = tmp_path / "shared.parquet"
-    with OutputLock(sample_index, out):
+    with OutputLock(out):
         with pytest.raises(OutputBusy) as busy:
             answer(params(questions, out=out))
     message = str(busy.value)
     assert message.startswith(f"{out}: another answer run is writing it (pid ") and "\n" not in message
     assert "give another --out" in message
     assert list(tmp_path.glob("shared.parquet*")) == []  # nothing written
+    # A run of another data directory (another working directory's ./.ragbatch) meets the same lock.
+    with OutputLock(out), pytest.raises(OutputBusy):
+        answer(params(questions, out=out, data_dir=tmp_path / "elsewhere"))
 
 
 def test_a_completed_output_is_not_generated_again(params, tmp_path):

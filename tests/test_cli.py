@@ -111,7 +111,7 @@ def test_the_commands_write_only_to_the_data_and_output_directories(corpus, subp
     for directory in (home, scratch, cwd):
         assert not list(directory.rglob("*")), f"written outside the data and output directories: {list(directory.rglob('*'))}"
     assert {path: path.read_bytes() for path in corpus.rglob("*") if path.is_file()} == corpus_before
-    assert sorted(path.name for path in out.iterdir()) == ["answers.parquet", "eval.parquet", "eval.summary.json"]
+    assert sorted(path.name for path in out.iterdir()) == [".answers.parquet.lock", "answers.parquet", "eval.parquet", "eval.summary.json"]
 
 
 def test_the_data_dir_flag_holds_prefects_state_too(corpus, subprocess_env, tmp_path):

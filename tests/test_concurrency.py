@@ -214,3 +214,46 @@ def test_a_reader_of_the_alias_never_sees_an_error_or_an_empty_result_during_a_r
         store.close()
     assert [o for o in outcomes if o[0] == "error" or o[1] != 3] == []
     assert {name for name, _ in outcomes} == {first, second} and len(outcomes) > 10
+
+
+def test_a_lock_is_released_also_while_a_process_forked_under_it_lives(tmp_path):
+    """vLLM forks its engine process on CUDA; the fork holds a copy of every open descriptor, and closing
+    the parent's alone kept the flock: the next GPU engine start waited forever, a released collection
+    stayed busy. A holder record that cannot be written (a full disk) kept the lock for nobody."""
+    import multiprocessing
+    import resource
+
+    def fork_while_held() -> multiprocessing.Process:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+        child.start()
+        return child
+
+    children = []
+    try:
+        with waiting_for(gpu_start_lock(tmp_path)):
+            children.append(fork_while_held())
+        started = threading.Event()
+
+        def second_engine_start() -> None:
+            with waiting_for(gpu_start_lock(tmp_path)):
+                started.set()
+
+        threading.Thread(target=second_engine_start, daemon=True).start()
+        assert started.wait(10), "the second engine start still waits for the first"
+        lock = CollectionLock(tmp_path, "docs").acquire()
+        children.append(fork_while_held())
+        lock.release()
+        CollectionLock(tmp_path, "docs").acquire().release()
+    finally:
+        for child in children:
+            child.kill()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limit[1]))  # writing the holder record fails
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        with pytest.raises(OSError):
+            CollectionLock(tmp_path, "full").acquire()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    CollectionLock(tmp_path, "full").acquire().release()

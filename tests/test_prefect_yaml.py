@@ -78,3 +78,21 @@ def test_a_worker_loading_a_flow_file_as_a_script_sets_the_environment_defaults(
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == OFFLINE_AND_NO_TELEMETRY
+
+
+def test_the_local_stack_takes_its_work_pools_from_prefect_yaml(tmp_path):
+    """`ragbatch server --work-pool other` created that pool and its worker, while the deployments went
+    to prefect.yaml's own pool: deploying failed, or the runs waited for a worker forever."""
+    from tasks.prefect_server import PrefectServerError, work_pools
+
+    assert work_pools(ROOT / "prefect.yaml") == ["ragbatch"]
+    two = tmp_path / "prefect.yaml"
+    two.write_text(yaml.safe_dump({"deployments": [{"name": "a", "work_pool": {"name": "cpu"}},
+                                                   {"name": "b", "work_pool": {"name": "gpu"}},
+                                                   {"name": "c", "work_pool": {"name": "cpu"}}]}))
+    assert work_pools(two) == ["cpu", "gpu"]
+    two.write_text(yaml.safe_dump({"deployments": [{"name": "a"}]}))
+    with pytest.raises(PrefectServerError, match=rf"^{two}: every deployment needs a work_pool with a name"):
+        work_pools(two)
+    with pytest.raises(PrefectServerError, match=rf"^no prefect.yaml in {tmp_path / 'elsewhere'}; run from the project"):
+        work_pools(tmp_path / "elsewhere" / "prefect.yaml")

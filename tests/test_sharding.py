@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from distributed import Client
+from prefect import flow, task
 from pydantic import ValidationError
 
 from flows.ingest import ingest
@@ -26,8 +27,8 @@ from tasks.chunking import Chunk
 from tasks.embedding import VLLMEmbedder
 from tasks.settings import IngestParams, TaskRunnerKind
 from tasks.sharding import (
-    OPENED_EMBEDDER, RAY_SESSIONS_KEPT, EmbedderSpec, OpenedEmbedder, _unreachable, embedding_gpu_share, local_ray_settings, split_shards,
-    task_runner,
+    OPENED_EMBEDDER, RAY_SESSIONS_KEPT, EmbedderSpec, OpenedEmbedder, _unreachable, embedding_gpu_share, local_ray_settings,
+    settled_results, split_shards, task_runner,
 )
 from tasks.store import QdrantStore
 
@@ -292,6 +293,9 @@ def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_th
     """Also: the variables Dask's nanny sets for its workers in this process's environment go with the cluster."""
     for name in WORKER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    scratch = tmp_path / "tmp"  # the temporary directory, where the cluster left dask-scratch-space/{global,purge}.lock
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     me = psutil.Process()
     before = listening(me)
     with task_runner(TaskRunnerKind.dask, workers=2, api_url=prefect_api_url, state_dir=tmp_path) as runner:
@@ -301,6 +305,7 @@ def test_a_local_dask_cluster_listens_on_loopback_only_and_keeps_its_files_in_th
     assert len({pid for pid, _, _ in started if pid != me.pid}) >= 2  # at least the two worker processes
     assert {address for _, address, _ in started} == {"127.0.0.1"}, started
     assert not [name for name in WORKER_VARIABLES if name in os.environ]
+    assert not list(scratch.iterdir())
 
 
 @pytest.mark.slow
@@ -346,3 +351,26 @@ def test_ingest_on_a_local_ray_cluster_equals_one_process(one_process, tmp_path:
     sharded, sharded_index = sharded_run(SAMPLE_CORPUS, tmp_path / "ray", task_runner=TaskRunnerKind.ray, shards=2)
     assert sharded.loaded == sharded.valid == 36 and sharded.embedded == sharded.points == single.points
     assert_same_index(single_index, sharded_index)
+
+
+@task
+def _shard(seconds: float, fails: bool) -> float:
+    time.sleep(seconds)
+    if fails:
+        raise ValueError("this shard failed")
+    return seconds
+
+
+def test_a_failed_shard_is_raised_once_every_other_shard_has_finished(prefect_api_url):
+    """The first failure was raised at once: the run released its collection's lock while the other
+    shards still wrote (on a remote Dask cluster, whose workers go on after the run's client closes)."""
+
+    @flow
+    def shards() -> bool:
+        with task_runner(TaskRunnerKind.threads, workers=2) as runner:
+            futures = [runner.submit(_shard, {"seconds": 0, "fails": True}), runner.submit(_shard, {"seconds": 2, "fails": False})]
+            with pytest.raises(ValueError, match="this shard failed"):
+                settled_results(futures)
+            return futures[1].state.is_completed()
+
+    assert shards() is True
