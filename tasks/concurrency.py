@@ -13,12 +13,15 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import get_client, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import deployment
+
+QDRANT_PORT = 6333  # what qdrant-client reaches when a server's URL names no port
 
 # A crashed run's slot is freed when its lease expires; a live run renews it in the background.
 LEASE_SECONDS = 60
@@ -34,7 +37,14 @@ def slot_names(store: str, collection: str, *, writes: bool) -> list[str]:
         return []
     if store.startswith(("local:", "edge:")):
         return [f"ragbatch-local-store-{_digest(str(Path(store.split(':', 1)[1]).resolve()))}"]
-    return [f"ragbatch-write-{collection}-{_digest(store)}"] if writes else []
+    return [f"ragbatch-write-{collection}-{_digest(_server_address(store))}"] if writes else []
+
+
+def _server_address(url: str) -> str:
+    """A Qdrant server's URL as its client reaches it, so that every spelling of one server holds one
+    slot (a trailing slash, capitals in the host name, the default port 6333 left out)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.hostname or ''}:{parts.port or QDRANT_PORT}{parts.path.rstrip('/')}"
 
 
 def ensure_limits(client: SyncPrefectClient, names: Sequence[str]) -> None:

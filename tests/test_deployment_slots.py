@@ -18,6 +18,11 @@ def test_server_store_serialises_writers_of_one_collection_only():
     assert slot_names(url, "docs", writes=True) != slot_names(url, "other", writes=True)
     assert slot_names(url, "docs", writes=True) != slot_names("http://10.0.0.2:6333", "docs", writes=True)
     assert slot_names(url, "docs", writes=False) == []
+    # One server however it is written: each spelling held a slot of its own, and two writers overlapped.
+    for spelling in ("http://127.0.0.1:6333/", "HTTP://127.0.0.1", "http://127.0.0.1/"):
+        assert slot_names(spelling, "docs", writes=True) == slot_names(url, "docs", writes=True)
+    assert slot_names("http://Qdrant.Internal:6333", "d", writes=True) == slot_names("http://qdrant.internal", "d", writes=True)
+    assert slot_names("https://127.0.0.1:6333", "docs", writes=True) != slot_names(url, "docs", writes=True)
     assert slot_names(":memory:", "docs", writes=True) == []
 
 
