@@ -13,8 +13,8 @@ from prefect.runtime import flow_run
 
 from tasks import steps
 from tasks.child_process import end_descendants_with_this_process
-from tasks.evaluation import (EvaluateReport, add_answer_metrics, check_measurable, query_rows, relevant_not_indexed, summarize,
-                              write_outputs)
+from tasks.evaluation import (EvaluateReport, add_answer_metrics, check_measurable, query_filters, query_rows, relevant_not_indexed,
+                              summarize, write_outputs)
 from tasks.concurrency import exclusive
 from tasks.outputs import QuarantineWriter, artifact_key, run_file
 from tasks.progress import RunProgress
@@ -45,13 +45,14 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
             if missing:
                 logger.warning("%d relevant documents of %s are not in %s (each scored as a miss), such as %s",
                                len(missing), params.dataset, params.collection, ", ".join(map(repr, missing[:3])))
+            filters = query_filters(queries, store)  # a filter this store cannot apply: one line, before any retrieval
             retriever = open_retriever(store, params.collection, params.retrieval, fusion=params.fusion,
                                        embed_batch_size=params.embed_batch_size, data_dir=params.data_dir)
             progress = RunProgress(key=artifact_key("evaluation-progress", params.collection),
                                    label=f"evaluate {params.collection}", total=len(queries), terminal=params.show_progress)
             rankings: dict[str, list[str]] = {}
             for batch in batched(queries, QUERY_BATCH):
-                rankings.update(steps.rank_documents(batch, store, retriever, depth=params.depth))
+                rankings.update(steps.rank_documents(batch, store, retriever, depth=params.depth, filters=filters))
                 progress.advance(len(batch))
             progress.close()
         finally:

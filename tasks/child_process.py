@@ -47,20 +47,22 @@ def http_address(host: str, port: int) -> str:
 def require_free_port(host: str, port: int) -> None:
     """Raise `PortInUseError` when something holds `host:port` already, `AddressError` when `host` is no
     address of this machine (a name that does not resolve, another machine's address): a server
-    started there would fail with a traceback of its own, after its start-up. IPv6 addresses as IPv4."""
+    started there would fail with a traceback of its own, after its start-up. Probed as vLLM's and
+    Prefect's servers bind: one socket, IPv6 for an IPv6 address, else IPv4."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise AddressError(f"--host {host}: {exc.strerror}") from None
-    for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortInUseError(f"{host}:{port} is already in use; pick another port with --port") from None
-                raise AddressError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
+        kind, protocol, address = next((kind, protocol, address) for _, kind, protocol, _, address
+                                       in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM))
+    except (socket.gaierror, UnicodeError) as exc:  # UnicodeError: a name no DNS label can hold
+        raise AddressError(f"--host {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(f"{host}:{port} is already in use; pick another port with --port") from None
+            raise AddressError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
 
 
 def die_with_parent() -> None:

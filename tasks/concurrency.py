@@ -44,7 +44,11 @@ def _server_address(url: str) -> str:
     """A Qdrant server's URL as its client reaches it, so that every spelling of one server holds one
     slot (a trailing slash, capitals in the host name, the default port 6333 left out)."""
     parts = urlsplit(url)
-    return f"{parts.scheme.lower()}://{parts.hostname or ''}:{parts.port or QDRANT_PORT}{parts.path.rstrip('/')}"
+    try:
+        port = parts.port or QDRANT_PORT
+    except ValueError:  # no port at all: the store refuses the URL when it connects
+        return url
+    return f"{parts.scheme.lower()}://{parts.hostname or ''}:{port}{parts.path.rstrip('/')}"
 
 
 def ensure_limits(client: SyncPrefectClient, names: Sequence[str]) -> None:

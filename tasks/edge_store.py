@@ -29,7 +29,7 @@ import qdrant_edge as edge
 from qdrant_client import models
 
 from tasks.disk import MIN_FREE_BYTES, allocated_bytes, require_free_space, write_whole
-from tasks.errors import RagbatchError, StoreError
+from tasks.errors import RagbatchError, StoreError, first_line
 from tasks.store import DENSE, SCROLL_PAGE, SPARSE, QdrantStore, VectorLayout, physical_names_of
 
 ALIASES_FILE = "aliases.json"
@@ -67,7 +67,10 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # damaged, or cut short by a full disk before the store wrote files whole
+        raise StoreError(f"{path}: not valid JSON ({first_line(exc)}); the edge store cannot read it") from None
 
 
 # -- translation of qdrant_client.models into qdrant_edge -----------------------------------------
@@ -89,16 +92,26 @@ def edge_point(point: Any) -> Any:
     return edge.Point(point.id, _edge_vector(point.vector), point.payload)
 
 
+def _matchable(values: list[Any]) -> list[Any]:
+    """Filter values qdrant-edge 0.9.0 can match: its binding takes 64-bit integers only (a larger one
+    was a TypeError, failing every question retrieved beside it), and no booleans."""
+    for value in values:
+        if isinstance(value, bool):
+            raise StoreError("qdrant-edge 0.9.0 cannot match a boolean (it would match the integer 1 or 0); "
+                             "use a Qdrant server or --store local:PATH for boolean filters")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:
+            raise StoreError(f"qdrant-edge cannot match {value}, an integer beyond 64 bits")
+    return values
+
+
 def _edge_condition(condition: Any) -> Any:
     if isinstance(condition, models.Filter):
         return edge_filter(condition)
     if isinstance(condition, models.FieldCondition) and isinstance(condition.match, models.MatchValue):
-        if isinstance(condition.match.value, bool):
-            raise StoreError("qdrant-edge 0.9.0 cannot match a boolean (it would match the integer 1 or 0); "
-                             "use a Qdrant server or --store local:PATH for boolean filters")
-        return edge.FieldCondition(key=condition.key, match=edge.MatchValue(condition.match.value))
+        [value] = _matchable([condition.match.value])
+        return edge.FieldCondition(key=condition.key, match=edge.MatchValue(value))
     if isinstance(condition, models.FieldCondition) and isinstance(condition.match, models.MatchAny):
-        return edge.FieldCondition(key=condition.key, match=edge.MatchAny(any=list(condition.match.any)))
+        return edge.FieldCondition(key=condition.key, match=edge.MatchAny(any=_matchable(list(condition.match.any))))
     raise StoreError(f"the edge store supports match-value and match-any filters only, not {condition!r}")
 
 

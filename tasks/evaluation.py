@@ -145,7 +145,10 @@ def _load_beir(path: Path, split: str) -> list[EvalQuery]:
             raise SourceError(f"{path}: not a BEIR dataset with split {split!r} (missing {required.relative_to(path)})")
     qrels: dict[str, dict[str, int]] = {}
     for number, line in _text_lines(qrels_path):
-        row = next(csv.reader([line], delimiter="\t"), [])
+        try:
+            row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t"), [])
+        except csv.Error as exc:  # a carriage return inside the line, say
+            raise SourceError(f"{qrels_path}:{number}: not a line of tab-separated columns ({exc})") from None
         if not "".join(row).strip() or (number == 1 and not row[-1].lstrip("-").isdigit()):
             continue  # a blank line (as in queries.jsonl), the header
         try:

@@ -157,13 +157,21 @@ def stored_chunk_ends(store: QdrantStore, collection: str, starts: dict[str, int
 
 def write_documents(store: QdrantStore, collection: str, points: Sequence, previous_chunks: dict[str, int]) -> int:
     """Write new chunks, delete leftovers of shorter new versions (also those of a longer version whose
-    write crashed before its marker), then write markers; returns points deleted."""
+    write crashed before its marker), then write markers; returns points deleted.
+
+    A document indexed before first gets its new chunk 0 with an empty hash, counting the old chunks
+    too: a write cut short then leaves no marker that matches either version (with the old marker
+    kept, the old text back in the source was taken as unchanged over a mix of both versions)."""
+    from qdrant_client import models
+
     body = [p for p in points if p.payload["chunk_index"] != 0]
     markers = [p for p in points if p.payload["chunk_index"] == 0]
     new_counts = {marker.payload["doc_id"]: marker.payload["n_chunks"] for marker in markers}
     ends = stored_chunk_ends(store, collection, {doc_id: max(count, previous_chunks.get(doc_id, 0))
                                                  for doc_id, count in new_counts.items()})
-    for part in _in_batches(body):
+    unmarked = [models.PointStruct(id=p.id, vector=p.vector, payload={**p.payload, "doc_hash": "", "n_chunks": ends[doc_id]})
+                for p in markers if (doc_id := p.payload["doc_id"]) in previous_chunks]
+    for part in _in_batches([*unmarked, *body]):
         store.upsert(collection, part)
     leftovers = [point_id(doc_id, index) for doc_id, count in new_counts.items() for index in range(count, ends[doc_id])]
     for part in _in_batches(leftovers):
@@ -185,12 +193,13 @@ def write_chunks(
 def delete_missing_documents(store: QdrantStore, collection: str, keep_doc_ids: set[str]) -> int:
     """Delete every point whose document was not seen in this run; markers go first, so a deletion cut
     short leaves no marker over a partly deleted document (a later run would skip it as unchanged and
-    never restore its chunks), only unmarked chunks that a later run rewrites or deletes. Returns points deleted."""
-    stale: list[tuple[str, str]] = [
-        (pid, doc_id) for pid, doc_id in store.iter_payload_field(collection, "doc_id") if doc_id not in keep_doc_ids
-    ]
-    stale_markers = {point_id(doc_id, 0) for _, doc_id in stale}
-    ordered = [pid for pid, _ in stale if pid in stale_markers] + [pid for pid, _ in stale if pid not in stale_markers]
+    never restore its chunks), then the other chunks from the last one down, so what it leaves of a
+    document is chunks 1..k, which a later run's probe (`stored_chunk_ends`) finds whole; deleted in
+    scroll order, the gaps hid the chunks past them for good. Returns points deleted."""
+    stale = [(str(record.id), int(payload.get("chunk_index") or 0))
+             for record in store.iter_points(collection, fields=["doc_id", "chunk_index"])
+             if (payload := record.payload or {}).get("doc_id") not in keep_doc_ids]
+    ordered = [pid for pid, _ in sorted(stale, key=lambda point: (point[1] != 0, -point[1]))]  # markers, then descending
     for part in _in_batches(ordered, 1000):
         store.delete(collection, part)
     return len(ordered)

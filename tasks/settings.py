@@ -310,9 +310,11 @@ class EvaluateParams(StoreParams):
     @model_validator(mode="after")
     def _out_is_not_an_input(self) -> "EvaluateParams":
         """The metrics (and the summary beside them) replaced the answers or the question set they read:
-        RAGBATCH_OUT set for an answer run, say, or one path reached through `..` or a link."""
+        RAGBATCH_OUT set for an answer run, say, or one path reached through `..` or a linked directory.
+        (An output that is itself a link is replaced, not written through.)"""
         if self.out is not None:
-            written = {self.out.resolve(), self.out.resolve().with_name(self.out.stem + ".summary.json")}
+            out = self.out.parent.resolve() / self.out.name
+            written = {out, out.with_name(out.stem + ".summary.json")}
             for name, read in (("answers", self.answers), ("dataset", self.dataset)):
                 if read is not None and read.resolve() in written:
                     raise ValueError(f"out {self.out} (or the summary beside it) would replace the {name} file {read}; "

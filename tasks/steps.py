@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
@@ -150,9 +151,8 @@ def write(checkpoint: AnswerCheckpoint, rows: list[dict]) -> None:
 
 
 @task(name="rank-documents", **STEP, **STORE_RETRIES)
-def rank_documents(queries: list[EvalQuery], store: QdrantStore, retriever: Retriever, *, depth: int) -> dict[str, list[str]]:
-    filters = evaluation.query_filters(queries, store)
-
+def rank_documents(queries: list[EvalQuery], store: QdrantStore, retriever: Retriever, *, depth: int,
+                   filters: dict[str, Any]) -> dict[str, list[str]]:
     def search(pending: list[EvalQuery], top_k: int) -> list[list[str]]:
         hits = retriever.search(store, [query.text for query in pending], [filters[query.id] for query in pending], top_k=top_k)
         return [[hit.doc_id for hit in query_hits] for query_hits in hits]

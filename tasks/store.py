@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -141,6 +142,8 @@ def _translate_errors(location: str, action: str, *, idempotent: bool = True) ->
         raise StoreError(message) from None
     except (ValueError, KeyError) as exc:  # local mode reports missing collections this way
         raise StoreError(f"Qdrant at {location}: {action} failed: {exc}") from None
+    except sqlite3.Error as exc:  # local mode's storage: a full disk, a damaged file
+        raise StoreError(f"Qdrant at {location}: {action} failed: {first_line(exc)} (its SQLite storage)") from None
 
 
 class QdrantStore:
@@ -164,7 +167,10 @@ class QdrantStore:
 
         if is_server(spec):
             key = api_key.get_secret_value() if api_key is not None else qdrant_api_key()
-            client = QdrantClient(url=spec, api_key=key, timeout=timeout, check_compatibility=False)
+            try:
+                client = QdrantClient(url=spec, api_key=key, timeout=timeout, check_compatibility=False)
+            except ValueError as exc:  # a port out of range, say
+                raise StoreError(f"--store {spec} is not a valid URL: {first_line(exc)}") from None
             return cls(client, location=spec, timeout=timeout)
         if spec == ":memory:":
             return cls(QdrantClient(location=":memory:"), location=spec)
@@ -182,6 +188,8 @@ class QdrantStore:
                         "(wait for the other run, or use a Qdrant server)"
                     ) from None
                 raise
+            except (ValueError, sqlite3.Error) as exc:  # a damaged meta.json or storage.sqlite
+                raise StoreError(f"the embedded store {path} cannot be opened: {first_line(exc)}") from None
             return cls(client, location=spec)
         raise StoreError(f"unknown store {spec!r}: use http(s)://host:port, local:PATH, edge:PATH or :memory:")
 

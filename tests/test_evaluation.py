@@ -8,9 +8,9 @@ import pytest
 
 from tasks import steps
 from tasks.chunking import Chunk
-from tasks.errors import SourceError
-from tasks.evaluation import (EvalQuery, add_answer_metrics, check_measurable, document_rankings, load_dataset, query_rows,
-                              summarize, write_outputs)
+from tasks.errors import SourceError, StoreError
+from tasks.evaluation import (EvalQuery, add_answer_metrics, check_measurable, document_rankings, load_dataset, query_filters,
+                              query_rows, summarize, write_outputs)
 from tasks.indexing import build_points, write_documents
 from tasks.ingest import LAYOUTS
 from tasks.retrieval import Retriever
@@ -118,6 +118,9 @@ def test_qrels_of_another_shape_and_undecodable_bytes_are_one_line(beir):
         load_dataset(beir, "test", max_chars=4000)
     qrels.write_bytes(b"\xef\xbb\xbf" + QRELS.replace("\n", "\r\n").encode())  # a byte-order mark and CRLF (a Windows editor)
     assert [q.relevant for q in load_dataset(beir, "test", max_chars=4000)[0]] == [{"d3": 1}, {"d5": 1}, {"d2": 2, "d1": 0}]
+    qrels.write_bytes(QRELS.encode() + b"3\td2\r\t2\n")  # a carriage return inside a line was a traceback
+    with pytest.raises(SourceError, match=rf"^{qrels}:6: not a line of tab-separated columns \(new-line character seen"):
+        load_dataset(beir, "test", max_chars=4000)
     qrels.write_bytes(QRELS.encode() + b"3\td\xe9\t1\n")
     with pytest.raises(SourceError, match=rf"^{qrels}:6: not valid UTF-8 at byte 3$"):
         load_dataset(beir, "test", max_chars=4000)
@@ -342,10 +345,10 @@ def test_a_query_is_searched_deeper_until_its_chunks_name_100_documents():
     rankings = document_rankings(queries, search, depth=300)
     assert rankings["q"] == [f"d{doc}" for doc in reversed(range(150))] and rankings["r"] == ["d7"]
     assert searched == [(["probe", "gauge7"], 300), (["probe"], 600)]  # 75 documents in 300 chunks; "r" had all of its
-    assert steps.rank_documents.fn(queries, store, retriever, depth=300) == rankings
+    assert steps.rank_documents.fn(queries, store, retriever, depth=300, filters=query_filters(queries, store)) == rankings
     # A question's filter restricts its retrieval as in the answer flow (evaluate searched unfiltered).
     filtered = [EvalQuery("q", "probe", {"d0": 1}, filter={"doc_id": ["d3", "d140"]})]
-    assert steps.rank_documents.fn(filtered, store, retriever, depth=300) == {"q": ["d140", "d3"]}
+    assert steps.rank_documents.fn(filtered, store, retriever, depth=300, filters=query_filters(filtered, store)) == {"q": ["d140", "d3"]}
     store.close()
 
 
@@ -365,18 +368,38 @@ def test_a_deeper_search_only_appends_documents_until_the_collection_runs_out():
 
 
 def test_the_metrics_never_replace_the_answers_or_the_question_set_they_read(tmp_path):
-    """`out` compared with the answers as written: `sub/../a.parquet` or a link replaced them, and the
-    question set itself was not compared at all."""
+    """`out` compared with the answers as written: `sub/../a.parquet` or a linked directory replaced
+    them, and the question set itself was not compared at all. A link as `out` is replaced, not
+    written through, so it may point at an input."""
     from pydantic import ValidationError
 
     from tasks.settings import EvaluateParams
 
     (tmp_path / "sub").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "link.parquet").symlink_to(tmp_path / "q.parquet")
-    for given in ({"answers": tmp_path / "a.parquet", "out": tmp_path / "sub" / ".." / "a.parquet"},
-                  {"out": tmp_path / "link.parquet"}):
+    q = tmp_path / "q.parquet"
+    for given in ({"dataset": q, "answers": tmp_path / "a.parquet", "out": tmp_path / "sub" / ".." / "a.parquet"},
+                  {"dataset": q, "out": tmp_path / "linked" / "q.parquet"},
+                  {"dataset": tmp_path / "x.summary.json", "out": tmp_path / "x.parquet"},  # the summary beside the metrics
+                  {"dataset": tmp_path / "link.parquet", "out": q}):  # the question set read through a link
         with pytest.raises(ValidationError, match="would replace the (answers|dataset) file"):
-            EvaluateParams(dataset=tmp_path / "q.parquet", collection="kb", data_dir=tmp_path, **given)
-    assert EvaluateParams(dataset=tmp_path / "q.parquet", collection="kb", data_dir=tmp_path, answers=tmp_path / "a.parquet",
-                          out=tmp_path / "sub" / "a.parquet").out == tmp_path / "sub" / "a.parquet"
+            EvaluateParams(collection="kb", data_dir=tmp_path, **given)
+    for out in (tmp_path / "sub" / "a.parquet", tmp_path / "link.parquet"):
+        assert EvaluateParams(dataset=tmp_path / "q.parquet", collection="kb", data_dir=tmp_path, answers=tmp_path / "a.parquet",
+                              out=out).out == out
 
+
+
+def test_a_filter_the_store_cannot_apply_is_one_line_before_any_retrieval(tmp_path):
+    """qdrant-edge cannot match a boolean: the run failed at that question's batch, after retrieving the
+    batches before it."""
+    queries = [EvalQuery("ok", "q", {"d1": 1}, filter={"source": "a.md"}), EvalQuery("b", "q", {"d1": 1}, filter={"published": True})]
+    store = QdrantStore.connect(f"edge:{tmp_path / 'edge'}")
+    try:
+        with pytest.raises(StoreError) as refused:
+            query_filters(queries, store)
+    finally:
+        store.close()
+    assert str(refused.value).startswith("question 'b': its filter cannot be applied to this store (qdrant-edge 0.9.0 cannot match a boolean")
+    assert set(query_filters(queries, QdrantStore.connect(":memory:"))) == {"ok", "b"}

@@ -83,3 +83,58 @@ def test_a_models_document_prompt_is_part_of_the_fingerprint():
     plain = index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32)
     assert plain == "m|200|32" == index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32, document_prompt="")
     assert index_fingerprint(embedding_model="m", chunk_tokens=200, chunk_overlap=32, document_prompt="passage: ") != plain
+
+
+class DiesOnDelete(QdrantStore):
+    """A store whose `delete` raises from its `dies_at`-th call on: a run killed at that point."""
+
+    dies_at = 1
+    deletes = 0
+
+    def delete(self, collection, ids):
+        self.deletes += 1
+        if self.deletes >= self.dies_at:
+            raise RuntimeError("killed")
+        super().delete(collection, ids)
+
+
+def versioned(doc_id, n, version):
+    return [Chunk(doc_id, i, f"{version} part {i}", i * 10, i * 10 + 5, None, doc_id, {}, version) for i in range(n)]
+
+
+def texts_of(store, doc_id):
+    return sorted((p.payload["chunk_index"], p.payload["text"]) for p in store.iter_points("c", fields=["doc_id", "chunk_index", "text"])
+                  if p.payload["doc_id"] == doc_id)
+
+
+def test_a_write_cut_short_leaves_no_marker_that_either_version_matches():
+    """The old marker stayed until the new version was written: killed in between, with the old text back
+    in the source, the document was taken as unchanged over a mix of both versions, for good."""
+    store = DiesOnDelete.connect(":memory:")
+    store.create_collection("c", dimension=4, metadata={})
+    write(store, versioned("doc", 5, "v1"))
+    with pytest.raises(RuntimeError, match="killed"):  # after the new body, at the old leftovers' delete
+        write(store, versioned("doc", 3, "v2"), previous={"doc": 5})
+    marker = read_markers(store, "c", ["doc"])["doc"]
+    assert marker.doc_hash not in ("v1", "v2") and marker.n_chunks == 5  # counts the old chunks too
+    store.dies_at = 10**9
+    assert write(store, versioned("doc", 5, "v1"), previous={"doc": marker.n_chunks}) == 0
+    assert texts_of(store, "doc") == [(i, f"v1 part {i}") for i in range(5)]
+    store.close()
+
+
+def test_a_deletion_cut_short_leaves_what_a_later_write_finds_and_deletes():
+    """Chunks were deleted in scroll order: a run killed between batches left gaps, the probe for
+    leftovers stopped at the first, and the chunks past it stayed, under the document's id, for good."""
+    store = DiesOnDelete.connect(":memory:")
+    store.create_collection("c", dimension=4, metadata={})
+    write(store, versioned("big", 1500, "v1") + versioned("keep", 2, "k"))
+    store.dies_at = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        delete_missing_documents(store, "c", {"keep"})
+    left = [index for index, _ in texts_of(store, "big")]
+    assert left == list(range(1, len(left) + 1)) and 0 < len(left) < 1499  # chunks 1..k: no marker, no gap
+    store.dies_at = 10**9
+    write(store, versioned("big", 3, "v2"))  # the document back, shorter, with no marker to say how long it was
+    assert texts_of(store, "big") == [(i, f"v2 part {i}") for i in range(3)]
+    store.close()

@@ -110,6 +110,11 @@ def test_collections_are_created_only_on_a_recent_enough_server_and_with_the_cli
 def test_unknown_store_spec():
     with pytest.raises(StoreError, match="unknown store 'qdrant.example'"):
         QdrantStore.connect("qdrant.example")
+    with pytest.raises(StoreError, match=r"^--store http://host:99999 is not a valid URL: "):  # was urllib3's traceback
+        QdrantStore.connect("http://host:99999")
+    from tasks.concurrency import slot_names
+
+    assert slot_names("http://host:99999", "kb", writes=True)  # named as given; connecting then refuses it
 
 
 def test_embedded_store_allows_one_client_at_a_time(tmp_path):
@@ -169,3 +174,36 @@ def test_collections_record_their_vector_layout():
     assert VectorLayout.from_metadata({"embedding_model": "m"}) == VectorLayout(dense=True, sparse=False, named=False)
     store.update_metadata("bm25", {"bm25_avgdl": 12.5})
     assert store.collection_metadata("bm25") == {"vectors": ["sparse"], "bm25_avgdl": 12.5}
+
+
+def test_damaged_or_full_embedded_storage_is_one_line(tmp_path):
+    """Local mode's SQLite errors (a full disk, a damaged file) and a damaged meta.json or edge
+    aliases.json were tracebacks: neither a RagbatchError nor an OSError naming a file."""
+    import resource
+    import signal
+
+    store = QdrantStore.connect(f"local:{tmp_path / 'local'}")
+    store.create_collection("c", dimension=4, metadata={})
+    points = [models.PointStruct(id=n, vector={"dense": [0.1, 0.2, 0.3, float(n)]}, payload={"text": "x" * 4000}) for n in range(200)]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limit[1]))  # the disk fills while the points are written
+    try:
+        with pytest.raises(StoreError, match=r"^Qdrant at local:.*: writing points to c failed: .* \(its SQLite storage\)$"):
+            store.upsert("c", points)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    store.close()
+    (tmp_path / "local" / "meta.json").write_text('{"collections": ')
+    with pytest.raises(StoreError, match=rf"^the embedded store {tmp_path / 'local'} cannot be opened: "):
+        QdrantStore.connect(f"local:{tmp_path / 'local'}")
+    edge = QdrantStore.connect(f"edge:{tmp_path / 'edge'}")
+    edge.close()
+    (tmp_path / "edge" / "aliases.json").write_text("{")
+    edge = QdrantStore.connect(f"edge:{tmp_path / 'edge'}")
+    try:
+        with pytest.raises(StoreError, match=rf"^{tmp_path / 'edge' / 'aliases.json'}: not valid JSON \("):
+            edge.resolve("c")
+    finally:
+        edge.close()

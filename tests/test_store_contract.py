@@ -142,7 +142,7 @@ def test_alias_swap_and_drop(store):
         store.readable_collection("kb")
 
 
-def test_a_boolean_filter_is_applied_or_refused_for_its_question_alone(store):
+def test_a_boolean_or_huge_integer_filter_is_applied_or_refused_for_its_question_alone(store):
     """qdrant-edge 0.9.0 makes MatchValue(True) the integer 1: on the edge store a boolean filter matched
     nothing (or the 1s), and its question was answered without context and without a word."""
     from tasks.answering import Pending, retrieve_part
@@ -151,12 +151,15 @@ def test_a_boolean_filter_is_applied_or_refused_for_its_question_alone(store):
     flagged = Chunk("f0", 0, "flagged soil 0", 0, 14, None, "f.md", {"flag": True}, "h")
     store.upsert("kb", build_points([flagged], FixedEmbedder().embed([flagged.text]), embedding_model="fixed", layout=HYBRID, bm25=BM25))
     retriever = Retriever("kb", RetrievalMode.dense, HYBRID, embedder=FixedEmbedder(), bm25=BM25)
-    part = [Pending(Question("q1", "soil 0", "q:1", filter={"metadata.flag": True})), Pending(Question("q2", "soil 0", "q:2"))]
+    part = [Pending(Question("q1", "soil 0", "q:1", filter={"metadata.flag": True})), Pending(Question("q2", "soil 0", "q:2")),
+            Pending(Question("q3", "soil 0", "q:3", filter={"metadata.n": [2**64, 1]}))]  # beyond 64 bits: a TypeError failed all three
     retrieve_part(part, store, retriever, top_k=10, score_threshold=None)
     if isinstance(store, EdgeStore):
         assert part[0].error.startswith("invalid filter: qdrant-edge 0.9.0 cannot match a boolean") and not part[0].hits
+        assert part[2].error == "invalid filter: qdrant-edge cannot match 18446744073709551616, an integer beyond 64 bits"
     else:
         assert part[0].error is None and [hit.doc_id for hit in part[0].hits] == ["f0"]
+        assert part[2].error is None and part[2].hits == []
     assert part[1].error is None and len(part[1].hits) == 5
 
 
