@@ -245,7 +245,7 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     """Start the local Prefect stack, print the UI address, and stop it all on Ctrl-C or SIGTERM."""
     import signal
 
-    from tasks.prefect_server import PrefectServerError, PrefectStack, work_pools
+    from tasks.prefect_server import PrefectServerError, PrefectStack
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -256,8 +256,7 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     stack.start()
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)  # also when started in the background, where SIGINT is ignored
-    pools = ", ".join(work_pools(params.project_dir / "prefect.yaml"))
-    print(f"Prefect UI: {stack.ui_url}  (work pools: {pools}; Ctrl-C stops server and workers)", flush=True)
+    print(f"Prefect UI: {stack.ui_url}  (work pools: {', '.join(stack.pools)}; Ctrl-C stops server and workers)", flush=True)
     try:
         exited = stack.wait()
     except KeyboardInterrupt:

@@ -48,6 +48,7 @@ class PrefectStack:
 
     params: PrefectServerParams
     children: list[_Child] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)  # prefect.yaml's work pools, read by `start`
 
     @property
     def api_url(self) -> str:
@@ -85,7 +86,7 @@ class PrefectStack:
     def start(self) -> None:
         """Server, then the work pools and deployments of prefect.yaml, then a worker per pool; stops
         what started if a step fails."""
-        pools = work_pools(self.params.project_dir / "prefect.yaml")
+        self.pools = pools = work_pools(self.params.project_dir / "prefect.yaml")
         require_free_port(self.params.ui_host, self.params.ui_port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
