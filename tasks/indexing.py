@@ -161,7 +161,9 @@ def write_documents(store: QdrantStore, collection: str, points: Sequence, previ
 
     A document indexed before first gets its new chunk 0 with an empty hash, counting the old chunks
     too: a write cut short then leaves no marker that matches either version (with the old marker
-    kept, the old text back in the source was taken as unchanged over a mix of both versions)."""
+    kept, the old text back in the source was taken as unchanged over a mix of both versions), and a
+    write that fails at once leaves the old version whole. One point more per changed document
+    (bench/bench_rewrite.py), beside its embedding's cost."""
     from qdrant_client import models
 
     body = [p for p in points if p.payload["chunk_index"] != 0]
