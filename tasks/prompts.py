@@ -20,7 +20,10 @@ Context:
 
 Question: {question}"""
 
-_CITATION = re.compile(r"\[(\d{1,9})\]")  # a passage number; longer digit runs are no citation (and overflow int32)
+# A passage number, or several ("[1, 2]", "[1-3]"); longer digit runs are no citation (and overflow int32).
+CITATION = re.compile(r"\[(\d{1,9}(?:\s*(?:[,;]|[-\u2013])\s*\d{1,9})*)\]")
+_CITED = re.compile(r"(\d+)(?:\s*[-\u2013]\s*(\d+))?")
+MAX_CITED_RANGE = 100  # numbers one range cites at most: "[1-999999]" is no list of passages
 
 
 _PLACEHOLDER = re.compile(r"\{context\}|\{question\}")
@@ -55,12 +58,24 @@ def load_template(path: Path | None) -> str:
 
 
 def format_passages(hits: Sequence[Hit]) -> str:
-    return "\n\n".join(f"[{i}] {hit.title}\n{hit.text}" if hit.title else f"[{i}] {hit.text}" for i, hit in enumerate(hits, 1))
+    """The passages numbered [1], [2], ... A bracketed number in a passage's own text or title becomes
+    (n), and a title one line: a text holding "\n\n[2] ..." passed for a passage of its own, and the
+    model's [2] was counted as citing the retrieved second passage."""
+    def own(text: str) -> str:
+        return CITATION.sub(lambda match: f"({match.group(1)})", text)
+
+    return "\n\n".join(f"[{i}] {' '.join(own(hit.title).split())}\n{own(hit.text)}" if hit.title else f"[{i}] {own(hit.text)}"
+                         for i, hit in enumerate(hits, 1))
 
 
 def find_citations(answer: str) -> list[int]:
-    """Passage numbers cited as [n] in an answer, first mention first."""
-    return list(dict.fromkeys(int(n) for n in _CITATION.findall(answer)))
+    """Passage numbers cited in an answer as [n], [n, m] or [n-m], first mention first."""
+    cited: list[int] = []
+    for group in CITATION.findall(answer):
+        for first, last in _CITED.findall(group):
+            low, high = int(first), int(last or first)
+            cited += range(low, high + 1) if 0 <= high - low < MAX_CITED_RANGE else [low, high]
+    return list(dict.fromkeys(cited))
 
 
 class ChatFormat(Protocol):
