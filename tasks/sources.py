@@ -177,12 +177,15 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
         if error:
             yield SourceRow(relative, relative, None, source=relative, kind=kind, error=error)
             continue
-        title = None
+        title, metadata = None, {"format": kind}
         if kind == "html":
             title, text = html_to_text(text)
         elif kind == "markdown":
-            title = _markdown_title(text)
-        yield SourceRow(relative, relative, text, title=title, source=relative, kind=kind, metadata={"format": kind})
+            front, text = _split_front_matter(text)
+            title = _markdown_title(text, front)
+            if front:
+                metadata["front_matter"] = _jsonable(front)
+        yield SourceRow(relative, relative, text, title=title, source=relative, kind=kind, metadata=metadata)
 
 
 def shown_name(name: str) -> str:
@@ -273,18 +276,14 @@ _HEADING_1 = re.compile(r"^ {0,3}#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE_OPENING = re.compile(r"^ {0,3}(`{3,}(?=[^`]*$)|~{3,})")  # a backtick fence's info string has no backtick
 
 
-def _markdown_title(text: str) -> str | None:
-    """The front matter's `title:`, else the first `# ` heading outside fenced code (a shell comment there
-    is no heading, nor is a YAML comment in the front matter)."""
-    lines = text.splitlines()
-    if front := _front_matter(lines):
-        end, fields = front
-        title = fields.get("title")
-        if isinstance(title, str) and title.strip():
-            return title.strip()
-        lines = lines[end + 1:]
+def _markdown_title(text: str, front_matter: dict[str, Any]) -> str | None:
+    """The front matter's `title:`, else the first `# ` heading of the text outside fenced code (a shell
+    comment there is no heading)."""
+    title = front_matter.get("title")
+    if isinstance(title, str) and title.strip():
+        return title.strip()
     fence: str | None = None
-    for line in lines:
+    for line in text.splitlines():
         if fence is not None:
             if re.fullmatch(f" {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*", line):
                 fence = None
@@ -295,21 +294,23 @@ def _markdown_title(text: str) -> str | None:
     return None
 
 
-def _front_matter(lines: list[str]) -> tuple[int, dict[str, Any]] | None:
-    """(index of its closing line, its fields) when the text opens with a YAML mapping between `---`
-    lines; a `---` rule that opens a text is no front matter."""
+def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """(its fields, the text after it) when a Markdown text opens with a YAML mapping between `---`
+    lines, else ({}, the text): front matter is metadata, which became a chunk of its own (owners'
+    addresses in prompts, title-only chunks in the top k). A `---` rule that opens a text is none."""
     import yaml
 
+    lines = text.splitlines(keepends=True)
     if not lines or lines[0].rstrip() != "---":
-        return None
+        return {}, text
     end = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() in ("---", "...")), None)
     if end is None:
-        return None
+        return {}, text
     try:
-        fields = yaml.safe_load("\n".join(lines[1:end]))
+        fields = yaml.safe_load("".join(lines[1:end]))
     except yaml.YAMLError:
-        return None
-    return (end, fields) if isinstance(fields, dict) else None
+        return {}, text
+    return (fields, "".join(lines[end + 1:])) if isinstance(fields, dict) else ({}, text)
 
 
 # -- tables -----------------------------------------------------------------------------------------

@@ -230,6 +230,19 @@ def test_markdown_titles_skip_front_matter_comments_and_fenced_code(tmp_path, te
     assert row.title == title
 
 
+def test_markdown_front_matter_is_metadata_not_text(tmp_path):
+    """The front matter stayed in the text and became a chunk of its own: owners' addresses in prompts,
+    a chunk of title and fields only taking a place in the top k."""
+    (tmp_path / "manual.md").write_text("---\ntitle: WS-350 Service Manual\nowner: j.doe@example.com\nreviewed: 2024-05-01\n"
+                                        "tags: [station, wind]\n---\n# WS-350\r\nGrease the bearings yearly.\n")
+    (tmp_path / "rule.md").write_text("---\n# Not front matter\n\ntext\n---\n")
+    manual, rule = read_rows(tmp_path)
+    assert manual.text == "# WS-350\r\nGrease the bearings yearly.\n" and manual.title == "WS-350 Service Manual"
+    assert manual.metadata == {"format": "markdown", "front_matter": {
+        "title": "WS-350 Service Manual", "owner": "j.doe@example.com", "reviewed": "2024-05-01", "tags": ["station", "wind"]}}
+    assert rule.text == "---\n# Not front matter\n\ntext\n---\n" and rule.metadata == {"format": "markdown"}
+
+
 def test_a_directory_that_cannot_be_listed_is_a_row_without_an_id(tmp_path):
     """Its files were left out without a word, so the run deleted them from the index as gone."""
     import os
