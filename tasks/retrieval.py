@@ -11,12 +11,10 @@ from typing import Any
 
 from tasks.embedding import Embedder, open_embedder
 from tasks.errors import StoreError
-from tasks.settings import EmbeddingBackend, FusionMethod, RetrievalMode, default_data_dir
+from tasks.settings import RRF_K, EmbeddingBackend, FusionMethod, RetrievalMode, default_data_dir
 from tasks.sparse import Bm25
 from tasks.store import SPARSE, QdrantStore, VectorLayout
 
-# Cormack, Clarke & Buettcher (2009): k = 60 for reciprocal rank fusion (Qdrant's own default is 2).
-RRF_K = 60
 # Each branch of a hybrid query contributes at least this many candidates to the fusion.
 MIN_PREFETCH = 100
 

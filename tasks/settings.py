@@ -67,6 +67,21 @@ class FusionMethod(str, Enum):
     dbsf = "dbsf"
 
 
+# Reciprocal rank fusion's k (Cormack, Clarke & Buettcher 2009; Qdrant's own default is 2): a point
+# scores 1 / (k + rank) per ranking that holds it.
+RRF_K = 60
+
+
+def highest_score(mode: RetrievalMode, fusion: FusionMethod) -> float | None:
+    """The highest score a passage can have in this retrieval (None: unbounded, BM25): cosine 1; RRF
+    1 / (k + 1) from each of two rankings; DBSF each ranking's scores normalised to 0..1, summed."""
+    if mode == RetrievalMode.dense:
+        return 1.0
+    if mode == RetrievalMode.hybrid:
+        return 2 / (RRF_K + 1) if fusion == FusionMethod.rrf else 2.0
+    return None
+
+
 def default_data_dir() -> Path:
     """Where ragbatch keeps its state unless told otherwise: `.ragbatch/` in the working directory."""
     return Path(os.environ.get("RAGBATCH_DATA_DIR", ".ragbatch")).absolute()
@@ -231,7 +246,8 @@ class AnswerParams(StoreParams, EngineParams):
     format: SourceFormat = Field(SourceFormat.auto, description="Question file format; auto detects it from the suffix.")
     top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
     score_threshold: float | None = Field(
-        None, description="Drop passages scoring below this: cosine similarity for dense, BM25 for sparse, the fused score for hybrid."
+        None, description="Drop passages scoring below this: cosine similarity for dense, BM25 for sparse, the fused score for "
+        "hybrid (RRF: at most 2/61, about 0.033; DBSF: at most 2); one above what the retrieval can score is refused."
     )
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
     llm_url: str | None = Field(
@@ -272,6 +288,16 @@ class AnswerParams(StoreParams, EngineParams):
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
         if self.out.resolve() == self.questions.resolve():  # --overwrite replaced the question set
             raise ValueError(f"out is the questions file {self.questions}; give the answers another file")
+        return self
+
+    @model_validator(mode="after")
+    def _a_threshold_some_passage_can_reach(self) -> "AnswerParams":
+        """A cosine-like threshold on hybrid RRF scores (at most 0.033) dropped every passage, without a word."""
+        highest = highest_score(self.retrieval, self.fusion)
+        if self.score_threshold is not None and highest is not None and self.score_threshold > highest:
+            fused = f" with {self.fusion.value} fusion" if self.retrieval == RetrievalMode.hybrid else ""
+            raise ValueError(f"score_threshold {self.score_threshold} is above the highest score of {self.retrieval.value} "
+                             f"retrieval{fused} ({highest:.4g}): every passage would be dropped")
         return self
 
     @model_validator(mode="after")

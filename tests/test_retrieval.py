@@ -112,3 +112,24 @@ def test_equal_scores_rank_by_document_and_chunk_whatever_order_the_engine_retur
     assert [(h.rank, h.doc_id, h.chunk_index) for h in hits] == [
         (1, "c", 0), (2, "a", 9), (3, "b", 1), (4, "b", 2), (5, "a", 0)]
     assert to_hits(list(reversed(engine_order))) == hits
+
+
+def test_a_score_threshold_no_passage_can_reach_is_refused(tmp_path):
+    """Hybrid RRF scores are at most 2/61: a threshold meant for cosine dropped every passage of every
+    question, and the answers came out without context and without a word."""
+    from pydantic import ValidationError
+
+    from tasks.settings import AnswerParams
+
+    def params(**given):
+        return AnswerParams(questions=tmp_path / "q.jsonl", collection="kb", data_dir=tmp_path, **given)
+
+    with pytest.raises(ValidationError, match=r"score_threshold 0.3 is above the highest score of hybrid retrieval with rrf "
+                                              r"fusion \(0.03279\): every passage would be dropped"):
+        params(score_threshold=0.3)
+    with pytest.raises(ValidationError, match=r"above the highest score of dense retrieval \(1\)"):
+        params(score_threshold=1.5, retrieval=RetrievalMode.dense)
+    assert params(score_threshold=0.02).score_threshold == 0.02
+    assert params(score_threshold=0.3, retrieval=RetrievalMode.dense).score_threshold == 0.3
+    assert params(score_threshold=1.5, fusion=FusionMethod.dbsf).score_threshold == 1.5
+    assert params(score_threshold=12.0, retrieval=RetrievalMode.sparse).score_threshold == 12.0  # BM25: unbounded
