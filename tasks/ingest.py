@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from tasks.chunking import Chunk
 from tasks.errors import QuarantineThresholdExceeded, StoreError
 from tasks.settings import RetrievalMode
-from tasks.sparse import B, K1, Bm25, mean_length
+from tasks.sparse import ANALYZER_VERSION, B, K1, Bm25, mean_length
 from tasks.store import QdrantStore, VectorLayout, new_physical_name
 
 INDEX_FORMAT = 1
@@ -57,6 +57,7 @@ LAYOUTS = {
     RetrievalMode.hybrid: VectorLayout(dense=True, sparse=True),
 }
 BM25_AVGDL = "bm25_avgdl"
+BM25_ANALYZER = "bm25_analyzer"  # absent from collections built before it was recorded: version 1
 
 
 def layout_mode(layout: VectorLayout) -> RetrievalMode:
@@ -75,7 +76,7 @@ def collection_metadata(
         "ragbatch_index_format": INDEX_FORMAT,
     }
     if layout.sparse:
-        metadata.update(bm25_k1=K1, bm25_b=B)
+        metadata.update({"bm25_k1": K1, "bm25_b": B, BM25_ANALYZER: ANALYZER_VERSION})
     return metadata
 
 
@@ -131,11 +132,13 @@ def bm25_statistics(store: QdrantStore, collection: str, chunks: Sequence[Chunk]
     are written (their mean length, recorded in the collection metadata before any sparse vector), so
     incremental runs never leave stored vectors computed with a different avgdl."""
     metadata = store.collection_metadata(collection)
+    version = int(metadata.get(BM25_ANALYZER, 1))
     avgdl = metadata.get(BM25_AVGDL)
     if avgdl is None:
-        avgdl = round(mean_length([chunk.sparse_text for chunk in chunks]), 3)
+        avgdl = round(mean_length([chunk.sparse_text for chunk in chunks], version), 3)
         store.update_metadata(collection, {BM25_AVGDL: avgdl})
-    return Bm25(avgdl=float(avgdl), k1=float(metadata.get("bm25_k1", K1)), b=float(metadata.get("bm25_b", B)))
+    return Bm25(avgdl=float(avgdl), k1=float(metadata.get("bm25_k1", K1)), b=float(metadata.get("bm25_b", B)),
+                analyzer_version=version)
 
 
 def finish_rebuild(store: QdrantStore, target: Target) -> list[str]:

@@ -136,7 +136,7 @@ def open_retriever(store: QdrantStore, collection: str, mode: RetrievalMode, *, 
     bm25 = None
     if mode != RetrievalMode.dense:
         # Queries need only the analyzer; avgdl matters for documents alone.
-        bm25 = Bm25(avgdl=float(metadata.get("bm25_avgdl", 1.0)))
+        bm25 = Bm25(avgdl=float(metadata.get("bm25_avgdl", 1.0)), analyzer_version=int(metadata.get("bm25_analyzer", 1)))
     return Retriever(collection, mode, layout, embedder=embedder, bm25=bm25, fusion=fusion)
 
 

@@ -5,16 +5,24 @@ A document (chunk) vector holds, per term, the BM25 term-frequency part
 Qdrant's IDF modifier, and a query vector holds weight 1 per unique term, so Qdrant's dot product
 is exactly BM25 (idf computed by Qdrant over the collection's points).
 
-Terms: lowercase words of two or more characters (the scikit-learn / bm25s token pattern), minus
-Lucene's English stop words (the set Anserini and bm25s use for their published BEIR numbers),
-Snowball-stemmed (PyStemmer). A term's sparse index is the first four bytes of its BLAKE2b hash,
-stable across runs and processes, so incremental ingest needs no shared vocabulary.
+Terms: words of two or more characters (the scikit-learn / bm25s token pattern) of the text in
+Unicode NFKC, case-folded, minus Lucene's English stop words (the set Anserini and bm25s use for
+their published BEIR numbers), Snowball-stemmed (PyStemmer); and each code that joins letters and
+digits with `-`, `.` or `/` also as one term without them (`E-504` -> `504` and `e504`), so that
+`E-504` ranks above `X-504` and `HTTP 504`, and matches `E504`. A term's sparse index is the first
+four bytes of its BLAKE2b hash, stable across runs and processes, so incremental ingest needs no
+shared vocabulary.
+
+A collection records the analyzer version it was built with (`bm25_analyzer` in its metadata);
+collections from before the version was recorded (version 1: lowercase only, no code terms) keep
+their analyzer for their queries and later writes, until a rebuild.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +36,10 @@ STOPWORDS = frozenset(
     "these they this to was will with".split()
 )
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
+_CODE = re.compile(r"(?u)\w+(?:[-./]\w+)+")
+_CODE_SEPARATOR = re.compile(r"[-./]")
+_LETTER = re.compile(r"[^\W\d_]")
+ANALYZER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,10 @@ class SparseVector:
 
 
 class Analyzer:
-    """Text -> stemmed index terms; cached stems keep large corpora fast."""
+    """Text -> stemmed index terms, by the rules of `version` (see the module's docstring)."""
+
+    def __init__(self, version: int = ANALYZER_VERSION) -> None:
+        self.version = version
 
     @cached_property
     def _stemmer(self):
@@ -48,8 +63,12 @@ class Analyzer:
         return Stemmer.Stemmer("english")
 
     def terms(self, text: str) -> list[str]:
-        words = [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
-        return self._stemmer.stemWords(words)
+        if self.version == 1:
+            return self._stemmer.stemWords([w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS])
+        text = unicodedata.normalize("NFKC", text).casefold()
+        words = self._stemmer.stemWords([w for w in _TOKEN.findall(text) if w not in STOPWORDS])
+        return words + [_CODE_SEPARATOR.sub("", code) for code in _CODE.findall(text)
+                        if _LETTER.search(code) and any(character.isdigit() for character in code)]
 
 
 @lru_cache(maxsize=1 << 16)
@@ -70,10 +89,11 @@ class Bm25:
     avgdl: float
     k1: float = K1
     b: float = B
+    analyzer_version: int = ANALYZER_VERSION
 
     @cached_property
     def analyzer(self) -> Analyzer:
-        return Analyzer()
+        return Analyzer(self.analyzer_version)
 
     def document(self, text: str) -> SparseVector:
         counts = _counts(self.analyzer.terms(text))
@@ -86,8 +106,8 @@ class Bm25:
         return SparseVector(ids, [1.0] * len(ids))
 
 
-def mean_length(texts: Sequence[str]) -> float:
+def mean_length(texts: Sequence[str], version: int = ANALYZER_VERSION) -> float:
     """Mean number of index terms per text (at least 1): the avgdl estimate for a new collection."""
-    analyzer = Analyzer()
+    analyzer = Analyzer(version)
     total = sum(len(analyzer.terms(text)) for text in texts)
     return max(1.0, total / max(1, len(texts)))

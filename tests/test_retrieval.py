@@ -65,11 +65,11 @@ def test_sparse_retrieval_is_bm25_with_qdrant_idf(hybrid_store):
     store, bm25 = hybrid_store
     retriever = Retriever("c", RetrievalMode.sparse, LAYOUTS[RetrievalMode.hybrid], bm25=bm25)
     [hits, none] = retriever.search(store, ["What does E-219 mean? 0", "unrelated words 0"], [None, None], top_k=4)
-    assert [h.doc_id for h in hits] == ["d2"]  # the one document sharing a term ("219") with the query
+    assert [h.doc_id for h in hits] == ["d2"]  # the one document sharing terms ("219", "e219") with the query
     # Qdrant's idf of a term in 1 of 4 points, ln(1 + (4 - 1 + 0.5) / (1 + 0.5)), times the stored tf
-    # part, which is 1 for tf = 1 in a document of average length.
-    assert bm25.document("the E-219 error code 2").values == [1.0, 1.0, 1.0]
-    assert hits[0].score == pytest.approx(np.log(1 + 3.5 / 1.5), rel=1e-5)
+    # part: 2.2 / (1 + 1.2 * (1 - 0.75 + 0.75 * 4 / 3)) = 0.88 for tf = 1 in a document of 4 terms (avgdl 3).
+    assert bm25.document("the E-219 error code 2").values == pytest.approx([0.88] * 4)
+    assert hits[0].score == pytest.approx(2 * 0.88 * np.log(1 + 3.5 / 1.5), rel=1e-5)
     assert none == []
 
 
@@ -133,3 +133,22 @@ def test_a_score_threshold_no_passage_can_reach_is_refused(tmp_path):
     assert params(score_threshold=0.3, retrieval=RetrievalMode.dense).score_threshold == 0.3
     assert params(score_threshold=1.5, fusion=FusionMethod.dbsf).score_threshold == 1.5
     assert params(score_threshold=12.0, retrieval=RetrievalMode.sparse).score_threshold == 12.0  # BM25: unbounded
+
+
+def test_a_collection_keeps_the_bm25_analyzer_it_was_built_with():
+    """Queries analysed otherwise than the stored documents miss them: a collection from before the
+    analyzer recorded its version keeps version 1 until a rebuild, for queries and for later writes."""
+    from tasks.ingest import bm25_statistics, collection_metadata
+
+    store = QdrantStore.connect(":memory:")
+    sparse = LAYOUTS[RetrievalMode.sparse]
+    store.create_collection("new", dimension=4, metadata=collection_metadata("m", 4, 200, 32, sparse), layout=sparse)
+    old_metadata = {key: value for key, value in collection_metadata("m", 4, 200, 32, sparse).items() if key != "bm25_analyzer"}
+    store.create_collection("old", dimension=4, metadata=old_metadata, layout=sparse)
+    chunks = [Chunk("d", 0, "Error E-504", 0, 11, None, "s", {}, "h")]
+    assert [bm25_statistics(store, name, chunks).analyzer_version for name in ("new", "old")] == [2, 1]
+    for name in ("new", "old"):
+        write_documents(store, name, build_points(chunks, None, embedding_model="m", layout=sparse,
+                                                  bm25=bm25_statistics(store, name, chunks)), {})
+    assert [open_retriever(store, name, RetrievalMode.sparse).bm25.analyzer_version for name in ("new", "old")] == [2, 1]
+    store.close()
