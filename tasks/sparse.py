@@ -7,8 +7,9 @@ is exactly BM25 (idf computed by Qdrant over the collection's points).
 
 Terms: words of two or more characters (the scikit-learn / bm25s token pattern) of the text in
 Unicode NFKC, case-folded, minus Lucene's English stop words (the set Anserini and bm25s use for
-their published BEIR numbers), Snowball-stemmed (PyStemmer); and each code that joins letters and
-digits with `-`, `.` or `/` also as one term without them (`E-504` -> `504` and `e504`), so that
+their published BEIR numbers), Snowball-stemmed (PyStemmer); in documents each code that joins letters and
+digits with `-`, `.` or `/` also as one term without them (`E-504` -> `504` and `e504`), in queries
+as that term alone (a query for `SM40-CAL-9` asks for the part, not for every `SM-40`), so that
 `E-504` ranks above `X-504` and `HTTP 504`, and matches `E504`. A term's sparse index is the first
 four bytes of its BLAKE2b hash, stable across runs and processes, so incremental ingest needs no
 shared vocabulary.
@@ -62,13 +63,23 @@ class Analyzer:
 
         return Stemmer.Stemmer("english")
 
-    def terms(self, text: str) -> list[str]:
+    def terms(self, text: str, *, query: bool = False) -> list[str]:
         if self.version == 1:
             return self._stemmer.stemWords([w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS])
         text = unicodedata.normalize("NFKC", text).casefold()
+        if query:  # a code asks for itself: its parts would match every mention of its product family
+            return self._stemmer.stemWords([w for w in _TOKEN.findall(_CODE.sub(_joined, text)) if w not in STOPWORDS])
         words = self._stemmer.stemWords([w for w in _TOKEN.findall(text) if w not in STOPWORDS])
-        return words + [_CODE_SEPARATOR.sub("", code) for code in _CODE.findall(text)
-                        if _LETTER.search(code) and any(character.isdigit() for character in code)]
+        return words + [_CODE_SEPARATOR.sub("", code) for code in _CODE.findall(text) if _is_code(code)]
+
+
+def _is_code(text: str) -> bool:
+    return bool(_LETTER.search(text)) and any(character.isdigit() for character in text)
+
+
+def _joined(match: re.Match) -> str:
+    code = match.group()
+    return _CODE_SEPARATOR.sub("", code) if _is_code(code) else code
 
 
 @lru_cache(maxsize=1 << 16)
@@ -102,7 +113,7 @@ class Bm25:
         return SparseVector(ids, [counts[i] * (self.k1 + 1) / (counts[i] + norm) for i in ids])
 
     def query(self, text: str) -> SparseVector:
-        ids = sorted(_counts(self.analyzer.terms(text)))
+        ids = sorted(_counts(self.analyzer.terms(text, query=True)))
         return SparseVector(ids, [1.0] * len(ids))
 
 

@@ -46,3 +46,7 @@ def test_codes_are_terms_of_their_own_and_text_is_compared_in_one_unicode_form()
     assert Analyzer(1).terms("Error E-504") == ["error", "504"] and Analyzer(1).terms(nfd) == ["cafe", "re", "sume"]
     assert Bm25(avgdl=3.0, analyzer_version=1).query("E-504") == Bm25(avgdl=3.0, analyzer_version=1).query("X-504")
     assert Bm25(avgdl=3.0).query("E-504") != Bm25(avgdl=3.0).query("X-504")
+    # A query's code asks for itself: its parts ("sm40") matched every mention of the product family
+    # ("SM-40"), and those outranked the one document with the part number in hybrid retrieval.
+    assert analyzer.terms("What is SM40-CAL-9?", query=True) == ["what", "sm40cal9"]
+    assert analyzer.terms("COVID-19 vaccines", query=True) == ["covid19", "vaccin"]
