@@ -2,9 +2,8 @@
 
 Run: .venv/bin/python bench/bench_bm25_analyzer.py [--dataset ../shared/datasets/scifact]
 
-Version 1 (lowercase words only) is what collections built before the analyzer recorded its version
-keep; version 2 (the current one) adds Unicode NFKC with case folding and codes such as `E-504` as
-terms of their own (tasks/sparse.py). Each version ingests the corpus into its own BM25-only
+Version 1 (lowercased words) is what collections built before the analyzer recorded its version
+keep; version 2 (the current one) reads the text in Unicode NFKC, case-folded (tasks/sparse.py). Each version ingests the corpus into its own BM25-only
 collection (`--retrieval sparse`: no embedding) of one scratch edge store, then the evaluate flow
 scores the split in sparse mode; a collection's queries are analysed by the version it records.
 Version 1 is built by setting the version new collections record, as older ragbatch did. Quality

@@ -7,15 +7,12 @@ is exactly BM25 (idf computed by Qdrant over the collection's points).
 
 Terms: words of two or more characters (the scikit-learn / bm25s token pattern) of the text in
 Unicode NFKC, case-folded, minus Lucene's English stop words (the set Anserini and bm25s use for
-their published BEIR numbers), Snowball-stemmed (PyStemmer); in documents each code that joins letters and
-digits with `-`, `.` or `/` also as one term without them (`E-504` -> `504` and `e504`), in queries
-as that term alone (a query for `SM40-CAL-9` asks for the part, not for every `SM-40`), so that
-`E-504` ranks above `X-504` and `HTTP 504`, and matches `E504`. A term's sparse index is the first
+their published BEIR numbers), Snowball-stemmed (PyStemmer). A term's sparse index is the first
 four bytes of its BLAKE2b hash, stable across runs and processes, so incremental ingest needs no
 shared vocabulary.
 
 A collection records the analyzer version it was built with (`bm25_analyzer` in its metadata);
-collections from before the version was recorded (version 1: lowercase only, no code terms) keep
+collections from before the version was recorded (version 1: lowercased, not normalised) keep
 their analyzer for their queries and later writes, until a rebuild.
 """
 
@@ -37,9 +34,6 @@ STOPWORDS = frozenset(
     "these they this to was will with".split()
 )
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
-_CODE = re.compile(r"(?u)\w+(?:[-./]\w+)+")
-_CODE_SEPARATOR = re.compile(r"[-./]")
-_LETTER = re.compile(r"[^\W\d_]")
 ANALYZER_VERSION = 2
 
 
@@ -63,23 +57,11 @@ class Analyzer:
 
         return Stemmer.Stemmer("english")
 
-    def terms(self, text: str, *, query: bool = False) -> list[str]:
-        if self.version == 1:
-            return self._stemmer.stemWords([w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS])
-        text = unicodedata.normalize("NFKC", text).casefold()
-        if query:  # a code asks for itself: its parts would match every mention of its product family
-            return self._stemmer.stemWords([w for w in _TOKEN.findall(_CODE.sub(_joined, text)) if w not in STOPWORDS])
-        words = self._stemmer.stemWords([w for w in _TOKEN.findall(text) if w not in STOPWORDS])
-        return words + [_CODE_SEPARATOR.sub("", code) for code in _CODE.findall(text) if _is_code(code)]
-
-
-def _is_code(text: str) -> bool:
-    return bool(_LETTER.search(text)) and any(character.isdigit() for character in text)
-
-
-def _joined(match: re.Match) -> str:
-    code = match.group()
-    return _CODE_SEPARATOR.sub("", code) if _is_code(code) else code
+    def terms(self, text: str) -> list[str]:
+        """Version 2 compares text in one Unicode form: a document in NFD (macOS) or fullwidth forms
+        matched no query typed the usual way."""
+        text = text.lower() if self.version == 1 else unicodedata.normalize("NFKC", text).casefold()
+        return self._stemmer.stemWords([w for w in _TOKEN.findall(text) if w not in STOPWORDS])
 
 
 @lru_cache(maxsize=1 << 16)
@@ -113,7 +95,7 @@ class Bm25:
         return SparseVector(ids, [counts[i] * (self.k1 + 1) / (counts[i] + norm) for i in ids])
 
     def query(self, text: str) -> SparseVector:
-        ids = sorted(_counts(self.analyzer.terms(text, query=True)))
+        ids = sorted(_counts(self.analyzer.terms(text)))
         return SparseVector(ids, [1.0] * len(ids))
 
 
