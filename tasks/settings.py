@@ -73,12 +73,13 @@ RRF_K = 60
 
 
 def highest_score(mode: RetrievalMode, fusion: FusionMethod) -> float | None:
-    """The highest score a passage can have in this retrieval (None: unbounded, BM25): cosine 1; RRF
-    1 / (k + 1) from each of two rankings; DBSF each ranking's scores normalised to 0..1, summed."""
+    """The highest score a passage can have in this retrieval, or None where there is none: cosine 1;
+    RRF 1 / k from each of two rankings (Qdrant counts ranks from 0); BM25 and DBSF (whose
+    normalisation by mean and 3 standard deviations is not clipped) unbounded."""
     if mode == RetrievalMode.dense:
         return 1.0
-    if mode == RetrievalMode.hybrid:
-        return 2 / (RRF_K + 1) if fusion == FusionMethod.rrf else 2.0
+    if mode == RetrievalMode.hybrid and fusion == FusionMethod.rrf:
+        return 2 / RRF_K
     return None
 
 
@@ -247,7 +248,7 @@ class AnswerParams(StoreParams, EngineParams):
     top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
     score_threshold: float | None = Field(
         None, description="Drop passages scoring below this: cosine similarity for dense, BM25 for sparse, the fused score for "
-        "hybrid (RRF: at most 2/61, about 0.033; DBSF: at most 2); one above what the retrieval can score is refused."
+        "hybrid (RRF: at most 2/60, about 0.033); one above what the retrieval can score is refused."
     )
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
     llm_url: str | None = Field(
@@ -292,7 +293,7 @@ class AnswerParams(StoreParams, EngineParams):
 
     @model_validator(mode="after")
     def _a_threshold_some_passage_can_reach(self) -> "AnswerParams":
-        """A cosine-like threshold on hybrid RRF scores (at most 0.033) dropped every passage, without a word."""
+        """A cosine-like threshold on hybrid RRF scores (at most 2/60) dropped every passage, without a word."""
         highest = highest_score(self.retrieval, self.fusion)
         if self.score_threshold is not None and highest is not None and self.score_threshold > highest:
             fused = f" with {self.fusion.value} fusion" if self.retrieval == RetrievalMode.hybrid else ""

@@ -203,6 +203,14 @@ def test_hybrid_query_fuses_both_rankings(store, fusion):
     assert filtered[0].doc_id == "d1" and {h.doc_id for h in filtered} <= {"d1", "d2", "d3"}
 
 
+def test_rrf_scores_reach_the_highest_score_a_threshold_is_checked_against(store):
+    """The bound was 2/61 where the engines give 2/60 (ranks counted from 0): a reachable threshold was refused."""
+    from tasks.settings import highest_score
+
+    [hits] = search(store, RetrievalMode.hybrid, ["calibrating soil probes 0"])  # d0 first in both rankings
+    assert hits[0].doc_id == "d0" and hits[0].score == pytest.approx(highest_score(RetrievalMode.hybrid, FusionMethod.rrf))
+
+
 def test_edge_ranks_and_scores_like_qdrant_client(tmp_path):
     """The same data and queries give the same rankings and scores in qdrant-edge and local mode."""
     results = {}
