@@ -181,10 +181,16 @@ def _read_directory(root: Path, max_chars: int) -> Iterator[SourceRow]:
         if kind == "html":
             title, text = html_to_text(text)
         elif kind == "markdown":
-            front, text = _split_front_matter(text)
+            try:
+                front, text = _split_front_matter(text)
+            except ValueError as exc:
+                yield SourceRow(relative, relative, None, source=relative, kind=kind, error=str(exc))
+                continue
             title = _markdown_title(text, front)
             if front:
                 metadata["front_matter"] = _jsonable(front)
+            if not text.strip() and title:  # a section's index page of a static site: its title is its content
+                text = title
         yield SourceRow(relative, relative, text, title=title, source=relative, kind=kind, metadata=metadata)
 
 
@@ -296,8 +302,10 @@ def _markdown_title(text: str, front_matter: dict[str, Any]) -> str | None:
 
 def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     """(its fields, the text after it) when a Markdown text opens with a YAML mapping between `---`
-    lines, else ({}, the text): front matter is metadata, which became a chunk of its own (owners'
-    addresses in prompts, title-only chunks in the top k). A `---` rule that opens a text is none."""
+    lines, as static site generators read it, else ({}, the text): front matter is metadata, which
+    became a chunk of its own (owners' addresses in prompts, title-only chunks in the top k). A `---`
+    rule that opens a text, with no mapping before the next, is none. ValueError for front matter
+    that is not read safely."""
     import yaml
 
     lines = text.splitlines(keepends=True)
@@ -306,10 +314,16 @@ def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     end = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() in ("---", "...")), None)
     if end is None:
         return {}, text
+    block = "".join(lines[1:end])
     try:
-        fields = yaml.safe_load("".join(lines[1:end]))
+        if any(isinstance(token, yaml.AliasToken) for token in yaml.scan(block)):
+            # A self-reference never ends, and nested ones grow exponentially ("billion laughs").
+            raise ValueError("front matter with YAML aliases (*name) is not read")
+        fields = yaml.safe_load(block)
     except yaml.YAMLError:
         return {}, text
+    except RecursionError:
+        raise ValueError("front matter nested too deeply") from None
     return (fields, "".join(lines[end + 1:])) if isinstance(fields, dict) else ({}, text)
 
 

@@ -241,6 +241,14 @@ def test_markdown_front_matter_is_metadata_not_text(tmp_path):
     assert manual.metadata == {"format": "markdown", "front_matter": {
         "title": "WS-350 Service Manual", "owner": "j.doe@example.com", "reviewed": "2024-05-01", "tags": ["station", "wind"]}}
     assert rule.text == "---\n# Not front matter\n\ntext\n---\n" and rule.metadata == {"format": "markdown"}
+    # A static site's section index is front matter only: its title is its text (blank, it was quarantined).
+    (tmp_path / "_index.md").write_text("---\ntitle: Pumps\nweight: 10\n---\n")
+    # An alias that refers to itself never ends (a RecursionError ended the whole run); nested ones grow
+    # exponentially: such front matter is the file's problem, quarantined.
+    (tmp_path / "loop.md").write_text("---\ntitle: L\nx: &a [*a]\n---\nbody\n")
+    rows = {row.doc_id: row for row in read_rows(tmp_path)}
+    assert (rows["_index.md"].text, rows["_index.md"].title) == ("Pumps", "Pumps")
+    assert (rows["loop.md"].text, rows["loop.md"].error) == (None, "front matter with YAML aliases (*name) is not read")
 
 
 def test_a_directory_that_cannot_be_listed_is_a_row_without_an_id(tmp_path):
