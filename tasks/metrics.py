@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from ir_measures import RR, R, nDCG
 
-from tasks.prompts import CITATION
+from tasks.prompts import without_citations
 
 # Output name -> ir-measures measure. MRR@10 is the reciprocal rank of the first relevant document in the top 10.
 RETRIEVAL_MEASURES = {"ndcg@10": nDCG @ 10, "recall@10": R @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
@@ -50,7 +50,7 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 def normalize_answer(text: str) -> str:
     """SQuAD normalization (lowercase, no punctuation, no articles, single spaces), after removing
     citation markers like [1] or [1, 2], which are not part of the answer."""
-    return " ".join(_ARTICLES.sub(" ", CITATION.sub(" ", text).lower().translate(_PUNCTUATION)).split())
+    return " ".join(_ARTICLES.sub(" ", without_citations(text).lower().translate(_PUNCTUATION)).split())
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:

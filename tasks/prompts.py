@@ -20,10 +20,16 @@ Context:
 
 Question: {question}"""
 
-# A passage number, or several ("[1, 2]", "[1-3]"); longer digit runs are no citation (and overflow int32).
-CITATION = re.compile(r"\[(\d{1,9}(?:\s*(?:[,;]|[-\u2013])\s*\d{1,9})*)\]")
+# A passage number; longer digit runs are no citation (and overflow int32).
+_CITATION = re.compile(r"\[(\d{1,9})\]")
+# Several passage numbers ("[1, 2]", "[1-3]"): a citation when each is one a prompt can give (an
+# interval "[0, 1]" or years "[2019-2021]" are none).
+_CITATION_LIST = re.compile(r"\[(\d{1,3}(?:\s*(?:[,;]|[-\u2013])\s*\d{1,3})+)\]")
 _CITED = re.compile(r"(\d+)(?:\s*[-\u2013]\s*(\d+))?")
-MAX_CITED_RANGE = 100  # numbers one range cites at most: "[1-999999]" is no list of passages
+MAX_PASSAGES = 100  # the most passages a prompt gives (AnswerParams.top_k)
+# A bracketed number standing alone in a passage's text: a reference marker "[3]", or one opening a
+# line as the passages' own numbers do; not an index such as arr[1].
+_MARKER_IN_PASSAGE = re.compile(r"(?<![\w\]])\[(\d{1,9})\]")
 
 
 _PLACEHOLDER = re.compile(r"\{context\}|\{question\}")
@@ -58,24 +64,38 @@ def load_template(path: Path | None) -> str:
 
 
 def format_passages(hits: Sequence[Hit]) -> str:
-    """The passages numbered [1], [2], ... A bracketed number in a passage's own text or title becomes
-    (n), and a title one line: a text holding "\n\n[2] ..." passed for a passage of its own, and the
-    model's [2] was counted as citing the retrieved second passage."""
+    """The passages numbered [1], [2], ... A bracketed number standing alone in a passage's own text or
+    title becomes (n), and a title one line: a text holding "\n\n[2] ..." passed for a passage of its
+    own, and the model's [2] was counted as citing the retrieved second passage."""
     def own(text: str) -> str:
-        return CITATION.sub(lambda match: f"({match.group(1)})", text)
+        return _MARKER_IN_PASSAGE.sub(r"(\1)", text)
 
     return "\n\n".join(f"[{i}] {' '.join(own(hit.title).split())}\n{own(hit.text)}" if hit.title else f"[{i}] {own(hit.text)}"
                          for i, hit in enumerate(hits, 1))
 
 
+def _citation_groups(answer: str) -> list[tuple[re.Match, list[int]]]:
+    """Each citation of an answer, in order, with the passage numbers it cites."""
+    groups = [(match, [int(match.group(1))]) for match in _CITATION.finditer(answer)]
+    for match in _CITATION_LIST.finditer(answer):
+        numbers = []
+        for first, last in _CITED.findall(match.group(1)):
+            numbers += range(int(first), int(last or first) + 1) if int(first) <= int(last or first) else [-1]
+        if numbers and all(1 <= number <= MAX_PASSAGES for number in numbers):
+            groups.append((match, numbers))
+    return sorted(groups, key=lambda group: group[0].start())
+
+
 def find_citations(answer: str) -> list[int]:
     """Passage numbers cited in an answer as [n], [n, m] or [n-m], first mention first."""
-    cited: list[int] = []
-    for group in CITATION.findall(answer):
-        for first, last in _CITED.findall(group):
-            low, high = int(first), int(last or first)
-            cited += range(low, high + 1) if 0 <= high - low < MAX_CITED_RANGE else [low, high]
-    return list(dict.fromkeys(cited))
+    return list(dict.fromkeys(number for _, numbers in _citation_groups(answer) for number in numbers))
+
+
+def without_citations(text: str) -> str:
+    """The text with its citations blanked out (they are no part of an answer's words)."""
+    for match, _ in reversed(_citation_groups(text)):
+        text = text[:match.start()] + " " + text[match.end():]
+    return text
 
 
 class ChatFormat(Protocol):

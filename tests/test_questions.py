@@ -66,7 +66,7 @@ def test_citations_and_templates(tmp_path):
     assert find_citations("[12345678901] is an id, [999999999] a (wrong) passage") == [999999999]  # int32, as stored
     # Lists and ranges, as small models write them, were no citation at all.
     assert find_citations("See [1, 2], [3-4] and [5–6]; [2][7].") == [1, 2, 3, 4, 5, 6, 7]
-    assert find_citations("[1-999999] is no list") == [1, 999999]
+    assert find_citations("[1-999999] is no list, nor are the interval [0, 1] and the years [2019-2021]") == []
     good = tmp_path / "good.txt"
     good.write_text("Q: {question}\nC: {context}")
     assert load_template(good) == "Q: {question}\nC: {context}"
