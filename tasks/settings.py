@@ -26,6 +26,13 @@ def _not_a_directory(path: Path | None) -> Path | None:
 OutputFile = Annotated[Path | None, AfterValidator(_not_a_directory)]
 
 
+def replaced_file(out: Path) -> Path:
+    """The file that writing the output `out` replaces, to compare with the resolved inputs: its
+    directory followed through links and `..`, the name itself not (a write renames a whole file over
+    it, so a link there is replaced, not written through)."""
+    return out.parent.resolve() / out.name
+
+
 class SourceFormat(str, Enum):
     """How to read a source; `auto` decides from the path."""
 
@@ -287,7 +294,7 @@ class AnswerParams(StoreParams, EngineParams):
     def _default_out(self) -> "AnswerParams":
         if self.out is None:
             self.out = self.data_dir / "answers" / f"{self.collection}.parquet"
-        if self.out.resolve() == self.questions.resolve():  # --overwrite replaced the question set
+        if replaced_file(self.out) == self.questions.resolve():  # --overwrite replaced the question set
             raise ValueError(f"out is the questions file {self.questions}; give the answers another file")
         return self
 
@@ -337,10 +344,9 @@ class EvaluateParams(StoreParams):
     @model_validator(mode="after")
     def _out_is_not_an_input(self) -> "EvaluateParams":
         """The metrics (and the summary beside them) replaced the answers or the question set they read:
-        RAGBATCH_OUT set for an answer run, say, or one path reached through `..` or a linked directory.
-        (An output that is itself a link is replaced, not written through.)"""
+        RAGBATCH_OUT set for an answer run, say, or one path reached through `..` or a linked directory."""
         if self.out is not None:
-            out = self.out.parent.resolve() / self.out.name
+            out = replaced_file(self.out)
             written = {out, out.with_name(out.stem + ".summary.json")}
             for name, read in (("answers", self.answers), ("dataset", self.dataset)):
                 if read is not None and read.resolve() in written:
