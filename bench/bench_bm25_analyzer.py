@@ -31,7 +31,7 @@ import flows  # noqa: E402,F401  (offline defaults)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     results = {"dataset": args.dataset.name, "analysis_us_per_text": analysis_speed(args.dataset, args.rounds), "runs": []}
 
