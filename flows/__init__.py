@@ -7,6 +7,7 @@ and sent telemetry.
 """
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -57,6 +58,11 @@ def use_data_dir(data_dir: Path) -> None:
     _set("PREFECT_SERVER_MEMO_STORE_PATH", str(home / "memo_store.toml"))
     # torch creates its compile cache when transformers loads, in /tmp unless told (tasks.llm.vllm_environment's path).
     _set("TORCHINDUCTOR_CACHE_DIR", str(data_dir / "cache" / "torchinductor"))
+    if "prefect.context" in sys.modules:
+        # A worker's flow-run process (`python -m prefect.engine`) loaded Prefect, and read its settings,
+        # before the flow file imported this package: without a refresh a failed task's pickled
+        # exception still went to ~/.prefect/storage.
+        sys.modules["prefect.context"].refresh_global_settings_context()
 
 
 # Offline, no telemetry, state under the data directory: set before Prefect, torch or Hugging Face load.

@@ -70,14 +70,21 @@ OFFLINE_AND_NO_TELEMETRY = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", 
 @pytest.mark.parametrize("path", sorted({d["entrypoint"].split(":")[0] for d in DEPLOYMENTS}))
 def test_a_worker_loading_a_flow_file_as_a_script_sets_the_environment_defaults(path, tmp_path):
     """A worker of a Prefect server loads `flows/ingest.py` as a module of its own, not as `flows.ingest`:
-    the package's defaults (offline, no telemetry) applied only to the `ragbatch` command before."""
-    code = ("import json, os, sys; from prefect.utilities.importtools import load_script_as_module; "
-            "load_script_as_module(sys.argv[1]); print(json.dumps({k: os.environ.get(k) for k in sys.argv[2:]}))")
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_AND_NO_TELEMETRY} | {"RAGBATCH_DATA_DIR": str(tmp_path)}
+    the package's defaults (offline, no telemetry) applied only to the `ragbatch` command before. Its
+    flow-run process has read Prefect's settings by then, so they are refreshed: a failed task's pickled
+    exception went to ~/.prefect/storage, outside the data directory."""
+    code = ("import json, os, sys; from prefect.settings import get_current_settings; "
+            "from prefect.utilities.importtools import load_script_as_module; load_script_as_module(sys.argv[1]); "
+            "settings = get_current_settings(); print(json.dumps([{k: os.environ.get(k) for k in sys.argv[2:]}, "
+            "str(settings.results.local_storage_path), str(settings.server.memo_store_path)]))")
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_AND_NO_TELEMETRY and not k.startswith("PREFECT_")}
+    env |= {"RAGBATCH_DATA_DIR": str(tmp_path), "HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", code, path, *OFFLINE_AND_NO_TELEMETRY], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == OFFLINE_AND_NO_TELEMETRY
+    home = tmp_path / "prefect"
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [OFFLINE_AND_NO_TELEMETRY, str(home / "storage"),
+                                                                 str(home / "memo_store.toml")]
 
 
 def test_the_local_stack_takes_its_work_pools_from_prefect_yaml(tmp_path):
