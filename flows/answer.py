@@ -44,7 +44,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     with exclusive(params.store, params.collection, writes=False), OutputLock(params.out):
         report, head = _answer(params, rows, template, run_id)
     report.seconds = round(time.perf_counter() - started, 3)
-    create_table_artifact([report.model_dump()], key=artifact_key("answer", params.collection), description="Answer run summary")
+    create_table_artifact([report.model_dump()], key=artifact_key("answer-summary", params.collection), description="Answer run summary")
     create_markdown_artifact(sample_markdown(head, limit=5), key=artifact_key("answer-sample", params.collection),
                              description="First answers with their sources")
     get_run_logger().info("answer finished: %s", report.model_dump_json())

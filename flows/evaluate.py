@@ -69,7 +69,7 @@ def evaluate(params: EvaluateParams) -> EvaluateReport:
     )
     report.seconds = round(time.perf_counter() - started, 3)
     write_outputs(rows, report, params.out or run_file(params.data_dir, params.collection, run_id, "evaluation.parquet"))
-    create_table_artifact([report.model_dump()], key=artifact_key("evaluation", params.collection),
+    create_table_artifact([report.model_dump()], key=artifact_key("evaluation-summary", params.collection),
                           description=f"Evaluation summary ({params.retrieval.value} retrieval)")
     create_table_artifact(
         [{k: v for k, v in row.items() if k not in ("ranked_doc_ids", "relevant_doc_ids")} for row in rows],

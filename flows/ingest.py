@@ -48,7 +48,7 @@ def ingest(params: IngestParams) -> IngestReport:
                       api_url=str(get_client(sync_client=True).api_url), state_dir=params.data_dir) as runner):
         report = _index(params, rows, run_id, runner)
     report.seconds = round(time.perf_counter() - started, 3)
-    create_table_artifact([report.model_dump()], key=artifact_key("ingest", params.collection), description="Ingest counts")
+    create_table_artifact([report.model_dump()], key=artifact_key("ingest-counts", params.collection), description="Ingest counts")
     get_run_logger().info("ingest finished: %s", report.model_dump_json())
     return report
 
@@ -109,7 +109,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
                 progress.advance(len(batch))
         progress.close()
         report.quarantine_path = str(quarantine_path)
-        create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("validation", params.collection),
+        create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("ingest-validation", params.collection),
                                  description="Document validation")
         check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids, unidentified=report.unidentified)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -347,9 +349,23 @@ class AnswerCheckpoint:
         return "remove it or give another --out" if path.parent == self.parts_dir else "give another --out, or --overwrite to replace it"
 
 
+# Kinds of artifact per collection; none is another's prefix, or "ingest" of a collection named
+# "progress-kb" was "ingest-progress" of "kb".
+ARTIFACT_KINDS = frozenset({"ingest-counts", "ingest-validation", "ingest-progress", "answer-summary", "answer-sample",
+                            "answer-progress", "evaluation-summary", "evaluation-queries", "evaluation-progress"})
+_ARTIFACT_KEY = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
 def artifact_key(kind: str, collection: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in collection.lower())
+    """The key of one kind of artifact of a collection (Prefect allows lowercase letters, digits and
+    dashes), one per collection: a name that is no key itself gets a hash of it, or "kb_v1", "kb.v1"
+    and "KB-v1" shared one history in the UI."""
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    if _ARTIFACT_KEY.fullmatch(collection):
+        return f"{kind}-{collection}"
+    digest = hashlib.sha256(collection.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return "-".join([kind, *re.findall(r"[a-z0-9]+", collection.lower()), digest])
 
 
 def sample_markdown(table: pa.Table, *, limit: int) -> str:

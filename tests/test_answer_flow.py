@@ -144,9 +144,9 @@ def assert_artifacts(report):
     this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.run_id)]))
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=this_run)}
-    assert {"answer-kb", "answer-sample-kb", "answer-progress-kb"} <= set(artifacts)
+    assert {"answer-summary-kb", "answer-sample-kb", "answer-progress-kb"} <= set(artifacts)
     assert artifacts["answer-progress-kb"].data == 100.0
-    assert f'"answered": {report.answered}' in str(artifacts["answer-kb"].data)
+    assert f'"answered": {report.answered}' in str(artifacts["answer-summary-kb"].data)
     assert "**q01**" in artifacts["answer-sample-kb"].data and "Sources: [1]" in artifacts["answer-sample-kb"].data
 
 

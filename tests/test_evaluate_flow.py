@@ -61,8 +61,8 @@ def test_answers_add_answer_metrics_and_artifacts(beir_index, tmp_path):
     this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.run_id)]))
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=this_run)}
-    assert set(artifacts) == {"evaluation-tiny", "evaluation-queries-tiny", "evaluation-progress-tiny"}
-    assert '"ndcg@10"' in str(artifacts["evaluation-tiny"].data) and artifacts["evaluation-queries-tiny"].type == "table"
+    assert set(artifacts) == {"evaluation-summary-tiny", "evaluation-queries-tiny", "evaluation-progress-tiny"}
+    assert '"ndcg@10"' in str(artifacts["evaluation-summary-tiny"].data) and artifacts["evaluation-queries-tiny"].type == "table"
 
 
 def test_a_question_sets_unusable_rows_are_quarantined_and_the_rest_measured(beir_index, tmp_path, capsys):

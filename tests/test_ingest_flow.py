@@ -140,10 +140,10 @@ def test_run_publishes_counts_and_validation_artifacts(params):
     this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.run_id)]))
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=this_run)}
-    assert set(artifacts) == {"ingest-kb", "validation-kb", "ingest-progress-kb"}
+    assert set(artifacts) == {"ingest-counts-kb", "ingest-validation-kb", "ingest-progress-kb"}
     assert artifacts["ingest-progress-kb"].type == "progress" and artifacts["ingest-progress-kb"].data == 100.0
-    assert artifacts["ingest-kb"].type == "table" and f'"points": {report.points}' in str(artifacts["ingest-kb"].data)
-    assert "36 rows checked: **36 valid**, **0 quarantined**" in artifacts["validation-kb"].data
+    assert artifacts["ingest-counts-kb"].type == "table" and f'"points": {report.points}' in str(artifacts["ingest-counts-kb"].data)
+    assert "36 rows checked: **36 valid**, **0 quarantined**" in artifacts["ingest-validation-kb"].data
 
 
 def test_vectors_are_chosen_when_the_collection_is_created(params):

@@ -170,15 +170,15 @@ def test_two_runs_writing_one_collection_queue_instead_of_overlapping(stack: Sta
 
 def test_runs_show_counts_validation_progress_and_outputs(stack: Stack, runs: dict[str, dict]):
     ingest = stack.artifacts(runs["reindex"]["id"])
-    assert {"ingest-sample", "validation-sample", "ingest-progress-sample"} <= set(ingest)
-    assert json.loads(ingest["ingest-sample"]["data"])[0]["loaded"] == 36
-    assert "36" in ingest["validation-sample"]["data"]
+    assert {"ingest-counts-sample", "ingest-validation-sample", "ingest-progress-sample"} <= set(ingest)
+    assert json.loads(ingest["ingest-counts-sample"]["data"])[0]["loaded"] == 36
+    assert "36" in ingest["ingest-validation-sample"]["data"]
     assert ingest["ingest-progress-sample"]["type"] == "progress" and float(ingest["ingest-progress-sample"]["data"]) == 100.0
 
     answer = stack.artifacts(runs["answer"]["id"])
-    assert {"answer-sample", "answer-sample-sample", "answer-progress-sample"} <= set(answer)
+    assert {"answer-summary-sample", "answer-sample-sample", "answer-progress-sample"} <= set(answer)
     output = stack.data_dir / "answers" / "sample.parquet"
-    assert str(output) in answer["answer-sample"]["data"]
+    assert str(output) in answer["answer-summary-sample"]["data"]
     assert pq.read_table(output).num_rows == 24
     assert float(answer["answer-progress-sample"]["data"]) == 100.0
 
@@ -216,7 +216,7 @@ def test_browser_shows_deployments_and_the_completed_run_with_artifacts(stack: S
     run = rendered_text(run_page)
     assert answer_run["name"] in run and "Completed" in run and "Artifacts" in run
     artifacts = stack.artifacts(answer_run["id"])
-    expected = {"answer-sample": "answered", "answer-sample-sample": "q01", "answer-progress-sample": "Progress: 100%"}
+    expected = {"answer-summary-sample": "answered", "answer-sample-sample": "q01", "answer-progress-sample": "Progress: 100%"}
     for key, content in expected.items():
         page = rendered_text(f"{stack.ui}/artifacts/artifact/{artifacts[key]['id']}")
         assert content in page and f"Flow Run {answer_run['name']}" in page, f"{key}: {page[:800]}"

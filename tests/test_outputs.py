@@ -1,10 +1,13 @@
+import re
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.outputs import ANSWER_SCHEMA, OUTPUT_ROW_GROUP, AnswerCheckpoint, ResumeMismatch, artifact_key, sample_markdown
+from tasks.outputs import (
+    ANSWER_SCHEMA, ARTIFACT_KINDS, OUTPUT_ROW_GROUP, AnswerCheckpoint, ResumeMismatch, artifact_key, sample_markdown,
+)
 from tasks.questions import Question
 
 
@@ -197,4 +200,16 @@ def test_sample_markdown_and_artifact_keys():
     text = sample_markdown(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), limit=5)
     assert "**q1**" in text and "> an answer" in text and "> error: prompt too long" in text and "[1] s.md" in text
     assert "> first\n> \n> second" in text  # a multi-line answer stays inside its quote
-    assert artifact_key("answer", "My_Docs.v2") == "answer-my-docs-v2"
+
+
+def test_each_collection_has_artifact_keys_of_its_own():
+    """Keys were the name with other characters as dashes: "kb_v1", "kb.v1" and "KB-v1" shared one
+    history, and so did "ingest" of "progress-kb" and "ingest-progress" of "kb"."""
+    names = ["kb", "kb-v1", "kb_v1", "kb.v1", "KB-v1", "progress-kb", "sample-kb", "queries-kb", "My_Docs.v2", "文档", "__"]
+    keys = {(kind, name): artifact_key(kind, name) for kind in ARTIFACT_KINDS for name in names}
+    assert len(set(keys.values())) == len(keys)
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", key) for key in keys.values())  # what Prefect accepts
+    assert artifact_key("ingest-counts", "kb-v1") == "ingest-counts-kb-v1"  # a name that is a key stays as it is
+    assert re.fullmatch(r"answer-summary-my-docs-v2-[0-9a-f]{8}", artifact_key("answer-summary", "My_Docs.v2"))
+    with pytest.raises(ValueError, match="unknown artifact kind 'ingest'"):
+        artifact_key("ingest", "kb")
