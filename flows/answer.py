@@ -22,11 +22,11 @@ from tasks.locks import OutputLock
 from tasks.outputs import AnswerCheckpoint, QuarantineWriter, artifact_key, run_file, sample_markdown
 from tasks.progress import RunProgress
 from tasks.prompts import PromptBuilder, load_template
-from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.questions import count_questions, read_questions, to_question
 from tasks.retrieval import open_retriever
 from tasks.secrets import qdrant_api_key
 from tasks.settings import AnswerParams
-from tasks.sources import SourceRow, batched, count_rows, read_rows
+from tasks.sources import SourceRow, batched
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator
 
@@ -36,7 +36,7 @@ def answer(params: AnswerParams) -> AnswerReport:
     started = time.perf_counter()
     end_descendants_with_this_process()  # Prefect's temporary API server outlived a killed run
     run_id = str(flow_run.get_id() or "local")
-    rows = read_rows(params.questions, params.format, text_column=QUESTION_COLUMN, max_chars=params.max_question_chars)
+    rows = read_questions(params.questions, params.format, max_chars=params.max_question_chars)
     template = load_template(params.prompt_template)
     # The output's lock after the store's slot: on an embedded store (one slot), a deployment run queued
     # behind another into the same output then resumes the finished output instead of refusing. With a
@@ -74,7 +74,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         report = AnswerReport(collection=params.collection, model=params.llm_model, output=str(params.out), run_id=run_id)
         quarantine_path = run_file(params.data_dir, params.collection, run_id, "questions-quarantine.parquet")
         progress = RunProgress(key=artifact_key("answer-progress", params.collection), label=f"answer {params.collection}",
-                               total=count_rows(params.questions, params.format, max_chars=params.max_question_chars),
+                               total=count_questions(params.questions, params.format, max_chars=params.max_question_chars),
                                terminal=params.show_progress)
         batches = batched(rows, params.batch_questions)
         question_ids: list[str] = []  # the valid questions in input order: what the output answers

@@ -26,10 +26,9 @@ from tasks.disk import no_space_is_one_line, write_whole
 from tasks.errors import SourceError, StoreError, first_line
 from tasks.indexing import read_markers
 from tasks.metrics import RETRIEVAL_MEASURES, citation_checks, exact_match, rank_documents, retrieval_metrics, token_f1
-from tasks.questions import QUESTION_COLUMN, json_cell, to_question
+from tasks.questions import json_cell, read_questions, to_question
 from tasks.retrieval import InvalidFilter, build_filter
-from tasks.settings import SourceFormat
-from tasks.sources import SourceRow, batched, read_rows, row_id
+from tasks.sources import SourceRow, batched, row_id
 from tasks.store import QdrantStore
 from tasks.validation import DocumentValidator, QuarantinedRow
 
@@ -61,7 +60,7 @@ def load_dataset(path: Path, split: str = "test", *, max_chars: int) -> tuple[li
     validator = DocumentValidator(max_chars=max_chars, text_label="question")
     queries: list[EvalQuery] = []
     quarantined: list[QuarantinedRow] = []
-    for batch in batched(read_rows(path, SourceFormat.auto, text_column=QUESTION_COLUMN, max_chars=max_chars), VALIDATION_BATCH):
+    for batch in batched(read_questions(path, max_chars=max_chars), VALIDATION_BATCH):
         valid, rejected = validator.validate(batch)
         quarantined += rejected
         for row in valid:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tasks.sources import SourceRow
+from tasks.errors import SourceError
+from tasks.settings import QuestionFormat, SourceFormat
+from tasks.sources import SourceRow, count_rows, read_rows
 
 QUESTION_COLUMN = "question"
 REFERENCE_COLUMNS = ("reference_answers", "reference_answer", "answers", "answer")
@@ -39,6 +42,20 @@ def question_digest(text: str, filter_text: str | None, references: Sequence[str
     """The question, filter and references of an answer row, in 16 bytes (one per question in memory)."""
     encoded = json.dumps([text, filter_text, list(references)], ensure_ascii=False).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+def read_questions(path: Path, fmt: QuestionFormat = QuestionFormat.auto, *, max_chars: int) -> Iterator[SourceRow]:
+    """The rows of a question set file (`read_rows` with the question column). A directory is refused:
+    read as documents, or as a BEIR dataset's corpus, its documents were answered as questions."""
+    if Path(path).is_dir():
+        raise SourceError(f"{path}: a directory; a question set is a JSONL, CSV or Parquet file "
+                          "(`ragbatch evaluate --dataset` reads a BEIR dataset's queries)")
+    return read_rows(path, SourceFormat(fmt.value), text_column=QUESTION_COLUMN, max_chars=max_chars)
+
+
+def count_questions(path: Path, fmt: QuestionFormat = QuestionFormat.auto, *, max_chars: int) -> int | None:
+    """How many rows `read_questions` yields, for progress; None if unknown."""
+    return count_rows(path, SourceFormat(fmt.value), max_chars=max_chars)
 
 
 def to_question(row: SourceRow) -> Question:

@@ -44,6 +44,15 @@ class SourceFormat(str, Enum):
     beir = "beir"
 
 
+class QuestionFormat(str, Enum):
+    """How to read a question set, a file; `auto` decides from its suffix."""
+
+    auto = "auto"
+    jsonl = "jsonl"
+    csv = "csv"
+    parquet = "parquet"
+
+
 class EmbeddingBackend(str, Enum):
     """What runs the embedding model; both give the same vectors."""
 
@@ -251,7 +260,7 @@ class AnswerParams(StoreParams, EngineParams):
         None, description="Output Parquet file; parts are checkpointed beside it until the run completes. "
         "Default: <data dir>/answers/<collection>.parquet."
     )
-    format: SourceFormat = Field(SourceFormat.auto, description="Question file format; auto detects it from the suffix.")
+    format: QuestionFormat = Field(QuestionFormat.auto, description="Question file format; auto detects it from the suffix.")
     top_k: int = Field(4, ge=1, le=100, description="Passages retrieved per question.")
     score_threshold: float | None = Field(
         None, description="Drop passages scoring below this: cosine similarity for dense, BM25 for sparse, the fused score for "

@@ -2,9 +2,10 @@
 import pytest
 
 from tasks.prompts import find_citations, load_template
-from tasks.errors import RagbatchError
-from tasks.questions import QUESTION_COLUMN, to_question
+from tasks.errors import RagbatchError, SourceError
+from tasks.questions import QUESTION_COLUMN, count_questions, read_questions, to_question
 from tasks.retrieval import InvalidFilter, build_filter
+from tasks.settings import AnswerParams, QuestionFormat
 from tasks.sources import read_rows
 
 from .conftest import ROOT
@@ -15,6 +16,21 @@ def test_sample_questions_load_with_references():
     assert len(questions) == 24 and len({q.id for q in questions}) == 24
     assert all(q.text.endswith("?") for q in questions)
     assert sum(bool(q.reference_answers) for q in questions) == 22
+
+
+def test_a_question_set_is_a_file_not_a_directory_of_documents(tmp_path):
+    """`ragbatch answer data/corpus` answered each document as a question, and a BEIR directory's corpus
+    (not its queries) was taken as the question set."""
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "text": "a passage"}\n')
+    for directory in (ROOT / "data" / "corpus", beir):
+        with pytest.raises(SourceError, match=rf"^{directory}: a directory; a question set is a JSONL, CSV or Parquet file"):
+            read_questions(directory, max_chars=1000)
+    with pytest.raises(ValueError, match="format"):
+        AnswerParams(questions=ROOT / "data" / "questions.jsonl", collection="kb", format="dir")
+    rows = list(read_questions(ROOT / "data" / "questions.jsonl", QuestionFormat.jsonl, max_chars=1000))
+    assert len(rows) == count_questions(ROOT / "data" / "questions.jsonl", max_chars=1000) == 24
 
 
 def test_csv_questions_decode_json_cells(tmp_path):
