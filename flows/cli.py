@@ -288,36 +288,39 @@ def _print_ingest(result: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    verbose_help = "Show Prefect's run and task logs and vLLM's engine logs on the terminal (`serve` always shows its server's log)."
     parser = argparse.ArgumentParser(prog="ragbatch", description="Batch RAG: index documents into Qdrant and run question sets.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Show Prefect's run and task logs and vLLM's engine logs on the terminal "
-                        "(`serve` always shows its server's log).")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # Also after the command (`ragbatch ingest docs -v`); absent there, it leaves the value given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    ingest = commands.add_parser("ingest", help="Index a document source into a Qdrant collection (incremental).")
+    ingest = commands.add_parser("ingest", parents=[verbose], help="Index a document source into a Qdrant collection (incremental).")
     add_model_options(ingest, IngestParams, positional=("source",))
     ingest.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
     ingest.set_defaults(run=_flow_command(IngestParams, "ingest"), show=_print_ingest)
 
-    answer = commands.add_parser("answer", help="Answer a question set with retrieval and a local LLM, into Parquet.")
+    answer = commands.add_parser("answer", parents=[verbose], help="Answer a question set with retrieval and a local LLM, into Parquet.")
     add_model_options(answer, AnswerParams, positional=("questions",))
     answer.add_argument("--json", action="store_true", help="End stdout with one JSON object of counts.")
     answer.set_defaults(run=_flow_command(AnswerParams, "answer"), show=_print_answer)
 
-    evaluate = commands.add_parser("evaluate", help="Measure retrieval and answer quality on a BEIR dataset or question set.")
+    evaluate = commands.add_parser("evaluate", parents=[verbose], help="Measure retrieval and answer quality on a BEIR dataset or question set.")
     add_model_options(evaluate, EvaluateParams)
     evaluate.add_argument("--json", action="store_true", help="End stdout with one JSON object of the metrics.")
     evaluate.set_defaults(run=_flow_command(EvaluateParams, "evaluate"), show=_print_evaluate)
 
-    serve = commands.add_parser("serve", help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
+    serve = commands.add_parser("serve", parents=[verbose], help="Serve the LLM as an OpenAI-compatible API on loopback (vLLM).")
     add_model_options(serve, ServeParams)
     serve.set_defaults(run=_run_serve, show=lambda result: None, json=False)
 
-    server = commands.add_parser("server", help="Start a local Prefect server and UI with the deployments and a worker.")
+    server = commands.add_parser("server", parents=[verbose], help="Start a local Prefect server and UI with the deployments and a worker.")
     add_model_options(server, PrefectServerParams)
     server.set_defaults(run=_run_server, show=lambda result: None, json=False)
 
-    models = commands.add_parser("models", help="Manage local model files.")
+    models = commands.add_parser("models", parents=[verbose], help="Manage local model files.")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    prepare = models_commands.add_parser("prepare", help="Convert the bundled SmolLM2 into a model directory (offline).")
+    prepare = models_commands.add_parser("prepare", parents=[verbose], help="Convert the bundled SmolLM2 into a model directory (offline).")
     add_model_options(prepare, RagbatchSettings)
     prepare.set_defaults(run=_run_models_prepare, show=lambda result: print(result["path"]), json=False)
     return parser

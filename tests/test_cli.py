@@ -301,6 +301,15 @@ def test_a_prefect_server_set_in_the_users_profile_is_used(corpus, subprocess_en
     assert result.stderr.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): "), result.stderr
 
 
+def test_verbose_goes_before_or_after_the_command():
+    """README writes `-v` after the command, where only the top-level parser took it: exit 2."""
+    parser = build_parser()
+    for argv, verbose in ((["ingest", "docs"], False), (["-v", "ingest", "docs"], True), (["ingest", "docs", "-v"], True),
+                          (["answer", "q.jsonl", "--verbose"], True), (["evaluate", "--dataset", "q.jsonl"], False),
+                          (["serve", "-v"], True), (["server", "-v"], True), (["models", "prepare", "-v"], True)):
+        assert parser.parse_args(argv).verbose is verbose, argv
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_the_terminal_shows_warnings_of_the_run_not_of_the_machinery_unless_verbose(monkeypatch, verbose):
     """vLLM's engine set-up (about forty lines) and Prefect's senders noting "Still processing items" as
@@ -355,15 +364,18 @@ def test_a_data_dir_that_cannot_be_created_is_one_line_before_anything_starts(tm
 def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path):
     """`ragbatch serve` runs vLLM's server (and its engine process) as children; stopped by a supervisor's
     SIGTERM the server outlived it, still answering on the port with the model loaded. One `serve` is
-    stopped, one killed; they start side by side (each spends half a minute importing on one core)."""
+    stopped, one killed; they start side by side (each spends half a minute importing on one core). A
+    third, asking for more context than the model has, ends on its own: one line says so after vLLM's log."""
     from tasks.child_process import free_port
 
-    servers = {}
-    for how in (signal.SIGTERM, signal.SIGKILL):
-        env = {**os.environ, "RAGBATCH_DATA_DIR": str(tmp_path / how.name)}
-        servers[how] = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),
-                                         "--port", str(free_port()), "--max-model-len", "1024", "--kv-cache-gib", "1"],
-                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def serve(max_model_len: int, data_dir: Path, stderr) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--llm-model", str(tiny_llm_dir),
+                                 "--port", str(free_port()), "--max-model-len", str(max_model_len), "--kv-cache-gib", "1"],
+                                env={**os.environ, "RAGBATCH_DATA_DIR": str(data_dir)}, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    servers = {how: serve(1024, tmp_path / how.name, subprocess.DEVNULL) for how in (signal.SIGTERM, signal.SIGKILL)}
+    with open(tmp_path / "failed.log", "w") as log:
+        failed = serve(4096, tmp_path / "failed", log)  # the tiny model has 2,048 positions
     try:
         deadline = time.monotonic() + 240
         for how, command in servers.items():
@@ -375,8 +387,12 @@ def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, t
             command.send_signal(how)
             command.wait(timeout=120)
             assert_all_end(descendants, timeout=60, after=f"`ragbatch serve` ended by {how.name}")
+        assert failed.wait(timeout=240) == 1
+        log = (tmp_path / "failed.log").read_text()
+        assert "greater than the derived max_model_len" in log  # vLLM's reason, above
+        assert log.splitlines()[-1] == "ragbatch: error: the vLLM server exited with code 1; its log above says why"
     finally:
-        for command in servers.values():
+        for command in [*servers.values(), failed]:
             if command.poll() is None:
                 command.terminate()
                 command.wait(timeout=120)
