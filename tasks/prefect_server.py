@@ -3,7 +3,7 @@
 Everything listens on loopback, keeps its SQLite database and logs under the data directory, and
 runs with telemetry off. Each child gets its own session (so Ctrl-C reaches only `ragbatch server`,
 which then stops them in order), default SIGINT handling (a worker that inherits an ignored SIGINT
-does not stop on one signal, see NOTES.md) and dies with its parent.
+does not stop on one signal) and dies with its parent.
 """
 
 from __future__ import annotations
