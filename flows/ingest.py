@@ -91,7 +91,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
                 valid, rejected = steps.validate(validator, batch)
                 quarantine.write(rejected)
                 report.unidentified += sum(row.doc_id is None for row in batch)
-                check_rebuild_complete(target, report.unidentified, str(params.source))  # before embedding this batch
+                check_rebuild_complete(target, report.unidentified, str(params.source), quarantine_path)  # before embedding this batch
                 plan = steps.find_changed(store, target.collection, valid, fingerprint)
                 chunks = steps.chunk(chunker(), plan) if plan.changed else []
                 if chunks and target.layout.sparse and bm25 is None:
@@ -111,7 +111,7 @@ def _index(params: IngestParams, rows: Iterator[SourceRow], run_id: str, runner:
         report.quarantine_path = str(quarantine_path)
         create_markdown_artifact(validator.summary.to_markdown(params.max_chars), key=artifact_key("ingest-validation", params.collection),
                                  description="Document validation")
-        check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source))
+        check_quarantine_share(report.loaded, report.quarantined, params.max_quarantined_share, str(params.source), quarantine_path)
         report.deleted += steps.delete_missing(store, target.collection, present_doc_ids, unidentified=report.unidentified)
         store.optimize(target.collection)
         if target.is_rebuild:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -151,24 +152,25 @@ def finish_rebuild(store: QdrantStore, target: Target) -> list[str]:
     return dropped
 
 
-def check_rebuild_complete(target: Target, unidentified: int, source: str) -> None:
+def check_rebuild_complete(target: Target, unidentified: int, source: str, quarantine: Path) -> None:
     """Refuse to move the alias to a rebuild that lacks documents it cannot name: a row without a readable
     id may be a document the old collection holds, and the rebuild would drop it (an incremental run
     keeps it, deleting nothing)."""
     if target.is_rebuild and unidentified:
         raise QuarantineThresholdExceeded(
-            f"{source}: {unidentified} quarantined rows have no readable id (see the quarantine file), so the rebuild "
+            f"{source}: {unidentified} quarantined rows have no readable id (listed in {quarantine}), so the rebuild "
             "may lack documents the index holds; the alias still points at the old collection; fix those rows and rebuild"
         )
 
 
-def check_quarantine_share(loaded: int, quarantined: int, max_share: float, source: str) -> None:
-    """Refuse to touch the index further when the source looks broken."""
+def check_quarantine_share(loaded: int, quarantined: int, max_share: float, source: str, quarantine: Path) -> None:
+    """Refuse to touch the index further when the source looks broken; the message names the file that
+    says why, as a failed run prints no summary."""
     if loaded == 0:
         raise QuarantineThresholdExceeded(f"{source}: no documents found; nothing was changed in the index")
     share = quarantined / loaded
     if share > max_share:
         raise QuarantineThresholdExceeded(
             f"{source}: {quarantined} of {loaded} rows ({share:.0%}) failed validation, more than the allowed "
-            f"{max_share:.0%}; no documents were deleted (see the quarantine file)"
+            f"{max_share:.0%}; no documents were deleted; the rows and reasons are in {quarantine}"
         )

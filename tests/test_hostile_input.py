@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,8 +199,10 @@ def test_rows_without_a_readable_id_hold_back_deletions(prefect_api_url, tmp_pat
     assert set(index_contents(params)) == {"a", "b", "c"}
     # A rebuild would leave b out of the new collection: refused, the alias stays on the old one.
     with pytest.raises(QuarantineThresholdExceeded, match=r"docs.jsonl: 1 quarantined rows have no readable id .* the alias "
-                                                          r"still points at the old collection"):
+                                                          r"still points at the old collection") as refused:
         ingest(params.model_copy(update={"rebuild": True}))
+    listed = Path(re.search(r"\(listed in (\S+)\)", str(refused.value)).group(1))  # a failed run prints no summary
+    assert [row["locator"] for row in pq.read_table(listed).to_pylist()] == ["docs.jsonl:2"]
     assert set(index_contents(params)) == {"a", "b", "c"}
     path.write_text(f"{rows['a']}\n{rows['b']}\n")
     fixed = ingest(params)

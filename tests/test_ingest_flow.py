@@ -111,7 +111,7 @@ def test_a_broken_source_fails_the_run_and_deletes_nothing(params, corpus):
     files = sorted(p for p in corpus.rglob("*.txt"))
     for path in files:
         path.write_bytes(b"\x00\x01binary garbage")
-    with pytest.raises(QuarantineThresholdExceeded, match="failed validation, more than the allowed 20%"):
+    with pytest.raises(QuarantineThresholdExceeded, match="failed validation, more than the allowed 20%") as refused:
         ingest(params())
     store = open_store(params())
     try:
@@ -119,6 +119,7 @@ def test_a_broken_source_fails_the_run_and_deletes_nothing(params, corpus):
     finally:
         store.close()
     quarantine = sorted(params().data_dir.glob("runs/kb/*/quarantine.parquet"), key=lambda p: p.stat().st_mtime)[-1]
+    assert str(refused.value).endswith(f"; the rows and reasons are in {quarantine}")  # a failed run prints no summary
     table = pq.read_table(quarantine).to_pylist()
     assert len(table) == len(files)
     assert {row["reason"] for row in table} == {"binary content (NUL bytes)"}
