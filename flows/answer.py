@@ -78,6 +78,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                                terminal=params.show_progress)
         batches = batched(rows, params.batch_questions)
         question_ids: list[str] = []  # the valid questions in input order: what the output answers
+        generated = 0  # questions the model answered in this run, for its rates
         with QuarantineWriter(quarantine_path, run_id=run_id) as quarantine:
             while (batch := steps.load(batches)) is not None:
                 valid, rejected = steps.validate(validator, batch)
@@ -99,6 +100,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                     steps.write(checkpoint, answer_rows(part, model=params.llm_model, sampling=sampling, run_id=run_id,
                                                         timings={"retrieve_s": retrieve_s, "generate_s": generate_s}))
                     report.generate_seconds += generate_s
+                    generated += sum(i.completion is not None for i in part)  # not those failed before generating
                     report.prompt_tokens += sum(i.completion.prompt_tokens for i in part if i.completion)
                     report.output_tokens += sum(i.completion.completion_tokens for i in part if i.completion)
                     logger.info("answered %d questions (%d so far)", len(part), report.questions - report.quarantined)
@@ -112,7 +114,6 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
         store.close()
     report.failed = merged.failed
     report.answered = merged.rows - merged.failed
-    generated = report.questions - report.quarantined - report.resumed
     if report.generate_seconds:
         report.prompts_per_s = round(generated / report.generate_seconds, 2)
         report.output_tokens_per_s = round(report.output_tokens / report.generate_seconds, 1)
