@@ -9,8 +9,8 @@ import pytest
 from tasks import steps
 from tasks.chunking import Chunk
 from tasks.errors import SourceError, StoreError
-from tasks.evaluation import (EvalQuery, add_answer_metrics, check_measurable, document_rankings, load_dataset, query_filters,
-                              query_rows, summarize, write_outputs)
+from tasks.evaluation import (MAX_DEPTH, RANKING_KEPT, EvalQuery, add_answer_metrics, check_measurable, document_rankings,
+                              load_dataset, query_filters, query_rows, relevant_not_indexed, summarize, write_outputs)
 from tasks.indexing import build_points, write_documents
 from tasks.ingest import LAYOUTS
 from tasks.retrieval import Retriever
@@ -277,12 +277,12 @@ def answers_parquet(path, answers):
         {"question_id": qid, "question": "?", "answer": text, "error": None if text is not None else "failed",
          "contexts": [{"rank": i + 1, "score": 1.0, "point_id": "p", "doc_id": doc, "chunk_index": 0, "text": "t", "source": doc}
                       for i, doc in enumerate(docs)],
-         "citations": cites, "reference_answers": [], "model": "m",
+         "citations": cites, "reference_answers": references[0] if references else [], "model": "m",
          "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8, "seed": 0, "stop": []},
          "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop", "dropped_passages": 0,
          "timings": {"batch_questions": 1, "retrieve_s": 0.0, "generate_s": 0.0}, "run_id": "r",
          "created_at": __import__("datetime").datetime.now(__import__("datetime").timezone.utc)}
-        for qid, text, docs, cites in answers
+        for qid, text, docs, cites, *references in answers
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA), path)
     return path
@@ -307,6 +307,16 @@ def test_answer_metrics(tmp_path):
     assert report.cited_relevant == 0.5  # a cites x (relevant); b cites z (not)
     with pytest.raises(SourceError, match="not an answers Parquet"):
         add_answer_metrics(rows, queries, ROOT / "data" / "questions.jsonl")
+
+
+def test_each_rows_answer_metrics(tmp_path):
+    """References come from the answers file where the question set has none; an unjudged query's
+    citations are not judged (None, not False); a failed question is not answered."""
+    queries = [EvalQuery("u", "qu", {}, []), EvalQuery("f", "qf", {"x": 1}, ["x"])]
+    path = answers_parquet(tmp_path / "answers.parquet", [("u", "Anemometer [1].", ["x"], [1], ["anemometer"]), ("f", None, [], [])])
+    rows = query_rows(queries, {})
+    assert add_answer_metrics(rows, queries, path) == 2
+    assert [(row["answered"], row["exact_match"], row["cited_relevant"]) for row in rows] == [(True, 1.0, None), (False, 0.0, None)]
 
 
 def test_the_per_query_output_keeps_the_answer_metrics_when_the_first_query_has_no_answer(tmp_path):
@@ -365,6 +375,29 @@ def test_a_deeper_search_only_appends_documents_until_the_collection_runs_out():
 
     assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1", "d2", "d3", "d4", "d5"]}
     assert searched == [300, 600, 1200, 2400]
+
+
+def test_a_deeper_search_stops_at_the_deepest_depth():
+    """A query whose chunks keep naming fewer than 100 documents while every pass comes back full."""
+    searched = []
+
+    def search(pending, depth):
+        searched.append(depth)
+        assert len(searched) <= 7, searched  # it would search at the deepest depth forever
+        return [["d1"] * depth]
+
+    assert document_rankings([EvalQuery("q", "text", {"d1": 1})], search, depth=300) == {"q": ["d1"]}
+    assert searched == [300, 600, 1200, 2400, 4800, 9600, MAX_DEPTH]
+
+
+def test_the_output_keeps_100_documents_and_unjudged_documents_are_not_missing_ones():
+    ranked = [f"d{i}" for i in range(150)]
+    assert query_rows([EvalQuery("q", "t", {})], {"q": ranked})[0]["ranked_doc_ids"] == ranked[:RANKING_KEPT]
+    store = QdrantStore.connect(":memory:")
+    store.create_collection("c", dimension=4, metadata={})
+    # Grade 0 is a judgement of not relevant: a document so judged and not indexed is no miss.
+    assert relevant_not_indexed(store, "c", [EvalQuery("q", "t", {"relevant": 1, "judged-irrelevant": 0})]) == ["relevant"]
+    store.close()
 
 
 def test_the_metrics_never_replace_the_answers_or_the_question_set_they_read(tmp_path):

@@ -45,6 +45,9 @@ def test_squad_normalization_exact_match_and_f1():
     assert token_f1("wind sensor bus timeout error", ["clock drift", "wind sensor bus timeout"]) == pytest.approx(2 * 0.8 / 1.8)
     assert token_f1("nothing alike", ["wind sensor"]) == 0.0
     assert token_f1("", [""]) == 1.0
+    assert exact_match("drift", ["clock", "drift"]) == 1.0  # any reference, not the first
+    assert token_f1("the bus bus", ["bus bus"]) == 1.0  # tokens are counted, not a set: {bus} would give 0.5
+    assert normalize_answer("An anemometer at the theatre") == "anemometer at theatre"  # whole words only
 
 
 def test_citation_checks():
@@ -53,3 +56,5 @@ def test_citation_checks():
     assert citation_checks([1], contexts, {"b.md": 1}) == {"citations": 1, "valid_citations": 1, "cited_relevant": False}
     assert citation_checks([], contexts, {"b.md": 1})["cited_relevant"] is None
     assert citation_checks([3], contexts, None)["cited_relevant"] is None
+    # [0] is no passage: counted as a citation, valid for none (contexts[-1] is the last passage).
+    assert citation_checks([0], ["a.md", "b.md"], {"b.md": 1}) == {"citations": 1, "valid_citations": 0, "cited_relevant": False}

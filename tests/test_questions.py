@@ -49,7 +49,7 @@ def test_filters():
         "metadata.lang", "metadata.tags[]", '"odd key"']
     # A mixed list failed pydantic's validation, and a key that is no field path failed the store's
     # batched query: both ended the run, on every resume, instead of failing the one question.
-    for bad in ({}, {"source": {"nested": 1}}, ["source"], {"source": []}, {"source": ["a.md", 1]},
+    for bad in ({}, {"source": {"nested": 1}}, ["source"], {"source": []}, {"source": ["a.md", 1]}, {"flag": [True]},
                 {"": "x"}, {"a[": "x"}, {"a..b": "x"}, {"a b": "x"}):
         with pytest.raises(InvalidFilter):
             build_filter(bad)
@@ -83,6 +83,7 @@ def test_citations_and_templates(tmp_path):
     # Lists and ranges, as small models write them, were no citation at all.
     assert find_citations("See [1, 2], [3-4] and [5–6]; [2][7].") == [1, 2, 3, 4, 5, 6, 7]
     assert find_citations("[1-999999] is no list, nor are the interval [0, 1] and the years [2019-2021]") == []
+    assert find_citations("[1, 5-3] holds a reversed range: no list") == []
     good = tmp_path / "good.txt"
     good.write_text("Q: {question}\nC: {context}")
     assert load_template(good) == "Q: {question}\nC: {context}"

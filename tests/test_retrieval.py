@@ -81,6 +81,11 @@ def test_hybrid_fuses_both_rankings(hybrid_store, fusion):
     # Dense points at d0 (the text ends in 0); BM25 points at d1 ("rain gauge").
     [hits] = retriever.search(store, ["rain gauge 0"], [None], top_k=4)
     assert {h.doc_id for h in hits[:2]} == {"d0", "d1"}
+    # Each branch keeps its top 100, not its top k: what ranks past k in both lists can still make the fused top k.
+    assert [branch.limit for branch in retriever.requests(["rain gauge 0"], [None], top_k=3)[0].prefetch] == [100, 100]
+    if fusion == FusionMethod.rrf:  # the threshold applies to the fused score: 2/61 for first in both lists
+        [first_in_both] = retriever.search(store, ["rain gauge 1"], [None], top_k=4, score_threshold=0.0325)
+        assert [h.doc_id for h in first_in_both] == ["d1"]
 
 
 def test_collections_without_the_needed_vectors_are_refused_in_one_line():
