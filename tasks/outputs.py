@@ -213,8 +213,9 @@ class AnswerCheckpoint:
             raise ResumeMismatch(f"{path}: not an answers file of this version of `ragbatch answer` (no column "
                                  f"{missing[0]!r}); {self._remedy(path)}")
         recorded = (schema.metadata or {}).get(SETTINGS_KEY)
-        if recorded is None:
-            return  # written before settings were recorded
+        if recorded is None:  # every answers file with these columns records them: this one was written otherwise
+            raise ResumeMismatch(f"{path}: records no settings of `ragbatch answer`, so its answers cannot be resumed; "
+                                 f"{self._remedy(path)}")
         earlier = json.loads(recorded)
         changed = sorted(key for key in earlier.keys() | self.settings.keys() if earlier.get(key) != self.settings.get(key))
         if changed:

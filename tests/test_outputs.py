@@ -97,9 +97,16 @@ def test_a_run_with_other_settings_refuses_to_resume_answers_made_with_these(tmp
         AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).answered()
     assert str(refused.value) == (f"{tmp_path / 'a.parquet'}: holds answers made with other settings (llm_model, sampling); "
                                   "--overwrite replaces them, or give another --out")
+    with pytest.raises(ResumeMismatch, match=r"other settings \(dtype\)"):  # one this run has and that one had not
+        AnswerCheckpoint(tmp_path / "a.parquet", settings={**settings, "dtype": "bfloat16"}).answered()
     first.finalize(["q1"])  # the merged output records them too
     with pytest.raises(ResumeMismatch):
         AnswerCheckpoint(tmp_path / "a.parquet", settings=changed).answered()
+    # An answers table written by something else records none: no way to tell, so no resume.
+    pq.write_table(pa.Table.from_pylist([row("q1")], schema=ANSWER_SCHEMA), tmp_path / "b.parquet")
+    with pytest.raises(ResumeMismatch, match=r"b.parquet: records no settings of `ragbatch answer`, so its answers cannot be "
+                                             r"resumed; give another --out, or --overwrite to replace it$"):
+        AnswerCheckpoint(tmp_path / "b.parquet", settings=settings).answered()
 
 
 def test_overwrite_keeps_the_earlier_output_until_the_new_one_replaces_it(tmp_path):
