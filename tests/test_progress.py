@@ -35,6 +35,21 @@ def test_unknown_total_counts_rows_and_completes_at_the_end(prefect_api_url):
     assert seen[2][1] == "ingest test: 3 rows processed"
 
 
+@flow
+def overcounted_and_throttled() -> list[tuple[float, str]]:
+    """More rows than the pre-count (a count can be off), then a throttled update."""
+    progress = RunProgress(key="progress-test", label="ingest test", total=2, min_interval_s=3600)
+    progress.advance(3)
+    seen = [read_progress(progress.artifact_id), (progress.percent, "")]
+    progress.close()
+    return [*seen, read_progress(progress.artifact_id)]
+
+
+def test_progress_never_passes_100_and_updates_at_most_once_per_interval(prefect_api_url):
+    seen = overcounted_and_throttled()
+    assert [percent for percent, _ in seen] == [0.0, 100.0, 100.0]  # held back by the interval, then capped
+
+
 def test_row_counts_match_what_the_readers_yield(tmp_path):
     from tasks.sources import count_rows, read_rows
 

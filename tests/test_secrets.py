@@ -166,3 +166,16 @@ def test_the_llm_key_is_sent_and_never_shown_and_an_echoed_key_is_redacted(
     run = last_flow_run_texts("answer")
     assert "HTTP 401" in run["logs"]  # the failure itself was logged, redacted
     assert_nowhere(wrong, str(error.value), caplog.text, *run.values(), roots=(data_dir, out.parent))
+
+
+def test_qdrants_own_variable_is_read_and_every_echo_of_a_key_is_redacted(monkeypatch):
+    """QDRANT_API_KEY, the variable Qdrant's tools use, is the fallback of RAGBATCH_QDRANT_API_KEY; a
+    server echoing the key twice had the second copy shown."""
+    from tasks.secrets import qdrant_api_key, redact
+
+    monkeypatch.delenv("RAGBATCH_QDRANT_API_KEY", raising=False)
+    monkeypatch.setenv("QDRANT_API_KEY", "from-qdrant")
+    assert qdrant_api_key(None).get_secret_value() == "from-qdrant"
+    monkeypatch.setenv("RAGBATCH_QDRANT_API_KEY", "from-ragbatch")
+    assert qdrant_api_key(None).get_secret_value() == "from-ragbatch"
+    assert redact("key k1 refused: k1 is unknown", "k1") == "key *** refused: *** is unknown"

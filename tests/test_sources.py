@@ -7,7 +7,7 @@ import pytest
 
 from tasks.errors import SourceError
 from tasks.settings import SourceFormat
-from tasks.sources import batched, count_rows, decode_bytes, detect_format, html_to_text, read_rows
+from tasks.sources import batched, count_rows, decode_bytes, detect_format, html_to_text, read_rows, row_id
 
 from .conftest import SAMPLE_CORPUS
 
@@ -25,12 +25,20 @@ def test_sample_corpus_reads_every_file_with_titles():
 
 def test_html_drops_scripts_styles_and_markup():
     title, text = html_to_text(
-        "<html><head><title>Spec</title><style>p{color:red}</style></head>"
-        "<body><h1>WS-200</h1><script>var secret = 1;</script><p>Runs on <b>12 V</b>.</p></body></html>"
+        "<html><head><title>Spec</title><style>p{color:red}</style><meta name='x' content='y'>Head text</head>"
+        "<body><h1>WS-200</h1><script>var secret = 1;</script><noscript>Enable JavaScript</noscript>"
+        "<template><p>Row template</p></template><p>Runs on <b>12 V</b>.</p></body></html>"
     )
     assert title == "Spec"
-    assert "WS-200" in text and "Runs on" in text and "12 V" in text
-    assert "secret" not in text and "color" not in text
+    assert text == "WS-200\nRuns on\n12 V\n."  # the title is the title, not text too; no script, style, noscript, template
+
+
+def test_an_id_is_a_string_or_a_whole_number():
+    """JSON's true is no id: it became the document "True"."""
+    assert row_id("a") == ("a", None) and row_id(7) == ("7", None) and row_id(7.0) == ("7", None)
+    assert row_id(True) == (None, "id is not a string or an integer (bool)")
+    assert row_id(1.5) == (None, "id is not a string or an integer (float)")
+    assert row_id(None) == row_id("  ") == (None, None)  # missing: the validator's missing_id
 
 
 def test_decoding_accepts_boms_and_rejects_binary_and_bad_utf8():
@@ -97,6 +105,8 @@ def test_parquet_and_beir(tmp_path):
         (lambda d: (d / "twice.csv").write_text("id,id,text,,\na,b,x,,\n") and d / "twice.csv", "column 'id' appears more than once"),
         (lambda d: pq.write_table(pa.table([["a"], ["x"], ["y"]], names=["id", "text", "text"]), d / "twice.parquet")
          or d / "twice.parquet", "column 'text' appears more than once"),
+        (lambda d: (d / "titles.csv").write_text("id,text,title,title\na,x,t,u\n") and d / "titles.csv",
+         "column 'title' appears more than once"),
         # UTF-16 (by its BOM) with a broken code unit was a UnicodeDecodeError traceback.
         (lambda d: (d / "u16.jsonl").write_bytes(b"\xff\xfe" + '{"id": "a", "text": "x"}\n'.encode("utf-16-le") + b"\x00\xd8A\x00")
          and d / "u16.jsonl", "u16.jsonl: 'utf-16-le' codec can't decode bytes"),

@@ -21,11 +21,12 @@ def test_each_rule_quarantines_with_its_reason(make_validator):
         row("no-text", None, n=3),
         row("blank", " \n\t ", n=4),
         row("long", "x" * 51, n=5),
+        row("at-the-limit", "x" * 50, n=8),
         row("ok", "same id again", n=6),
         row("broken", None, error="not valid UTF-8 at byte 3", n=7),
     ]
     valid, quarantined = validator.validate(batch)
-    assert [r.doc_id for r in valid] == ["ok"]
+    assert [r.doc_id for r in valid] == ["ok", "at-the-limit"]
     reasons = {q.locator: (q.rule, q.reason) for q in quarantined}
     assert reasons == {
         "src:2": ("missing_id", "missing id"),
@@ -53,7 +54,9 @@ def test_duplicates_are_found_across_batches_and_totals_add_up(make_validator):
     assert [q.reason for q in load_first] == ["text is not a string (int)", "duplicate id 'e' (its first occurrence was quarantined too)"]
     summary = validator.summary
     assert (summary.rows, summary.valid, summary.quarantined) == (8, 3, 5)
-    assert "| id unique across the source | 3 |" in summary.to_markdown(50)
+    assert summary.to_markdown(50).splitlines()[-6:] == [  # a rule no row failed shows 0
+        "| readable, decodable as text and of a readable size | 1 |", "| id present | 0 |", "| text present | 0 |",
+        "| text not blank | 1 |", "| text at most 50 characters | 0 |", "| id unique across the source | 3 |"]
 
 
 def test_a_row_failing_several_rules_is_counted_once(make_validator):
