@@ -1,6 +1,6 @@
 import math
 
-from tasks.sparse import Analyzer, Bm25, mean_length, term_id
+from tasks.sparse import STOPWORDS, Analyzer, Bm25, mean_length, term_id
 
 
 def test_analyzer_lowercases_drops_stopwords_and_stems():
@@ -30,6 +30,8 @@ def test_query_weights_each_unique_term_once():
 def test_mean_length_counts_index_terms():
     assert mean_length(["the cell divides", "proteins fold and bind quickly"]) == (2 + 4) / 2
     assert mean_length([]) == 1.0
+    assert mean_length(["x", "the cell"]) == 1.0  # half a term per text is still one: no length divides by less
+    assert len(STOPWORDS) == 33 and {"a", "the", "with", "will", "such"} <= STOPWORDS  # Lucene's English set
 
 
 def test_text_is_compared_in_one_unicode_form_and_older_collections_keep_version_1():
