@@ -316,3 +316,13 @@ def test_counting_rows_reads_no_line_whole(tmp_path):
     assert count_rows(tmp_path / "t.jsonl") == 2
     (tmp_path / "t.csv").write_text("id,text\na,x\nb," + "y" * (3 << 20) + "\n")
     assert count_rows(tmp_path / "t.csv", max_chars=100) is None and count_rows(tmp_path / "t.csv") == 2
+
+
+def test_a_file_of_exactly_max_chars_characters_is_read_in_any_encoding(tmp_path):
+    """Files are refused unread by their size: the bound must leave room for 4 bytes a character and a BOM."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "utf8.txt").write_bytes(b"\xef\xbb\xbf" + ("\U0001F600" * 10).encode())
+    (docs / "utf32.txt").write_bytes(("x" * 10).encode("utf-32"))  # with its 4-byte BOM: 44 bytes
+    rows = {row.doc_id: row for row in read_rows(docs, max_chars=10)}
+    assert rows["utf8.txt"].text == "\U0001F600" * 10 and rows["utf32.txt"].text == "x" * 10
