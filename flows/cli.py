@@ -199,13 +199,10 @@ def _print_evaluate(result: dict[str, Any]) -> None:
 def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     """Run vLLM's OpenAI-compatible server in the foreground until Ctrl-C or SIGTERM, which stop it
     and its engine process; a supervisor process does that also when this one is killed outright."""
-    import signal
-    import subprocess
-
-    from tasks.child_process import die_with_parent, http_address, require_free_port, supervised
+    from tasks.child_process import http_address, require_free_port
     from tasks.llm import has_cuda, vllm_environment
     from tasks.llm_models import resolve_llm_model
-    from tasks.serving import STOP_GRACE_SECONDS, ServerExited, server_key_environment, vllm_server_command
+    from tasks.serving import run_in_foreground, server_key_environment, vllm_server_command
 
     params = _command_params(ServeParams, args, "serve")
     key_environment = server_key_environment(params.host, os.environ)
@@ -225,19 +222,7 @@ def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
     scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **vllm_environment(params.data_dir / "cache", cuda=cuda, kv_cache_gib=params.kv_cache_gib),
            **key_environment, "TMPDIR": str(scratch)}
-    server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=env, preexec_fn=die_with_parent)
-
-    stopped = []
-
-    def stop(signum, frame):
-        stopped.append(signum)
-        server.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = server.wait()
-    if code and not stopped:  # a bad --max-model-len, say: after vLLM's own traceback, what ended
-        raise ServerExited(f"the vLLM server exited with code {code}; its log above says why")
+    code = run_in_foreground(command, env)
     return {"exit_code": code, "model": params.llm_model, "url": url}
 
 

@@ -7,9 +7,12 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 
+from tasks.child_process import die_with_parent, supervised
 from tasks.errors import RagbatchError
 from tasks.llm import GiB, engine_dtype, has_cuda
 from tasks.secrets import LLM_API_KEY_ENV
@@ -80,6 +83,28 @@ class ServeRefused(RagbatchError):
 
 class ServerExited(RagbatchError):
     """The LLM server ended on its own (it failed to start, or crashed)."""
+
+
+def run_in_foreground(command: list[str], env: Mapping[str, str]) -> int:
+    """Run a server `command` (under `supervised`, so its process group goes with it, and dying with
+    this process) until it exits or SIGTERM or SIGINT here stop it; its exit status. ServerExited when
+    it ends with an error on its own: a bad --max-model-len, say, after its own log has said why."""
+    server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=dict(env), preexec_fn=die_with_parent)
+    stopped = []
+
+    def stop(signum, frame):
+        stopped.append(signum)
+        server.send_signal(signal.SIGTERM)
+
+    handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = server.wait()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if code and not stopped:
+        raise ServerExited(f"the vLLM server exited with code {code}; its log above says why")
+    return code
 
 
 def _is_loopback(host: str) -> bool:

@@ -310,7 +310,7 @@ def test_hostile_question_set_each_question_answered_failed_or_quarantined_once(
 def test_a_question_set_without_a_valid_question_gives_an_empty_output_and_an_empty_one_an_error(
         prefect_api_url, tmp_path, data_dir, tiny_llm_dir):
     """Every question quarantined: the run completes with an output of no rows. No question at all (an
-    empty file or directory): one line, as for an empty source to ingest."""
+    empty file): one line, as for an empty source to ingest; a directory is no question set."""
     from flows.answer import answer
     from tasks.errors import QuarantineThresholdExceeded, SourceError
     from tasks.settings import AnswerParams
@@ -327,7 +327,8 @@ def test_a_question_set_without_a_valid_question_gives_an_empty_output_and_an_em
     assert report.questions == report.quarantined == 2 and report.answered == report.failed == 0
     assert pq.read_table(report.output).num_rows == 0 and pq.read_table(report.quarantine_path).num_rows == 2
 
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'empty.jsonl'}: no questions found; nothing was answered$"):
+        run(write(tmp_path / "empty.jsonl", b""))
     (tmp_path / "none").mkdir()
-    for empty in (write(tmp_path / "empty.jsonl", b""), tmp_path / "none"):
-        with pytest.raises(SourceError, match=rf"^{empty}: no questions found; nothing was answered$"):
-            run(empty)
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'none'}: a directory; a question set is a JSONL, CSV or Parquet file"):
+        run(tmp_path / "none")
