@@ -100,7 +100,7 @@ def _answer(params: AnswerParams, rows: Iterator[SourceRow], template: str, run_
                     steps.write(checkpoint, answer_rows(part, model=params.llm_model, sampling=sampling, run_id=run_id,
                                                         timings={"retrieve_s": retrieve_s, "generate_s": generate_s}))
                     report.generate_seconds += generate_s
-                    generated += sum(i.completion is not None for i in part)  # not those failed before generating
+                    generated += sum(i.completion is not None for i in part)  # the model's answers, not failed questions
                     report.prompt_tokens += sum(i.completion.prompt_tokens for i in part if i.completion)
                     report.output_tokens += sum(i.completion.completion_tokens for i in part if i.completion)
                     logger.info("answered %d questions (%d so far)", len(part), report.questions - report.quarantined)

@@ -89,15 +89,19 @@ def run_in_foreground(command: list[str], env: Mapping[str, str]) -> int:
     """Run a server `command` (under `supervised`, so its process group goes with it, and dying with
     this process) until it exits or SIGTERM or SIGINT here stop it; its exit status. ServerExited when
     it ends with an error on its own: a bad --max-model-len, say, after its own log has said why."""
-    server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=dict(env), preexec_fn=die_with_parent)
+    server: subprocess.Popen | None = None
     stopped = []
 
     def stop(signum, frame):
         stopped.append(signum)
-        server.send_signal(signal.SIGTERM)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
 
     handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
+        server = subprocess.Popen(supervised(command, STOP_GRACE_SECONDS), env=dict(env), preexec_fn=die_with_parent)
+        if stopped:  # stopped while it was being started
+            server.send_signal(signal.SIGTERM)
         code = server.wait()
     finally:
         for signum, handler in handlers.items():

@@ -302,22 +302,28 @@ def test_a_prefect_server_set_in_the_users_profile_is_used(corpus, subprocess_en
     assert result.stderr.startswith(f"ragbatch: error: cannot reach the Prefect API at {api} (PREFECT_API_URL): "), result.stderr
 
 
-def test_a_server_that_ends_on_its_own_is_one_line_and_one_stopped_is_not():
+def test_a_server_that_ends_on_its_own_is_one_line_and_one_stopped_is_not(tmp_path):
     """`serve` runs vLLM's server in the foreground: a server failing at start-up (after its own log)
     ended the command with that log alone; stopped with SIGTERM, the command ends without an error."""
     from tasks.serving import ServerExited, run_in_foreground
 
     with pytest.raises(ServerExited, match=r"^the vLLM server exited with code 3; its log above says why$"):
         run_in_foreground([sys.executable, "-c", "raise SystemExit(3)"], os.environ)
-    handler = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        # Its supervisor stops the server's group with SIGINT first, as Ctrl-C would.
-        assert run_in_foreground([sys.executable, "-c", "import time; time.sleep(60)"], os.environ) == 128 + signal.SIGINT
-    finally:
-        timer.cancel()
-    assert signal.getsignal(signal.SIGTERM) == handler  # this process's own handling is back
+    handlers = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]
+    ready = tmp_path / "ready"
+
+    def stop_once_started() -> None:  # SIGTERM to this process once the server runs (never if it does not)
+        deadline = time.monotonic() + 120
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ready.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    server = f"import pathlib, time; pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    # Its supervisor stops the server's group with SIGINT first, as Ctrl-C would.
+    assert run_in_foreground([sys.executable, "-c", server], os.environ) == 128 + signal.SIGINT
+    assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == handlers  # this process's own handling is back
 
 
 def test_verbose_goes_before_or_after_the_command():
