@@ -257,3 +257,11 @@ def test_a_lock_is_released_also_while_a_process_forked_under_it_lives(tmp_path)
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, previous)
     CollectionLock(tmp_path, "full").acquire().release()
+
+
+def test_a_lock_file_left_with_a_longer_record_names_its_new_holder(tmp_path):
+    """A killed holder's record stays in the file; a shorter new one written over it kept its tail."""
+    path = tmp_path / "kb.lock"
+    path.write_text(json.dumps({"pid": 99999999, "host": "a-very-long-hostname-of-the-killed-holder.example", "since": "2026-01-01"}))
+    with RunLock(path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -178,3 +178,18 @@ def test_two_writers_of_one_file_each_replace_it_whole(tmp_path):
     with pytest.raises(ZeroDivisionError):
         write_whole(target, lambda temporary: (temporary.write_text("half"), 1 / 0))
     assert target.read_text() == "first, whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_only_a_full_disk_is_reported_as_one(tmp_path):
+    """Every other failure of a write keeps its own error: "denied" is no reason to free space."""
+    import errno
+
+    from tasks.disk import no_space_is_one_line
+    from tasks.errors import DiskSpaceError
+
+    with pytest.raises(DiskSpaceError, match="^writing x: no space left on the disk of"):
+        with no_space_is_one_line(tmp_path, "writing x"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(PermissionError):
+        with no_space_is_one_line(tmp_path, "writing x"):
+            raise PermissionError(errno.EACCES, "denied")

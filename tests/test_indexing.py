@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,8 @@ def test_document_hash_follows_text_metadata_and_settings():
     assert base != document_hash(SourceRow("x", "x", "text!", title="T", source="x", metadata={"k": 1}), "m|200|32")
     assert base != document_hash(SourceRow("x", "x", "text", title="T", source="x", metadata={"k": 2}), "m|200|32")
     assert base != document_hash(row, "m|100|32")
+    assert base != document_hash(SourceRow("x", "x", "text", title="U", source="x", metadata={"k": 1}), "m|200|32")
+    assert base != document_hash(SourceRow("x", "x", "text", title="T", source="y", metadata={"k": 1}), "m|200|32")
 
 
 def test_plan_skips_documents_whose_marker_matches():
@@ -62,12 +66,12 @@ def test_shorter_new_version_deletes_its_leftover_chunks(store):
 
 def test_payload_carries_what_readers_need(store):
     write(store, chunks_for("doc", 2, "v1"))
-    payload = store.retrieve_payloads("c", [point_id("doc", 1)], ["doc_id", "chunk_index", "text", "content_hash", "embedding_model", "source"])
+    payload = store.retrieve_payloads("c", [point_id("doc", 1)], ["doc_id", "chunk_index", "text", "content_hash", "embedding_model",
+                                                                 "source", "start", "end"])
     assert payload[point_id("doc", 1)] == {
-        "doc_id": "doc", "chunk_index": 1, "text": "doc part 1", "source": "doc", "embedding_model": "m",
-        "content_hash": payload[point_id("doc", 1)]["content_hash"],
+        "doc_id": "doc", "chunk_index": 1, "text": "doc part 1", "source": "doc", "embedding_model": "m", "start": 10, "end": 15,
+        "content_hash": hashlib.sha256(b"doc part 1").hexdigest(),  # of the chunk's own text
     }
-    assert len(payload[point_id("doc", 1)]["content_hash"]) == 64
 
 
 def test_delete_missing_removes_only_documents_not_in_source(store):

@@ -160,6 +160,30 @@ def test_a_server_other_machines_can_reach_requires_an_api_key(monkeypatch, caps
                                                "or serve on 127.0.0.1")
 
 
+def test_server_command_guards_with_a_key_and_bounds_the_context_when_asked():
+    common = dict(model_dir="m", served_name="m", dtype="float32", enforce_eager=False, kv_cache_gib=1, cuda=False)
+    guarded = vllm_server_command(**common, max_model_len=1024, require_key=True)
+    assert guarded[guarded.index("--max-model-len") + 1] == "1024"
+    assert guarded[guarded.index("--middleware") + 1] == "tasks.serving.RequireKey"  # every path but /health
+    assert not {"--max-model-len", "--middleware"} & set(vllm_server_command(**common, max_model_len=None))
+
+
+def test_model_names_are_hub_ids_or_paths_and_answers_record_what_shaped_them(tmp_path):
+    from tasks.generation import answer_settings
+    from tasks.llm import _looks_like_path
+    from tasks.settings import AnswerParams
+
+    assert not _looks_like_path("org/model") and not _looks_like_path("model")
+    assert _looks_like_path("models/org/model") and _looks_like_path("./model") and _looks_like_path("/abs/model")
+    params = AnswerParams(questions=tmp_path / "q.jsonl", data_dir=tmp_path, max_model_len=1024)
+    recorded = answer_settings(params, "{context}\n{question}", physical_collection="docs--1")
+    assert set(recorded) == {"collection", "physical_collection", "llm_model", "prompt_template", "top_k", "score_threshold",
+                             "retrieval", "fusion", "sampling", "max_model_len"}
+    for change in ({"top_k": 5}, {"max_model_len": 2048}, {"max_tokens": 9}, {"score_threshold": 0.01}):
+        assert answer_settings(params.model_copy(update=change), "{context}\n{question}", physical_collection="docs--1") != recorded
+    assert answer_settings(params, "Q: {question}\n{context}", physical_collection="docs--1") != recorded
+
+
 def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     common = dict(model_dir="m", served_name="m", max_model_len=None, dtype="float32", enforce_eager=True, kv_cache_gib=1)
     single = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=2, cuda=False)

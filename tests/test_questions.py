@@ -6,7 +6,7 @@ from tasks.errors import RagbatchError, SourceError
 from tasks.questions import QUESTION_COLUMN, count_questions, read_questions, to_question
 from tasks.retrieval import InvalidFilter, build_filter
 from tasks.settings import AnswerParams, QuestionFormat
-from tasks.sources import read_rows
+from tasks.sources import SourceRow, read_rows
 
 from .conftest import ROOT
 
@@ -31,6 +31,16 @@ def test_a_question_set_is_a_file_not_a_directory_of_documents(tmp_path):
         AnswerParams(questions=ROOT / "data" / "questions.jsonl", collection="kb", format="dir")
     rows = list(read_questions(ROOT / "data" / "questions.jsonl", QuestionFormat.jsonl, max_chars=1000))
     assert len(rows) == count_questions(ROOT / "data" / "questions.jsonl", max_chars=1000) == 24
+
+
+def test_the_first_reference_column_wins_and_an_empty_filter_is_none():
+    def question(**columns):
+        return to_question(SourceRow("q.jsonl:1", "q1", "Why?", metadata=columns))
+
+    assert question(reference_answers=["a", "b"], answer="c").reference_answers == ["a", "b"]
+    assert question(reference_answers=["a", None]).reference_answers == ["a"]  # not "None"
+    assert question(answer="c").reference_answers == ["c"]
+    assert question(filter={}).filter is None and question(filter="").filter is None  # unfiltered, not an invalid filter
 
 
 def test_csv_questions_decode_json_cells(tmp_path):
