@@ -94,6 +94,23 @@ def test_a_rate_limited_or_briefly_failing_server_is_retryable_and_a_refusal_or_
         assert not isinstance(unreadable.value, StoreUnavailable) and "\n" not in str(unreadable.value)
 
 
+def test_a_timed_out_or_busy_gateway_is_retryable():
+    for status in (408, 502, 503, 504):
+        with StubQdrant({("GET", "/aliases"): (status, {}, failure("busy"))}) as qdrant:
+            with pytest.raises(StoreUnavailable, match=rf"refused listing aliases: HTTP {status}"):
+                QdrantStore.connect(qdrant.url, timeout=5).resolve("kb")
+
+
+def test_a_collection_ragbatch_did_not_build_is_not_read_as_its_own():
+    store = QdrantStore.connect(":memory:")
+    store.create_collection("kb--1", dimension=2, metadata={})
+    store.upsert("kb--1", [models.PointStruct(id=1, vector={"dense": [0.1, 0.2]}, payload={})])
+    store.move_alias("kb", "kb--1")
+    with pytest.raises(StoreError, match=r"^collection 'kb' was not built by ragbatch \(no embedding model recorded\)$"):
+        store.readable_collection("kb")
+    store.close()
+
+
 def test_collections_are_created_only_on_a_recent_enough_server_and_with_the_clients_time_limit():
     with StubQdrant({("GET", "/"): version("1.15.4")}) as old:
         with pytest.raises(StoreError, match=r"^Qdrant at http://127.0.0.1:\d+ is version 1.15.4; ragbatch needs 1.16 or newer"):

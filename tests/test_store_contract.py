@@ -112,6 +112,14 @@ def test_points_read_back_with_payload_and_both_vectors(store):
     assert all(r.vector is None for r in store.iter_points("kb"))
 
 
+def test_every_point_is_read_past_the_first_page(store):
+    """Deleting documents gone from the source reads every point: past a page, they stayed in the index."""
+    more = [Chunk(f"m{i}", 0, f"more {i % 4}", 0, 6, None, "m.md", {}, "h") for i in range(1005)]
+    store.upsert("kb", build_points(more, FixedEmbedder().embed([c.text for c in more]), embedding_model="fixed", layout=HYBRID,
+                                    bm25=BM25))
+    assert len({str(r.id) for r in store.iter_points("kb", fields=["doc_id"])}) == store.count("kb") == 1009
+
+
 def test_incremental_rewrite_and_delete(store):
     longer = chunks_of(TEXTS[:1], doc_hash="h2") + [Chunk("d0", 1, "more soil 0", 0, 11, None, "a.md", {}, "h2")]
     write_documents(store, "kb", build_points(longer, FixedEmbedder().embed([c.text for c in longer]),
@@ -136,6 +144,11 @@ def test_alias_swap_and_drop(store):
     assert store.physical_collections("kb") == ["kb--2"] and store.resolve("kb--1") is None
     with pytest.raises(StoreError, match="is a collection, not an alias"):
         store.move_alias("kb--2", "kb--2")
+    with pytest.raises(StoreError):  # an alias moves only to a collection that exists
+        store.move_alias("kb", "kb--9")
+    assert store.resolve("kb") == "kb--2"
+    with pytest.raises(StoreError):  # nor is a collection created under an alias's name
+        store.create_collection("kb", dimension=4, metadata={}, layout=HYBRID)
     store.drop_collection("kb--2")
     assert store.resolve("kb") is None  # dropping a collection drops its aliases
     with pytest.raises(StoreError, match="does not exist"):
@@ -152,11 +165,14 @@ def test_a_boolean_or_huge_integer_filter_is_applied_or_refused_for_its_question
     store.upsert("kb", build_points([flagged], FixedEmbedder().embed([flagged.text]), embedding_model="fixed", layout=HYBRID, bm25=BM25))
     retriever = Retriever("kb", RetrievalMode.dense, HYBRID, embedder=FixedEmbedder(), bm25=BM25)
     part = [Pending(Question("q1", "soil 0", "q:1", filter={"metadata.flag": True})), Pending(Question("q2", "soil 0", "q:2")),
-            Pending(Question("q3", "soil 0", "q:3", filter={"metadata.n": [2**64, 1]}))]  # beyond 64 bits: a TypeError failed all three
+            Pending(Question("q3", "soil 0", "q:3", filter={"metadata.n": [2**64, 1]})),  # beyond 64 bits: a TypeError failed all three
+            Pending(Question("q4", "soil 0", "q:4", filter={"metadata.n": 2**63})), Pending(Question("q5", "soil 0", "q:5", filter={"metadata.n": -2**63}))]
     retrieve_part(part, store, retriever, top_k=10, score_threshold=None)
     if isinstance(store, EdgeStore):
         assert part[0].error.startswith("invalid filter: qdrant-edge 0.9.0 cannot match a boolean") and not part[0].hits
         assert part[2].error == "invalid filter: qdrant-edge cannot match 18446744073709551616, an integer beyond 64 bits"
+        assert part[3].error == "invalid filter: qdrant-edge cannot match 9223372036854775808, an integer beyond 64 bits"
+        assert part[4].error is None  # the lowest signed 64-bit integer is one
     else:
         assert part[0].error is None and [hit.doc_id for hit in part[0].hits] == ["f0"]
         assert part[2].error is None and part[2].hits == []
