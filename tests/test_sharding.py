@@ -345,6 +345,20 @@ def test_only_the_newest_ray_sessions_stay_in_the_data_dir():
         shutil.rmtree(ray_dir.parent)
 
 
+def test_a_local_ray_instance_keeps_the_callers_token_and_a_long_data_dir_out_of_its_socket_paths(monkeypatch, tmp_path):
+    """A token the caller set was replaced by a random one; a session directory too long for a Unix
+    socket's 107 bytes failed Ray's start."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    environment, _ = local_ray_settings(None)
+    assert len(environment["RAY_AUTH_TOKEN"]) == 64 and environment["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-callers")
+    assert "RAY_AUTH_TOKEN" not in local_ray_settings(None)[0]
+    too_long = tmp_path / ("x" * 60)
+    assert local_ray_settings(too_long)[1] is None and not too_long.exists()
+
+
 @pytest.mark.slow
 def test_ingest_on_a_local_ray_cluster_equals_one_process(one_process, tmp_path: Path):
     single, single_index, _ = one_process
