@@ -42,3 +42,17 @@ def test_the_quarantine_share_stops_a_run_only_above_the_limit(tmp_path: Path):
         check_quarantine_share(5, 2, 0.2, "src", tmp_path / "q.parquet")
     with pytest.raises(QuarantineThresholdExceeded, match=r"^src: no documents found; nothing was changed in the index$"):
         check_quarantine_share(0, 0, 0.2, "src", tmp_path / "q.parquet")
+
+
+def test_bm25s_average_length_is_fixed_by_the_first_chunks_written(store):
+    """Recomputed by each run, it left the stored sparse vectors computed with another avgdl."""
+    from tasks.chunking import Chunk
+    from tasks.ingest import bm25_statistics
+
+    def chunks(*texts):
+        return [Chunk(f"d{i}", 0, text, 0, len(text), None, "s", {}, "h") for i, text in enumerate(texts)]
+
+    kb = target(store, "kb", retrieval=RetrievalMode.sparse).collection
+    first = bm25_statistics(store, kb, chunks("soil probes calibrated", "rain gauge"))
+    assert first.avgdl == 2.5 and store.collection_metadata(kb)["bm25_avgdl"] == 2.5
+    assert bm25_statistics(store, kb, chunks("a much longer text of many more index terms than before")).avgdl == 2.5
