@@ -309,6 +309,19 @@ def test_a_server_that_is_not_vllm_or_is_busy_is_one_clear_error_or_tried_again(
         answers[:] = [(503, '{"error": {"message": "overloaded"}}')] * 3
         with pytest.raises(LLMUnavailable, match=r"refused /tokenize: HTTP 503 overloaded$"):
             ServerChat(base_url=url, model="org/model").count("x")
+        # Generating: busy stays busy (the run resumes later), a refused prompt fails its question, a wrong key the run.
+        generator = OpenAIGenerator(base_url=url, model="org/model", max_model_len=512)
+        sampling = SamplingConfig(max_tokens=4)
+        answers[:] = [(503, '{"error": {"message": "overloaded"}}')] * 3  # the client's own two retries, then the answer
+        with pytest.raises(LLMUnavailable, match="refused a request: HTTP 503"):
+            generator.generate(["x"], sampling)
+        answers[:] = [(400, '{"error": {"message": "prompt too long"}}')]
+        [refused] = generator.generate(["x"], sampling)
+        assert refused.finish_reason == "error" and "HTTP 400" in refused.error
+        answers[:] = [(401, '{"error": {"message": "bad key"}}')]
+        with pytest.raises(LLMServerError, match="HTTP 401") as final:
+            generator.generate(["x"], sampling)
+        assert type(final.value) is LLMServerError  # not LLMUnavailable: no resume fixes a wrong key
         server.shutdown()
 
 
