@@ -17,9 +17,10 @@ def store():
     store.close()
 
 
-def target(store: QdrantStore, alias: str, **given):
-    return prepare_target(store, alias, **({"rebuild": False, "embedding_model": "m", "dimension": lambda: 4, "chunk_tokens": 200,
-                                            "chunk_overlap": 32} | given))
+def target(store: QdrantStore, alias: str, *, rebuild: bool = False, retrieval: RetrievalMode | None = None,
+           dimension=lambda: 4):
+    return prepare_target(store, alias, rebuild=rebuild, embedding_model="m", dimension=dimension, chunk_tokens=200,
+                          chunk_overlap=32, retrieval=retrieval)
 
 
 def test_a_plain_collection_is_refused_for_a_rebuild_before_anything_is_written(store):
