@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -24,6 +25,21 @@ def _not_a_directory(path: Path | None) -> Path | None:
 
 
 OutputFile = Annotated[Path | None, AfterValidator(_not_a_directory)]
+
+# A URL without user:password@: Prefect stores a run's parameters and shows them as plain text (and
+# qdrant-client drops them from a server URL). Also the forms' JSON schema, so that the Prefect server
+# refuses such a deployment run before storing its parameters.
+NO_URL_CREDENTIALS = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
+
+
+def _without_credentials(where_keys_go: str) -> AfterValidator:
+    def check(url: str | None) -> str | None:
+        if url and not re.match(NO_URL_CREDENTIALS, url):
+            raise ValueError(f"the URL holds credentials (user:password@), which would be kept and shown as plain text with "
+                             f"the run's parameters; leave them out and {where_keys_go}")
+        return url
+
+    return AfterValidator(check)
 
 
 def replaced_file(out: Path) -> Path:
@@ -141,11 +157,12 @@ class StoreParams(RagbatchSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Collection name. ragbatch points this alias at a physical collection.",
     )
-    store: str = Field(
+    store: Annotated[str, _without_credentials("give the API key in qdrant_api_key_block or RAGBATCH_QDRANT_API_KEY")] = Field(
         "",
         description="http(s)://host:port for a Qdrant server, edge:PATH for Qdrant's engine in-process (qdrant-edge), "
         "local:PATH for qdrant-client's local mode, or :memory:. Empty: edge under the data directory "
         "(or the local-mode store an earlier version created there).",
+        json_schema_extra={"pattern": NO_URL_CREDENTIALS},
     )
     qdrant_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the Qdrant API key; default: RAGBATCH_QDRANT_API_KEY."
@@ -267,10 +284,11 @@ class AnswerParams(StoreParams, EngineParams):
         "hybrid (RRF: at most 2/60, about 0.033); one above what the retrieval can score is refused."
     )
     prompt_template: Path | None = Field(None, description="Prompt template file with {context} and {question}; default: built in.")
-    llm_url: str | None = Field(
+    llm_url: Annotated[str | None, _without_credentials("give the key in llm_api_key_block or RAGBATCH_LLM_API_KEY")] = Field(
         None, description="Base URL of an OpenAI-compatible server (e.g. ragbatch serve) to use instead of the in-process engine. "
         "Key from llm_api_key_block or RAGBATCH_LLM_API_KEY. llm_model is then the served name; a vLLM server "
-        "templates and counts the prompts of a model that is not on this machine."
+        "templates and counts the prompts of a model that is not on this machine.",
+        json_schema_extra={"pattern": NO_URL_CREDENTIALS},
     )
     llm_api_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the LLM endpoint's key; default: RAGBATCH_LLM_API_KEY."
