@@ -161,6 +161,15 @@ def test_server_deploys_prefect_yaml_with_typed_forms_and_schedule(stack: Stack)
     assert worker.environ()["PREFECT_WORKER_QUERY_SECONDS"] == str(WORKER_QUERY_SECONDS)  # a UI run starts within ~2 s, not 10
 
 
+def test_the_server_refuses_a_run_with_credentials_in_a_url_before_storing_it(stack: Stack):
+    """A password in the store URL would be kept and shown with the run's parameters: the form's schema refuses it."""
+    parameters = {"params": {"source": "data/corpus", "collection": "sample", "store": "http://team:s3cret@127.0.0.1:6333"}}
+    with pytest.raises(AssertionError, match=r"409 .*params\.store"):
+        stack.trigger("ingest", "reindex", parameters)
+    stored = stack.call("POST", "/flow_runs/filter", json={}).json()
+    assert stored is not None and "s3cret" not in json.dumps([run["parameters"] for run in stored])
+
+
 def test_two_runs_writing_one_collection_queue_instead_of_overlapping(stack: Stack, runs: dict[str, dict]):
     """Both flow runs may be Running at once, but the second waits for the collection's slot before any
     task starts (without it, the embedded store would refuse the second process)."""
