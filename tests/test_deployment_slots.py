@@ -5,12 +5,15 @@ import threading
 from tasks.concurrency import ensure_limits, slot_names
 
 
-def test_embedded_store_is_one_slot_per_path_for_readers_and_writers(tmp_path):
+def test_embedded_store_is_one_slot_per_path_for_readers_and_writers(tmp_path, monkeypatch):
     store = f"local:{tmp_path / 'qdrant'}"
     writer = slot_names(store, "a", writes=True)
     assert writer == slot_names(store, "b", writes=False) == slot_names(f"local:{tmp_path}/./qdrant", "c", writes=True)
     assert writer != slot_names(f"local:{tmp_path / 'other'}", "a", writes=True)
     assert slot_names(f"edge:{tmp_path / 'edge'}", "a", writes=False) == slot_names(f"edge:{tmp_path}/edge", "b", writes=True)
+    # A relative path and one through `..` name the same store (deployments spelled it either way).
+    monkeypatch.chdir(tmp_path)
+    assert slot_names("local:qdrant", "a", writes=True) == writer == slot_names(f"local:{tmp_path}/x/../qdrant", "b", writes=False)
 
 
 def test_server_store_serialises_writers_of_one_collection_only():

@@ -165,6 +165,8 @@ def test_server_command_guards_with_a_key_and_bounds_the_context_when_asked():
     guarded = vllm_server_command(**common, max_model_len=1024, require_key=True)
     assert guarded[guarded.index("--max-model-len") + 1] == "1024"
     assert guarded[guarded.index("--middleware") + 1] == "tasks.serving.RequireKey"  # every path but /health
+    # Sampling as asked, as in-process: not the defaults of the model's generation_config.json (a repetition penalty).
+    assert guarded[guarded.index("--generation-config") + 1] == "vllm"
     assert not {"--max-model-len", "--middleware"} & set(vllm_server_command(**common, max_model_len=None))
 
 
@@ -193,6 +195,8 @@ def test_server_command_spreads_the_model_over_gpus_only_when_asked():
     spread = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=4, gpu_memory_utilization=0.7, cuda=True)
     assert spread[spread.index("--tensor-parallel-size") + 1] == "2"
     assert spread[spread.index("--data-parallel-size") + 1] == "4"
+    pair = vllm_server_command(**common, tensor_parallel_size=2, data_parallel_size=2, cuda=True)
+    assert pair[pair.index("--data-parallel-size") + 1] == "2" and pair[pair.index("--tensor-parallel-size") + 1] == "2"
     assert spread[spread.index("--gpu-memory-utilization") + 1] == "0.7" and "--kv-cache-memory-bytes" not in spread
     on_gpu = vllm_server_command(**common | {"dtype": "auto"}, cuda=True)
     assert on_gpu[on_gpu.index("--dtype") + 1] == "auto"  # the model's own on a GPU, whatever this machine has

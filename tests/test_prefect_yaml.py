@@ -101,5 +101,9 @@ def test_the_local_stack_takes_its_work_pools_from_prefect_yaml(tmp_path):
     two.write_text(yaml.safe_dump({"deployments": [{"name": "a"}]}))
     with pytest.raises(PrefectServerError, match=rf"^{two}: every deployment needs a work_pool with a name"):
         work_pools(two)
+    for nothing in ("deployments: []\n", "{}\n"):  # a stack without pools would start no worker
+        two.write_text(nothing)
+        with pytest.raises(PrefectServerError, match=rf"^{two}: no deployments$"):
+            work_pools(two)
     with pytest.raises(PrefectServerError, match=rf"^no prefect.yaml in {tmp_path / 'elsewhere'}; run from the project"):
         work_pools(tmp_path / "elsewhere" / "prefect.yaml")
