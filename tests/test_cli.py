@@ -222,6 +222,17 @@ def test_an_unreachable_prefect_api_is_one_line(corpus, subprocess_env):
     assert line.endswith("; start that server (`ragbatch server` for a local one), or unset PREFECT_API_URL to run with a temporary one")
 
 
+def test_a_prefect_api_that_never_answers_is_one_line_too():
+    """A server that takes the connection and never answers (hung, or a proxy's black hole) timed out
+    with a traceback; only refused connections were one line."""
+    from tasks.prefect_server import PrefectServerError, require_reachable_api
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+        api = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        with pytest.raises(PrefectServerError, match=rf"^cannot reach the Prefect API at {api} \(PREFECT_API_URL\): .*timed out"):
+            require_reachable_api(api, timeout=0.5)
+
+
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 signed by its own key, as a team's private CA would issue one."""
     import datetime
@@ -326,6 +337,24 @@ def test_a_server_that_ends_on_its_own_is_one_line_and_one_stopped_is_not(tmp_pa
     assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == handlers  # this process's own handling is back
 
 
+def test_a_server_stopped_while_it_starts_is_stopped_once_it_runs(monkeypatch):
+    """SIGTERM between the handlers' installation and the server's start was noted, and the server then
+    ran on: it is sent on as soon as the server process exists."""
+    import tasks.serving
+    from tasks.serving import run_in_foreground
+
+    start = subprocess.Popen
+
+    def stopped_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.serving.subprocess, "Popen", stopped_first)
+    began = time.monotonic()
+    run_in_foreground([sys.executable, "-c", "import time; time.sleep(60)"], os.environ)
+    assert time.monotonic() - began < 30
+
+
 def test_verbose_goes_before_or_after_the_command():
     """README writes `-v` after the command, where only the top-level parser took it: exit 2."""
     parser = build_parser()
@@ -343,12 +372,26 @@ def test_the_terminal_shows_warnings_of_the_run_not_of_the_machinery_unless_verb
     import logging
     import warnings
 
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     from flows.cli import QUIET_LOGGERS, _configure_console
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")
+    console = PrefectConsoleHandler()
+    logging.getLogger("prefect").addHandler(console)
+    try:
+        with warnings.catch_warnings():
+            _configure_console(verbose)
+    finally:
+        logging.getLogger("prefect").removeHandler(console)
+    # Prefect's own run and task lines (INFO) stay off the terminal; its repeat of a failure never shows.
+    assert (console.level == logging.WARNING) is not verbose
+    failed, other = (logging.LogRecord("prefect.task_runs", logging.ERROR, "", 0, message, None, None)
+                     for message in ("Finished in state Failed('no such file')", "other"))
+    assert not console.filter(failed) and console.filter(other)
     with warnings.catch_warnings():
         _configure_console(verbose)
         filtered = any(action == "ignore" and category is FutureWarning and module and module.match("vllm.triton_utils")
@@ -360,6 +403,33 @@ def test_the_terminal_shows_warnings_of_the_run_not_of_the_machinery_unless_verb
     assert os.environ.get("VLLM_LOGGING_LEVEL") == (None if verbose else "ERROR")
     assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
     assert {"EventsWorker", "APILogWorker", "vllm"} <= set(QUIET_LOGGERS)
+
+
+def test_a_progress_bar_asked_for_is_kept_and_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
+    """--show-progress or RAGBATCH_SHOW_PROGRESS holds where stderr is no terminal (a CI log); without
+    either the bar follows the terminal. Ctrl-C ends a command with 130, as a shell expects."""
+    import contextlib
+
+    import flows.ingest
+
+    shown = []
+
+    def interrupted(params):
+        shown.append(params.show_progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.ingest, "ingest", interrupted)  # ragbatch's own flow; the CLI around it is real
+    monkeypatch.setattr("flows.cli._prefect_api", contextlib.nullcontext)
+    monkeypatch.delenv("RAGBATCH_SHOW_PROGRESS", raising=False)
+    ingest = ["ingest", str(tmp_path), "--data-dir", str(tmp_path / "state")]
+    for flags, variable in ((["--show-progress"], None), ([], "true"), ([], None), (["--no-show-progress"], None)):
+        with monkeypatch.context() as scope:
+            if variable:
+                scope.setenv("RAGBATCH_SHOW_PROGRESS", variable)
+            assert main([*ingest, *flags]) == 130
+        assert capsys.readouterr().err.splitlines()[-1] == "ragbatch: interrupted"
+    assert shown == [True, True, False, False]  # pytest's stderr is no terminal
+    assert build_parser().parse_args([*ingest, "--no-show-progress"]).show_progress is False
 
 
 @pytest.mark.parametrize("quarantined", [0, 2])
