@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from flows.answer import answer
 from flows.ingest import ingest
@@ -179,3 +180,14 @@ def test_qdrants_own_variable_is_read_and_every_echo_of_a_key_is_redacted(monkey
     monkeypatch.setenv("RAGBATCH_QDRANT_API_KEY", "from-ragbatch")
     assert qdrant_api_key(None).get_secret_value() == "from-ragbatch"
     assert redact("key k1 refused: k1 is unknown", "k1") == "key *** refused: *** is unknown"
+    # An empty key (a Secret block holding "", an empty variable) redacts nothing: not *** between every letter.
+    assert redact("refused: HTTP 401", "", SecretStr(""), None) == "refused: HTTP 401"
+    monkeypatch.setenv("RAGBATCH_QDRANT_API_KEY", "")  # set but empty: the fallback still counts
+    assert qdrant_api_key(None).get_secret_value() == "from-qdrant"
+
+
+def test_a_secret_block_that_cannot_be_loaded_is_one_line(prefect_api_url):
+    from tasks.secrets import SecretNotFound, qdrant_api_key
+
+    with pytest.raises(SecretNotFound, match=r"^cannot load the Prefect Secret block 'no-such-block' with the Qdrant API key: \w+$"):
+        qdrant_api_key("no-such-block")

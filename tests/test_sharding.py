@@ -25,7 +25,7 @@ from flows.ingest import ingest
 from tasks.child_process import free_port, stop_group
 from tasks.chunking import Chunk
 from tasks.embedding import VLLMEmbedder
-from tasks.settings import IngestParams, TaskRunnerKind
+from tasks.settings import EmbeddingBackend, IngestParams, TaskRunnerKind
 from tasks.sharding import (
     OPENED_EMBEDDER, RAY_SESSIONS_KEPT, EmbedderSpec, OpenedEmbedder, _unreachable, embedding_gpu_share, local_ray_settings,
     settled_results, split_shards, task_runner,
@@ -91,6 +91,48 @@ def test_vllm_caches_stay_on_the_machine_that_embeds(tmp_path, monkeypatch, clus
     monkeypatch.setenv("RAGBATCH_DATA_DIR", str(tmp_path / "worker"))  # as on the worker that opens the spec
     embedder = EmbedderSpec.of(params).open()
     assert isinstance(embedder, VLLMEmbedder) and embedder.cache_dir == tmp_path / cache_dir
+
+
+def test_the_previous_model_is_let_go_of_before_the_next_one_opens(tmp_path, monkeypatch):
+    """Released after the next one opened, a vLLM engine (in reference cycles) still held its GPU share
+    while the next engine checked that its own was free. `open_embedder` is replaced: no model loads."""
+    import gc
+    import weakref
+
+    import tasks.sharding
+
+    class Engine:
+        def __init__(self) -> None:
+            self.cycle = self  # as vLLM's engine: only the collector frees it
+
+    opened: list[weakref.ref] = []
+    alive_when_opening: list[list[bool]] = []
+
+    def open_embedder(backend, **options):
+        alive_when_opening.append([engine() is not None for engine in opened])
+        engine = Engine()
+        opened.append(weakref.ref(engine))
+        return engine
+
+    monkeypatch.setattr(tasks.sharding, "open_embedder", open_embedder)
+    gc.disable()
+    try:
+        embedder = OpenedEmbedder()
+        for model in ("a", "b"):
+            embedder.get(EmbedderSpec(EmbeddingBackend.vllm, model, tmp_path))
+    finally:
+        gc.enable()
+    assert alive_when_opening == [[], [False]]
+
+
+def test_never_more_shards_than_asked_for():
+    assert len(split_shards(chunks_of(*[1] * 10), {}, 3)) == 3
+
+
+def test_a_ray_timeout_names_token_authentication_and_not_the_client_proxy_bug():
+    timed_out = _unreachable(TaskRunnerKind.ray, "ray://head:10001", TimeoutError("timed out"))
+    assert timed_out.startswith("cannot reach the ray cluster at ray://head:10001: timed out")
+    assert "RAY_AUTH_MODE=token" in timed_out and "intermittent Ray bug" not in timed_out
 
 
 def test_one_shard_or_no_chunks():

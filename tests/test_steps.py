@@ -5,7 +5,7 @@ import time
 import pytest
 
 from tasks import steps
-from tasks.errors import StoreUnavailable
+from tasks.errors import StoreError, StoreUnavailable
 from tasks.sources import SourceRow
 from tasks.store import QdrantStore
 
@@ -19,6 +19,15 @@ def test_store_steps_retry_an_unreachable_store_then_fail(prefect_api_url):
     with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
         state.result()
     assert final_task_run(state.state_details.task_run_id).run_count == 1 + len(steps.STORE_RETRIES["retry_delay_seconds"])
+
+
+def test_a_store_step_does_not_retry_what_retrying_cannot_fix(prefect_api_url):
+    """Only an unreachable store is tried again; a missing collection fails at once, not after 15 s."""
+    store = QdrantStore.connect(":memory:")
+    state = steps.find_changed(store, "missing", [SourceRow("a", "a", "text")], "f", return_state=True)
+    with pytest.raises(StoreError, match="Collection missing not found"):
+        state.result()
+    assert final_task_run(state.state_details.task_run_id).run_count == 1
 
 
 def final_task_run(task_run_id, timeout: float = 30):
