@@ -37,6 +37,14 @@ def test_a_sparse_collection_never_asks_for_the_embedding_models_dimension(store
     assert store.collection_metadata(sparse.collection)["dimension"] == 0
 
 
+def test_a_new_collection_is_hybrid_unless_told_and_an_existing_one_keeps_its_vectors(store):
+    assert (target(store, "kb").layout.dense, target(store, "kb").layout.sparse) == (True, True)
+    assert target(store, "kb", rebuild=True).layout.sparse  # a rebuild is a new collection
+    dense = target(store, "dense", retrieval=RetrievalMode.dense)
+    assert (dense.layout.dense, dense.layout.sparse) == (True, False)
+    assert not target(store, "dense").layout.sparse  # a later run without --retrieval
+
+
 def test_the_quarantine_share_stops_a_run_only_above_the_limit(tmp_path: Path):
     check_quarantine_share(5, 1, 0.2, "src", tmp_path / "q.parquet")  # exactly the limit passes
     with pytest.raises(QuarantineThresholdExceeded, match=r"^src: 2 of 5 rows \(40%\) failed validation"):

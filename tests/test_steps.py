@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 
 from tasks import steps
@@ -28,6 +29,19 @@ def test_a_store_step_does_not_retry_what_retrying_cannot_fix(prefect_api_url):
     with pytest.raises(StoreError, match="Collection missing not found"):
         state.result()
     assert final_task_run(state.state_details.task_run_id).run_count == 1
+
+
+def test_the_embed_step_embeds_each_chunk_with_its_documents_title(embedder, tmp_path):
+    """The title gives every chunk its document's context in the dense vector (BM25 indexes it too)."""
+    from tasks.chunking import Chunk
+    from tasks.settings import EmbeddingBackend
+    from tasks.sharding import EmbedderSpec
+
+    spec = EmbedderSpec(EmbeddingBackend.sentence_transformers, "all-MiniLM-L6-v2", tmp_path, batch_size=32)
+    chunk = Chunk("d", 0, "Restart it after the alarm clears.", 0, 7, "Cooling pump E-219", "s", {}, "h")
+    [vector] = steps.embed.fn(spec, [chunk])
+    [titled, bare] = embedder.embed(["Cooling pump E-219\nRestart it after the alarm clears.", chunk.text])
+    assert np.dot(vector, titled) > 0.9999 and np.dot(vector, bare) < 0.99
 
 
 def final_task_run(task_run_id, timeout: float = 30):
