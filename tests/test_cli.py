@@ -456,6 +456,13 @@ def test_a_data_dir_that_cannot_be_created_is_one_line_before_anything_starts(tm
                                      "is not a directory; set --data-dir or RAGBATCH_DATA_DIR to a directory you can write")
 
 
+def is_engine(process: psutil.Process) -> bool:
+    try:
+        return process.name().startswith("VLLM::EngineCor")
+    except psutil.Error:  # ended between listing and reading (vLLM's short-lived helper processes)
+        return False
+
+
 def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, tmp_path):
     """`ragbatch serve` runs vLLM's server (and its engine process) as children; stopped by a supervisor's
     SIGTERM the server outlived it, still answering on the port with the model loaded. One `serve` is
@@ -471,7 +478,7 @@ def test_serve_takes_its_llm_server_along_when_stopped_or_killed(tiny_llm_dir, t
     try:
         deadline = time.monotonic() + 240
         for how, command in servers.items():
-            while not any(child.name().startswith("VLLM::EngineCor") for child in psutil.Process(command.pid).children(recursive=True)):
+            while not any(is_engine(child) for child in psutil.Process(command.pid).children(recursive=True)):
                 assert command.poll() is None and time.monotonic() < deadline, f"{how.name}: the server's engine never started"
                 time.sleep(0.2)
         for how, command in servers.items():
